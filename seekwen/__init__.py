@@ -1,0 +1,14 @@
+"""seekwen: run, serve, explain and extend the DeepSeek and Qwen model families.
+
+    import seekwen
+    model = seekwen.load("path-or-hub-id", dtype=torch.float32)
+    logits = model(input_ids)                       # [B, S] -> [B, S, vocab]
+    new_ids = model.generate(input_ids, max_new_tokens=24, temperature=0.0)
+"""
+
+from .config import ConfigError, ModelConfig
+from .loader import CheckpointError, build, load, resolve
+from .model import Transformer
+
+__version__ = "0.1.0"
+__all__ = ["load", "build", "resolve", "Transformer", "ModelConfig", "ConfigError", "CheckpointError", "__version__"]

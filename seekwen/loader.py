@@ -1,0 +1,246 @@
+"""Load a Hugging Face checkpoint (config.json + safetensors) into a seekwen `Transformer`.
+
+- a local folder, a folder inside a Hugging Face cache (`models--org--name`), or a hub id
+  (resolved through huggingface_hub; the local cache first, so it works offline);
+- single-file or sharded safetensors (`model.safetensors.index.json`), memory-mapped and copied
+  tensor by tensor into preallocated parameters: no second full copy in RAM;
+- fp8 e4m3 weights with 128x128-block `weight_scale_inv` (DeepSeek-V3/R1) are dequantized on load;
+- safetensors only: seekwen never unpickles a checkpoint and never runs code from one.
+Every error names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import ConfigError, ModelConfig
+from .families import IGNORED, Family, family_for, parse_config
+from .model.rope import RotaryEmbedding
+from .model.transformer import Transformer
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint seekwen cannot load; the message names the file and tensor."""
+
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.tiktoken", "tokenizer*"]
+
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+    """A local checkpoint folder for a path, an HF cache folder or a hub id."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p
+        snaps = p / "snapshots"
+        if snaps.is_dir():  # an HF cache entry: models--org--name
+            ref = p / "refs" / "main"
+            if ref.is_file() and (snaps / ref.read_text().strip() / "config.json").is_file():
+                return snaps / ref.read_text().strip()
+            cands = sorted((s for s in snaps.iterdir() if (s / "config.json").is_file()), key=os.path.getmtime)
+            if cands:
+                return cands[-1]
+        raise CheckpointError(f"{p}: no config.json in this folder")
+    if p.exists():
+        raise CheckpointError(f"{p}: not a checkpoint folder")
+    s = str(path_or_id)
+    if s.count("/") != 1 or s.startswith((".", "/", "~")):
+        raise CheckpointError(f"{s}: no such checkpoint folder (and not a hub id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover
+        raise CheckpointError(f"{s}: huggingface_hub is not installed") from e
+    try:
+        return Path(snapshot_download(s, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(s, allow_patterns=HUB_PATTERNS))
+    except Exception as e:
+        raise CheckpointError(f"{s}: not a local folder and could not be fetched from the Hugging Face hub ({e})") from e
+
+
+def read_config(folder: Path) -> tuple[dict, Family, ModelConfig]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    fam = family_for(raw, str(path))
+    return raw, fam, parse_config(raw, str(path))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: missing shard file(s): {', '.join(missing)}")
+        return [folder / f for f in files]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        return shards
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise CheckpointError(f"{folder}: only pickle weights (.bin/.pt) found; seekwen loads safetensors only")
+    raise CheckpointError(f"{folder}: no *.safetensors weights found")
+
+
+def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """DeepSeek-V3 fp8 e4m3 weight [out, in] with per-block scales [ceil(out/128), ceil(in/128)]."""
+    out_f, in_f = w.shape
+    s = scale_inv.float().repeat_interleave(block, 0)[:out_f].repeat_interleave(block, 1)[:, :in_f]
+    return w.float() * s
+
+
+class _Shards:
+    """Open safetensors files, tensor name -> file, memory-mapped."""
+
+    def __init__(self, files: list[Path]):
+        self.handles = {}
+        self.where: dict[str, Path] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{f}: unreadable or corrupt safetensors file ({e})") from e
+            self.handles[f] = h
+            for name in h.keys():
+                self.where[name] = f
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.where[name]
+        try:
+            return self.handles[f].get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: tensor '{name}' could not be read ({e})") from e
+
+
+def load_state(model: Transformer, folder: Path, family: Family) -> None:
+    """Copy every checkpoint tensor into the model's parameters; error on anything missing or odd."""
+    cfg = model.cfg
+    shards = _Shards(weight_files(folder))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    rules = [(r, r.pattern()) for r in family.rules]
+    filled: set[tuple[str, int | None]] = set()
+    unexpected = []
+    for name in shards.where:
+        if IGNORED.search(name):
+            continue
+        for rule, pat in rules:  # noqa: B007  (the matching rule is used below)
+            m = pat.match(name)
+            if m:
+                break
+        else:
+            unexpected.append(name)
+            continue
+        groups = m.groupdict()
+        if "i" in groups and int(groups["i"]) >= cfg.num_layers:
+            continue  # e.g. DeepSeek-V3's multi-token-prediction layer 61: not part of the decoder
+        targets = [t.format(**groups) for t in rule.ours]
+        missing_targets = [t for t in targets if t not in params]
+        if missing_targets:
+            unexpected.append(name)
+            continue
+        t = shards.get(name)
+        if t.dtype == torch.float8_e4m3fn:
+            scale_name = name + "_scale_inv"
+            if scale_name not in shards.where:
+                raise CheckpointError(f"{shards.where[name]}: fp8 tensor '{name}' has no '{scale_name}'")
+            t = dequant_fp8(t, shards.get(scale_name))
+        chunks = t.chunk(len(targets), dim=rule.dim) if len(targets) > 1 else (t,)
+        if len(targets) > 1 and t.shape[rule.dim] % len(targets):
+            raise CheckpointError(f"{shards.where[name]}: tensor '{name}' of shape {tuple(t.shape)} cannot be split")
+        e = int(groups["e"]) if "e" in groups else None
+        for target, chunk in zip(targets, chunks, strict=True):
+            p = params[target]
+            if e is not None:
+                if e >= p.shape[0]:
+                    raise CheckpointError(f"{shards.where[name]}: '{name}' names expert {e}, config has {p.shape[0]}")
+                dest = p.data[e]
+            else:
+                dest = p.data
+            if tuple(chunk.shape) != tuple(dest.shape):
+                raise CheckpointError(
+                    f"{shards.where[name]}: tensor '{name}' has shape {tuple(chunk.shape)}, "
+                    f"expected {tuple(dest.shape)} (for {target}) from config.json"
+                )
+            with torch.no_grad():
+                dest.copy_(chunk)
+            filled.add((target, e))
+    if unexpected:
+        more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{folder}: unexpected weight(s) for {cfg.model_type}: {', '.join(unexpected[:5])}{more}")
+    missing = []
+    for pname, p in params.items():
+        if pname == "head.weight" and cfg.tie_word_embeddings:
+            continue
+        if pname.endswith(("experts.w1", "experts.w2", "experts.w3")):
+            missing += [f"{pname}[{e}]" for e in range(p.shape[0]) if (pname, e) not in filled]
+        elif (pname, None) not in filled:
+            missing.append(pname)
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{folder}: missing weight(s): {', '.join(missing[:5])}{more}")
+
+
+def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """An uninitialised model (no memory touched until here, then one allocation per parameter)."""
+    dtype = dtype or cfg.dtype
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to(dtype)
+    for layer in model.layers:  # the router bias stays fp32 (as in the reference)
+        gate = getattr(layer.ffn, "gate", None)
+        if getattr(gate, "bias", None) is not None:
+            gate.bias.data = gate.bias.data.float()
+    model.to_empty(device=device)
+    model.rope = RotaryEmbedding(cfg.rope).to(device)
+    if cfg.tie_word_embeddings:
+        model.head.weight = model.embed.weight
+    return model
+
+
+def load(
+    path_or_id: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    config_overrides: dict | None = None,
+) -> Transformer:
+    """Load a checkpoint: `seekwen.load("Qwen/Qwen2.5-0.5B-Instruct", dtype=torch.float32)`.
+
+    dtype: torch dtype or "float32"/"bfloat16"/"float16"; default: the checkpoint's `torch_dtype`.
+    config_overrides: config.json fields to change before building (e.g. a `rope_scaling`)."""
+    folder = resolve(path_or_id)
+    raw, fam, cfg = read_config(folder)
+    if config_overrides:
+        raw = {**raw, **config_overrides}
+        cfg = parse_config(raw, str(folder / "config.json") + " (with overrides)")
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"unknown dtype '{dtype}' (use float32, bfloat16 or float16)")
+        dtype = names[dtype]
+    model = build(cfg, dtype, device)
+    load_state(model, folder, fam)
+    model.eval()
+    model.path = folder
+    from .tokenizer import Tokenizer
+
+    model.tokenizer = Tokenizer.from_folder(folder)
+    return model

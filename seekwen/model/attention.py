@@ -1,0 +1,106 @@
+"""Causal self-attention: MHA/GQA with optional QKV bias (Qwen), per-head q/k RMSNorm (Qwen3),
+sliding windows (Qwen2 layers), LogN query scaling (Qwen v1); and the masks every attention shares.
+
+Attention scores are [B, H, S, T]: that S x T matrix is why naive attention costs O(S^2) memory and
+time. PyTorch's scaled_dot_product_attention computes it in tiles where a fused kernel exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..runtime.cache import KVCache
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+@dataclass
+class AttnContext:
+    """What every layer of one forward call shares: positions, rotary tables, cache and masks."""
+
+    positions: torch.Tensor  # [B, S] absolute position of each new token
+    cos: torch.Tensor  # [B, S, rope_dim/2]
+    sin: torch.Tensor
+    cache: KVCache | None = None
+    key_valid: torch.Tensor | None = None  # [B, S] real (non-pad) tokens, for cache-less calls
+    logn: torch.Tensor | None = None  # [B, S] Qwen v1 LogN query multiplier
+    masks: dict = field(default_factory=dict)
+
+    def mask(self, window: int | None, n_keys: int) -> torch.Tensor:
+        """Boolean [B, 1, S, T]: may query (b, s) attend to key slot t?"""
+        key = (window, n_keys)
+        if key not in self.masks:
+            q = self.positions[:, :, None]  # [B, S, 1]
+            if self.cache is None:
+                k = self.positions[:, None, :]  # keys are the new tokens themselves
+            else:
+                k = torch.arange(n_keys, device=q.device)[None, None, :]  # slot = position
+            allowed = k <= q
+            if window is not None:
+                allowed = allowed & (q - k < window)
+            if self.cache is None and self.key_valid is not None:
+                allowed = allowed & self.key_valid[:, None, :].bool()
+            # a row with nothing to attend to (a pad query) attends everywhere: finite, and ignored
+            allowed = allowed | ~allowed.any(-1, keepdim=True)
+            self.masks[key] = allowed[:, None]
+        return self.masks[key]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, S, H, d], k [B, T, Hkv, d], v [B, T, Hkv, dv] -> [B, S, H, dv]."""
+    H, Hkv = q.shape[2], k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if Hkv != H:  # grouped-query attention: each KV head serves H/Hkv query heads
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with rotary positions."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.rope_dim, self.interleaved = cfg.rope.dim, cfg.rope.interleaved
+        self.window = cfg.sliding_window[layer] if cfg.sliding_window else None
+        self.scale = cfg.softmax_scale or self.head_dim**-0.5
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.wq = nn.Linear(d, self.n_heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * hd, d, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def rotate(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        if self.rope_dim == x.shape[-1]:
+            return apply_rope(x, ctx.cos, ctx.sin, self.interleaved)
+        rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]  # partial rotary (Qwen v1 rotary_pct)
+        return torch.cat((apply_rope(rot, ctx.cos, ctx.sin, self.interleaved), rest), dim=-1)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotate(q, ctx), self.rotate(k, ctx)
+        if ctx.logn is not None:
+            q = q * ctx.logn[:, :, None, None].to(q.dtype)
+        if ctx.cache is not None:
+            kv = ctx.cache.write(self.layer, ctx.positions, k=k, v=v)
+            k, v = kv["k"], kv["v"]
+        out = sdpa(q, k, v, ctx.mask(self.window, k.shape[1]), self.scale)
+        return self.wo(out.reshape(B, S, -1))

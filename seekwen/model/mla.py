@@ -1,0 +1,95 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3/R1).
+
+Keys and values are compressed into one small latent per token, c_kv = RMSNorm(W_DKV x) of
+`kv_lora_rank` numbers, plus one rotated key k_pe of `qk_rope_head_dim` shared by all heads. Only
+(c_kv, k_pe) are cached. Per head h, W_UK[h] and W_UV[h] (the rows of `wkv_b`) decompress them:
+
+    k_h = [W_UK[h] c_kv ; k_pe]      v_h = W_UV[h] c_kv
+
+Two equal ways to attend:
+- naive:    decompress K and V for every cached token, then ordinary attention;
+- absorbed: fold W_UK into the query (q_nope^T W_UK[h] c = (W_UK[h]^T q_nope)^T c) and W_UV into the
+            output, so attention runs directly against the cached latents. Decode then reads
+            (kv_lora_rank + qk_rope_head_dim) numbers per cached token and nothing is re-expanded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import AttnContext, sdpa
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        m = cfg.mla
+        assert m is not None
+        self.layer = layer
+        self.n_heads = cfg.num_heads
+        self.q_lora_rank, self.kv_lora_rank = m.q_lora_rank, m.kv_lora_rank
+        self.nope, self.rope, self.v_dim = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        self.interleaved = cfg.rope.interleaved
+        self.scale = cfg.softmax_scale or (self.nope + self.rope) ** -0.5
+        # "auto": absorbed when few new tokens meet many cached ones (decode), naive otherwise
+        self.mode = "auto"
+        d, H = cfg.hidden_size, cfg.num_heads
+        bias = cfg.qkv_bias
+        if m.q_lora_rank is None:
+            self.wq = nn.Linear(d, H * (self.nope + self.rope), bias=False)
+        else:
+            self.wq_a = nn.Linear(d, m.q_lora_rank, bias=bias)
+            self.q_norm = RMSNorm(m.q_lora_rank, 1e-6)  # the latent norms use 1e-6 in every reference
+            self.wq_b = nn.Linear(m.q_lora_rank, H * (self.nope + self.rope), bias=False)
+        self.wkv_a = nn.Linear(d, m.kv_lora_rank + self.rope, bias=bias)
+        self.kv_norm = RMSNorm(m.kv_lora_rank, 1e-6)
+        self.wkv_b = nn.Linear(m.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(H * self.v_dim, d, bias=cfg.o_bias)
+
+    def use_absorbed(self, n_new: int, cached: bool) -> bool:
+        if self.mode != "auto":
+            return self.mode == "absorb"
+        return cached and n_new < (self.nope + self.v_dim) // 2
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        B, S, _ = x.shape
+        H = self.n_heads
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, S, H, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_norm(kv)  # [B, S, r]: the latent c_kv
+        q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, self.interleaved)
+        k_pe = apply_rope(k_pe[:, :, None, :], ctx.cos, ctx.sin, self.interleaved)[:, :, 0]  # [B, S, dr]
+        if ctx.cache is not None:
+            stored = ctx.cache.write(self.layer, ctx.positions, kv=kv, pe=k_pe)
+            kv, k_pe = stored["kv"], stored["pe"]  # [B, T, r], [B, T, dr]
+        mask = ctx.mask(None, kv.shape[1])
+        if self.use_absorbed(S, ctx.cache is not None):
+            out = self.absorbed(q_nope, q_pe, kv, k_pe, mask)
+        else:
+            out = self.naive(q_nope, q_pe, kv, k_pe, mask)
+        return self.wo(out.reshape(B, S, H * self.v_dim))
+
+    def naive(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
+        B, T, _ = kv.shape
+        H = self.n_heads
+        kv = self.wkv_b(kv).view(B, T, H, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        return sdpa(q, k, v, mask, self.scale)
+
+    def absorbed(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
+        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, d_nope, r], [H, d_v, r]
+        q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # query moved into latent space
+        scores = torch.einsum("bshr,btr->bhst", q_lat, kv) + torch.einsum("bshd,btd->bhst", q_pe, k_pe)
+        scores = (scores * self.scale).masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
+        o_lat = torch.einsum("bhst,btr->bshr", probs, kv)  # attention output, still latent
+        return torch.einsum("bshr,hdr->bshd", o_lat, w_uv)

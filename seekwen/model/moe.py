@@ -1,0 +1,122 @@
+"""Mixture of experts: a router (gate) picks top-k routed experts per token; shared experts see
+every token. All router variants of the DeepSeek and Qwen families:
+
+- softmax top-k, optionally renormalised (`norm_topk_prob`): DeepSeek-MoE, DeepSeek-V2, Qwen-MoE;
+- group-limited greedy (DeepSeek-V2): keep the `topk_group` groups with the best single expert score;
+- noaux_tc (DeepSeek-V3/R1): sigmoid scores, choice on scores + e_score_correction_bias (the bias is
+  only for choosing, and is what auxiliary-loss-free balancing adjusts), groups ranked by the sum
+  of their top-2 scores, weights from the uncorrected scores;
+- `routed_scaling_factor` multiplies routed weights; Qwen2-MoE gates its shared expert by a sigmoid.
+
+Experts are stored stacked (w1, w3: [E, inter, dim]; w2: [E, dim, inter]) so tokens can be grouped
+by expert and each active expert runs one matmul over its tokens, with no per-token loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MoEConfig
+from .mlp import MLP
+
+
+class Gate(nn.Module):
+    def __init__(self, dim: int, m: MoEConfig):
+        super().__init__()
+        self.m = m
+        self.weight = nn.Parameter(torch.empty(m.n_routed_experts, dim))
+        # DeepSeek-V3's e_score_correction_bias (kept in fp32, like the reference)
+        self.bias = None
+        if m.score_correction_bias:
+            self.bias = nn.Parameter(torch.zeros(m.n_routed_experts), requires_grad=False)
+        self.last_indices: torch.Tensor | None = None  # set when `record` is on (for `seekwen routes`)
+        self.record = False
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.m.router_dtype_fp32:
+            return F.linear(x.float(), self.weight.float())
+        return F.linear(x, self.weight)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, dim] -> (weights [N, k] fp32, expert indices [N, k])."""
+        m = self.m
+        logits = self.logits(x)
+        N, E = logits.shape
+        if m.scoring == "sigmoid":
+            scores = logits.float().sigmoid()
+        else:
+            scores = logits.softmax(dim=-1, dtype=torch.float32)
+        choice = scores if self.bias is None else scores + self.bias.float()
+        if m.topk_method in ("group_limited_greedy", "noaux_tc") and m.n_group > 1:
+            grouped = choice.view(N, m.n_group, E // m.n_group)
+            if m.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_scores = grouped.max(dim=-1).values
+            top_groups = group_scores.topk(m.topk_group, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+            fill = float("-inf") if m.topk_method == "noaux_tc" else 0.0
+            choice = grouped.masked_fill(~keep[..., None], fill).view(N, E)
+        indices = choice.topk(m.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if m.norm_topk_prob and m.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + m.norm_eps)
+        weights = weights * m.routed_scaling_factor
+        if not m.router_dtype_fp32:
+            weights = weights.to(logits.dtype)
+        if self.record:
+            self.last_indices = indices.detach()
+        return weights, indices
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights. Expert ownership can later be split by rank."""
+
+    def __init__(self, n_experts: int, dim: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter, dim))  # gate
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter, dim))  # up
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter))  # down
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
+        N, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)  # group the N*k (token, expert) pairs by expert
+        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
+        token = order // k
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            sel = order[start : start + n]
+            t = token[start : start + n]
+            start += n
+            h = x[t]
+            h = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
+            out.index_add_(0, t, (h * weights.reshape(-1)[sel, None]).to(x.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, m: MoEConfig):
+        super().__init__()
+        self.gate = Gate(dim, m)
+        self.experts = Experts(m.n_routed_experts, dim, m.intermediate_size)
+        self.shared = MLP(dim, m.shared_intermediate_size) if m.shared_intermediate_size else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if m.shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(x)
+        y = self.experts(x, weights, indices)
+        if self.shared is not None:
+            s = self.shared(x)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(self.shared_gate(x)) * s
+            y = y + s
+        return y.view(shape)

@@ -1,0 +1,1 @@
+"""Runtime: KV caches, sampling, generation loops, the batch engine and the server."""

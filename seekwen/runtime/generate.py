@@ -1,0 +1,79 @@
+"""Generation with a preallocated KV cache: one batched prefill, then one token per row per step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .sampling import sample
+
+
+def right_align(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the front (any padding side in, right padding out).
+    Returns (ids [B, S], lengths [B])."""
+    B, S = input_ids.shape
+    if attention_mask is None:
+        return input_ids, torch.full((B,), S, dtype=torch.long, device=input_ids.device)
+    mask = attention_mask.bool()
+    order = (~mask).long().argsort(dim=-1, stable=True)  # real tokens first, in order
+    return input_ids.gather(1, order), mask.sum(-1)
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    temperature: float | torch.Tensor = 0.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """input_ids [B, S] (padding marked by attention_mask, either side) -> new tokens [B, N].
+
+    N = max_new_tokens, or fewer if every row has emitted an EOS (`stop_at_eos`). `eos_token_id`
+    defaults to the config's; rows that finished are filled with `pad_token_id` (default: first
+    EOS). `on_token(tokens [B])` is called after each step (streaming)."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    cfg = model.cfg
+    if int(input_ids.max()) >= cfg.vocab_size or int(input_ids.min()) < 0:
+        raise ValueError(f"input_ids contain ids outside the vocabulary [0, {cfg.vocab_size})")
+    eos = cfg.eos_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    dev = model.device
+    ids, lens = right_align(input_ids.to(dev), None if attention_mask is None else attention_mask.to(dev))
+    B, S = ids.shape
+    if max_new_tokens == 0:
+        return ids.new_zeros(B, 0)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(seed)
+    cache = model.new_cache(B, S + max_new_tokens)
+    mask = torch.arange(S, device=dev)[None, :] < lens[:, None]
+    logits = model(ids, attention_mask=mask.long(), cache=cache, keep=lens - 1)[:, 0]
+    cache.lens = lens.clone()
+    eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    out = []
+    for step in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, top_p, generator)
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if eos:
+            done |= torch.isin(tok, eos_t)
+        if (stop_at_eos and bool(done.all())) or step == max_new_tokens - 1:
+            break
+        logits = model(tok[:, None], cache=cache)[:, 0]
+        cache.lens += 1
+    return torch.stack(out, dim=1)

@@ -1,0 +1,1 @@
+"""Tools on top of the engine: generate, chat, train, bench, trace, memory, rope, routes, context."""
