@@ -1,0 +1,55 @@
+"""Helpers shared by the command-line tools."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+BUNDLED_NAME = "seekwen-kjv-v3"
+
+
+def bundled_model_path() -> Path:
+    """The small DeepSeek-V3-style model shipped inside the package (trained by `seekwen train`)."""
+    return Path(__file__).resolve().parent.parent / "assets" / BUNDLED_NAME
+
+
+def add_model_arg(p: argparse.ArgumentParser, positional: bool = False, default_bundled: bool = True) -> None:
+    help_ = "checkpoint folder, Hugging Face cache folder or hub id"
+    if default_bundled:
+        help_ += f" (default: the bundled {BUNDLED_NAME})"
+    if positional:
+        p.add_argument("model", nargs="?" if default_bundled else None, default=None, help=help_)
+    else:
+        p.add_argument("--model", "-m", default=None, help=help_)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight/activation dtype (default: float32 on CPU, the checkpoint's on GPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def pick_device(name: str | None) -> str:
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            from ..cli import UserError
+
+            raise UserError(f"device '{name}' requested but CUDA is not available")
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_path(arg: str | None) -> str:
+    return str(bundled_model_path()) if arg is None else arg
+
+
+def load_model(arg: str | None, dtype: str | None = None, device: str | None = None, **kw):
+    """Load for a CLI command: the bundled model by default; fp32 on CPU (bf16 compute is slow there)."""
+    import seekwen
+
+    dev = pick_device(device)
+    if dtype is None and dev == "cpu":
+        dtype = "float32"
+    return seekwen.load(model_path(arg), dtype=dtype, device=dev, **kw)
