@@ -77,6 +77,20 @@ def read_config(folder: Path) -> tuple[dict, Family, ModelConfig]:
     return raw, fam, parse_config(raw, str(path))
 
 
+def merge_generation_eos(folder: Path, cfg: ModelConfig) -> None:
+    """generate() stops where transformers would: at config.json's EOS and generation_config.json's."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return
+    extra = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    ids = cfg.eos_ids + [e for e in extra if e not in cfg.eos_ids]
+    cfg.eos_token_id = ids or None
+
+
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -236,6 +250,7 @@ def load(
         if dtype not in names:
             raise ValueError(f"unknown dtype '{dtype}' (use float32, bfloat16 or float16)")
         dtype = names[dtype]
+    merge_generation_eos(folder, cfg)
     model = build(cfg, dtype, device)
     load_state(model, folder, fam)
     model.eval()

@@ -32,9 +32,6 @@ class Tokenizer:
     @classmethod
     def from_folder(cls, folder: str | Path) -> Tokenizer | None:
         folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            return None
         config = {}
         cfg_path = folder / "tokenizer_config.json"
         if cfg_path.is_file():
@@ -43,7 +40,16 @@ class Tokenizer:
         jinja = folder / "chat_template.jinja"
         if jinja.is_file():
             template = jinja.read_text()
-        return cls(HFTokenizer.from_file(str(path)), config, template)
+        path = folder / "tokenizer.json"
+        if path.is_file():
+            return cls(HFTokenizer.from_file(str(path)), config, template)
+        tiktoken = folder / "qwen.tiktoken"  # Qwen v1 ships a tiktoken vocabulary and remote code only
+        if tiktoken.is_file():
+            from .qwen_tiktoken import QWEN_CHATML, load_qwen_tiktoken
+
+            config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", **config}
+            return cls(load_qwen_tiktoken(tiktoken), config, template or config.get("chat_template") or QWEN_CHATML)
+        return None
 
     # ids <-> text
     def token_id(self, text: str | None) -> int | None:
