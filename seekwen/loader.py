@@ -62,7 +62,7 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(s, allow_patterns=HUB_PATTERNS))
     except Exception as e:
-        raise CheckpointError(f"{s}: not a local folder and could not be fetched from the Hugging Face hub ({e})") from e
+        raise CheckpointError(f"{s}: not a local folder and not fetchable from the Hugging Face hub ({e})") from e
 
 
 def read_config(folder: Path) -> tuple[dict, Family, ModelConfig]:

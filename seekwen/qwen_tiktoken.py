@@ -90,7 +90,8 @@ def build_tokenizer(
         if pair is None:
             raise ValueError(f"tiktoken rank {rank} cannot be built from lower-ranked tokens")
         merges.append((text(pair[0]), text(pair[1])))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=True))  # tiktoken takes a whole piece first
+    # ignore_merges: like tiktoken, a piece that is itself a token is taken whole
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=True))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [

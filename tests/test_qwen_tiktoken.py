@@ -45,7 +45,8 @@ def tiktoken_encode(text: str, ranks: dict[bytes, int]) -> list[int]:
             continue
         parts = [bytes([x]) for x in b]
         while True:
-            cands = [(ranks[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1) if parts[i] + parts[i + 1] in ranks]
+            joined = [(parts[i] + parts[i + 1], i) for i in range(len(parts) - 1)]
+            cands = [(ranks[j], i) for j, i in joined if j in ranks]
             if not cands:
                 break
             _, i = min(cands)
@@ -75,7 +76,10 @@ def test_qwen_folder_loads_with_specials_and_chatml(tmp_path, ranks):
     assert tok.token_id("<|endoftext|>") == n and tok.token_id("<|im_start|>") == n + 1
     assert tok.eos_token_id == n
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
-    assert prompt == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
     assert ids[0] == n + 1 and tok.decode(ids, skip_special_tokens=False) == prompt
     # the conversion is cached and gives the same tokenizer the second time
