@@ -163,7 +163,9 @@ def parse_qwen2(raw: dict, where: str) -> ModelConfig:
     moe = None
     mlp_layers = [False] * n
     if moe_type in ("qwen2_moe", "qwen3_moe"):
-        n_exp = _int(raw, "num_experts", where)
+        # Hub configs say num_experts; transformers 5 saves the same value as num_local_experts
+        n_key = "num_local_experts" if raw.get("num_experts") is None and "num_local_experts" in raw else "num_experts"
+        n_exp = _int(raw, n_key, where)
         moe = MoEConfig(
             n_routed_experts=n_exp,
             top_k=_int(raw, "num_experts_per_tok", where),
