@@ -1,0 +1,172 @@
+"""Shared helpers for the "see inside" tools (trace, memory, rope, routes, context): read a config
+without weights, build a model on the meta device, name modules the way Hugging Face does, and count
+parameters (total and active per token)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, ModelConfig
+from ..families import FAMILIES, parse_config
+from ..loader import read_config, resolve
+from .common import model_path
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+
+
+@dataclass
+class Source:
+    cfg: ModelConfig
+    raw: dict
+    where: str  # the config.json path, for messages
+
+
+def read_model_config(arg: str | None) -> Source:
+    """A ModelConfig from a checkpoint folder, an HF cache folder, a hub id or a bare config.json path."""
+    path = Path(model_path(arg)).expanduser()
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e})") from e
+        return Source(parse_config(raw, str(path)), raw, str(path))
+    folder = resolve(model_path(arg))
+    raw, _, cfg = read_config(folder)
+    return Source(cfg, raw, str(folder / "config.json"))
+
+
+def architecture(src: Source) -> str:
+    archs = src.raw.get("architectures") or []
+    if archs:
+        return str(archs[0])
+    fam = FAMILIES.get(src.cfg.model_type)
+    return fam.architectures[0] if fam else src.cfg.model_type
+
+
+def dtype_bytes(name: str) -> int:
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype '{name}' (use one of: {', '.join(DTYPE_BYTES)})")
+    return DTYPE_BYTES[name]
+
+
+def meta_model(cfg: ModelConfig) -> nn.Module:
+    """The model with no storage: shapes and parameter counts only."""
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face module names
+
+
+def _segment_names(cfg: ModelConfig) -> dict[str, str]:
+    """Our module-name segment -> the family's HF name for the same module."""
+    if cfg.model_type == "qwen":
+        return {"embed": "transformer.wte", "layers": "transformer.h", "attn_norm": "ln_1", "attn": "attn",
+                "wq": "c_attn[q]", "wk": "c_attn[k]", "wv": "c_attn[v]", "wo": "c_proj", "ffn_norm": "ln_2",
+                "ffn": "mlp", "w1": "w2", "w3": "w1", "w2": "c_proj", "norm": "transformer.ln_f", "head": "lm_head"}
+    names = {"embed": "model.embed_tokens", "layers": "model.layers", "attn_norm": "input_layernorm",
+             "attn": "self_attn", "wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+             "q_norm": "q_norm", "k_norm": "k_norm", "ffn_norm": "post_attention_layernorm", "ffn": "mlp",
+             "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj", "gate": "gate", "experts": "experts",
+             "shared": "shared_expert" if cfg.model_type.startswith("qwen") else "shared_experts",
+             "shared_gate": "shared_expert_gate", "norm": "model.norm", "head": "lm_head"}
+    if cfg.mla is not None:
+        names.update(wq_a="q_a_proj", q_norm="q_a_layernorm", wq_b="q_b_proj", wkv_a="kv_a_proj_with_mqa",
+                     kv_norm="kv_a_layernorm", wkv_b="kv_b_proj")
+    return names
+
+
+def hf_name(ours: str, cfg: ModelConfig) -> str:
+    """'layers.3.attn.wkv_a' -> 'model.layers.3.self_attn.kv_a_proj_with_mqa' (and so on per family)."""
+    names = _segment_names(cfg)
+    out = []
+    for part in ours.split(".") if ours else []:
+        out.append(part if part.isdigit() or part.startswith("{") else names.get(part, part))
+    return ".".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# parameter counts
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class ParamCounts:
+    total: int
+    embed: int
+    head: int  # 0 when tied to the embedding
+    routed: int  # all routed experts, all MoE layers
+    routed_active: int  # top_k routed experts per MoE layer
+    by_kind: dict[str, int]
+
+    @property
+    def active(self) -> int:
+        """Parameters one token touches, without the input embedding (a lookup, not a matmul): the
+        convention of DeepSeek's "37B activated" and Qwen's "A2.7B"."""
+        return self.total - self.routed + self.routed_active - self.embed
+
+    @property
+    def active_with_embedding(self) -> int:
+        return self.active + self.embed
+
+
+def count_params(model: nn.Module) -> ParamCounts:
+    cfg: ModelConfig = model.cfg
+    kinds: dict[str, int] = {"embedding": n_params(model.embed), "attention": 0, "norms": 0, "dense MLP": 0,
+                             "router": 0, "routed experts": 0, "shared experts": 0, "final norm": n_params(model.norm)}
+    routed = routed_active = 0
+    for layer in model.layers:
+        kinds["attention"] += n_params(layer.attn)
+        kinds["norms"] += n_params(layer.attn_norm) + n_params(layer.ffn_norm)
+        ffn = layer.ffn
+        if hasattr(ffn, "experts"):
+            per_expert = n_params(ffn.experts) // ffn.experts.w1.shape[0]
+            routed += n_params(ffn.experts)
+            routed_active += per_expert * cfg.moe.top_k
+            kinds["router"] += n_params(ffn.gate)
+            kinds["shared experts"] += sum(n_params(m) for m in (ffn.shared, ffn.shared_gate) if m is not None)
+        else:
+            kinds["dense MLP"] += n_params(ffn)
+    kinds["routed experts"] = routed
+    head = 0 if cfg.tie_word_embeddings else n_params(model.head)
+    kinds["lm head"] = head
+    total = n_params(model)
+    return ParamCounts(total, kinds["embedding"], head, routed, routed_active, {k: v for k, v in kinds.items() if v})
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (decimal, as parameter counts are quoted)."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    """Binary units: 33554432 -> '32 MiB'."""
+    for div, suffix in ((2**50, "PiB"), (2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if abs(n) >= div:
+            v = n / div
+            return f"{v:.3g} {suffix}" if v < 100 else f"{v:.0f} {suffix}"
+    return f"{n:.0f} B"
+
+
+def training_length(cfg: ModelConfig) -> int:
+    """The context the model was trained at: YaRN/llama3's original length, Qwen v1's seq_length, or
+    max_position_embeddings."""
+    r = cfg.rope
+    return int(r.original_max_position_embeddings or r.seq_length or r.max_position_embeddings)
