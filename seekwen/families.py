@@ -266,7 +266,9 @@ def parse_deepseek(raw: dict, where: str) -> ModelConfig:
         mla=mla,
         moe=moe,
         mlp_layers=mlp_layers,
-        sliding_window=[None] * n,
+        # no DeepSeek checkpoint slides; a Qwen2-style override (use_sliding_window, sliding_window,
+        # max_window_layers: layers from that index on slide, default all) switches it on
+        sliding_window=_layer_types_windows(raw, n, lambda i: i >= int(raw.get("max_window_layers") or 0), where),
         rope=rope,
         softmax_scale=scale,
     )
@@ -445,4 +447,10 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
         raise ConfigError(f"{where}: malformed value ({e})") from e
     if cfg.moe is not None and cfg.moe.top_k > cfg.moe.n_routed_experts:
         raise ConfigError(f"{where}: num_experts_per_tok={cfg.moe.top_k} > number of experts")
+    if raw.get("use_logn_attn") and not cfg.logn_attn:
+        # Qwen v1's LogN query scaling, switched on for any family by override; relative to `seq_length`
+        # (default: the training length)
+        trained = cfg.rope.original_max_position_embeddings or cfg.max_position_embeddings
+        cfg.rope.seq_length = _int(raw, "seq_length", where, default=trained)
+        cfg.logn_attn = True
     return cfg

@@ -34,6 +34,7 @@ class MLA(nn.Module):
         self.q_lora_rank, self.kv_lora_rank = m.q_lora_rank, m.kv_lora_rank
         self.nope, self.rope, self.v_dim = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
         self.interleaved = cfg.rope.interleaved
+        self.window = cfg.sliding_window[layer] if cfg.sliding_window else None  # only by override
         self.scale = cfg.softmax_scale or (self.nope + self.rope) ** -0.5
         # "auto": absorbed when few new tokens meet many cached ones (decode), naive otherwise
         self.mode = "auto"
@@ -65,10 +66,13 @@ class MLA(nn.Module):
         kv = self.kv_norm(kv)  # [B, S, r]: the latent c_kv
         q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, self.interleaved)
         k_pe = apply_rope(k_pe[:, :, None, :], ctx.cos, ctx.sin, self.interleaved)[:, :, 0]  # [B, S, dr]
+        if ctx.logn is not None:  # Qwen-style LogN past the training length (by config override)
+            s = ctx.logn[:, :, None, None].to(q_nope.dtype)
+            q_nope, q_pe = q_nope * s, q_pe * s
         if ctx.cache is not None:
             stored = ctx.cache.write(self.layer, ctx.positions, kv=kv, pe=k_pe)
             kv, k_pe = stored["kv"], stored["pe"]  # [B, T, r], [B, T, dr]
-        mask = ctx.mask(None, kv.shape[1])
+        mask = ctx.mask(self.window, kv.shape[1])
         if self.use_absorbed(S, ctx.cache is not None):
             out = self.absorbed(q_nope, q_pe, kv, k_pe, mask)
         else:
