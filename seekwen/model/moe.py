@@ -33,6 +33,8 @@ class Gate(nn.Module):
             self.bias = nn.Parameter(torch.zeros(m.n_routed_experts), requires_grad=False)
         self.last_indices: torch.Tensor | None = None  # set when `record` is on (for `seekwen routes`)
         self.record = False
+        self.last_scores: torch.Tensor | None = None  # [N, E] router scores, with grad (training's balance loss)
+        self.keep_scores = False
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.m.router_dtype_fp32:
@@ -68,6 +70,8 @@ class Gate(nn.Module):
             weights = weights.to(logits.dtype)
         if self.record:
             self.last_indices = indices.detach()
+        if self.keep_scores:
+            self.last_scores = scores
         return weights, indices
 
 
