@@ -30,6 +30,20 @@ class AttnContext:
     key_valid: torch.Tensor | None = None  # [B, S] real (non-pad) tokens, for cache-less calls
     logn: torch.Tensor | None = None  # [B, S] Qwen v1 LogN query multiplier
     masks: dict = field(default_factory=dict)
+    n_keys: int = 0  # with a cache: slots [0, n_keys) hold every key this call can see (max position + 1)
+    new_valid: torch.Tensor | None = None  # [B, S] real new tokens (right padding) in a cached call
+
+    def key_mask(self, window: int, key_pos: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, 1, S, T] for keys at explicit positions key_pos [B, T] (-1: empty slot); used by
+        the ring-buffer cache of sliding-window layers, whose slots are not positions."""
+        key = ("ring", window, key_pos.shape[1])
+        if key not in self.masks:
+            q = self.positions[:, :, None]  # [B, S, 1]
+            k = key_pos[:, None, :]  # [B, 1, T]
+            allowed = (k >= 0) & (k <= q) & (q - k < window)
+            allowed = allowed | ~allowed.any(-1, keepdim=True)
+            self.masks[key] = allowed[:, None]
+        return self.masks[key]
 
     def mask(self, window: int | None, n_keys: int) -> torch.Tensor:
         """Boolean [B, 1, S, T]: may query (b, s) attend to key slot t?"""
@@ -54,12 +68,30 @@ class AttnContext:
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, S, H, d], k [B, T, Hkv, d], v [B, T, Hkv, dv] -> [B, S, H, dv]."""
     H, Hkv = q.shape[2], k.shape[2]
+    if Hkv != H and q.shape[1] <= GQA_FOLD_MAX_S:
+        return sdpa_grouped(q, k, v, mask, scale)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Hkv != H:  # grouped-query attention: each KV head serves H/Hkv query heads
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
+
+
+GQA_FOLD_MAX_S = 16  # up to this many queries (decode), fold query groups instead of repeating K/V
+
+
+def sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """GQA without copying K/V per query head: the G = H/Hkv query heads sharing KV head j become G*S
+    queries of one head j. Same math as repeat_interleave (head h uses KV head h // G)."""
+    B, S, H, d = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    qg = q.view(B, S, Hkv, G, d).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, d)  # rows (g, s)
+    m = mask.expand(B, 1, S, mask.shape[-1])[:, :, None].expand(B, 1, G, S, mask.shape[-1])
+    m = m.reshape(B, 1, G * S, mask.shape[-1])
+    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, scale=scale)
+    return out.view(B, Hkv, G, S, -1).permute(0, 3, 1, 2, 4).reshape(B, S, H, -1)
 
 
 class Attention(nn.Module):
@@ -77,6 +109,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * hd, d, bias=cfg.o_bias)
+        self.wqkv: nn.Module | None = None  # fast path: q, k, v in one product (set by model.fast.prepare)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
@@ -91,16 +124,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotate(q, ctx), self.rotate(k, ctx)
         if ctx.logn is not None:
             q = q * ctx.logn[:, :, None, None].to(q.dtype)
-        if ctx.cache is not None:
-            kv = ctx.cache.write(self.layer, ctx.positions, k=k, v=v)
-            k, v = kv["k"], kv["v"]
-        out = sdpa(q, k, v, ctx.mask(self.window, k.shape[1]), self.scale)
+        if ctx.cache is not None and ctx.cache.is_ring(self.layer):  # sliding window: ring-buffer cache
+            k, v, key_pos = ctx.cache.write_ring(self.layer, ctx.positions, k, v, ctx.new_valid)
+            mask = ctx.key_mask(self.window, key_pos)
+        else:
+            if ctx.cache is not None:
+                kv = ctx.cache.write(self.layer, ctx.positions, used=ctx.n_keys or None, k=k, v=v)
+                k, v = kv["k"], kv["v"]
+            mask = ctx.mask(self.window, k.shape[1])
+        out = sdpa(q, k, v, mask, self.scale)
         return self.wo(out.reshape(B, S, -1))

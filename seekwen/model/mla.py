@@ -50,6 +50,11 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(m.kv_lora_rank, 1e-6)
         self.wkv_b = nn.Linear(m.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, d, bias=cfg.o_bias)
+        # fast path (model.fast.prepare): the query projection (wq or wq_a) and wkv_a in one product, and
+        # W_UK [H, d_nope, r] / W_UV [H, d_v, r] kept contiguous for absorbed decode
+        self.wq_kv_a: nn.Module | None = None
+        self.w_uk: torch.Tensor | None = None
+        self.w_uv: torch.Tensor | None = None
 
     def use_absorbed(self, n_new: int, cached: bool) -> bool:
         if self.mode != "auto":
@@ -59,10 +64,10 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, S, _ = x.shape
         H = self.n_heads
-        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q, kv_a = self.project(x)
         q = q.view(B, S, H, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = self.kv_norm(kv)  # [B, S, r]: the latent c_kv
         q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, self.interleaved)
         k_pe = apply_rope(k_pe[:, :, None, :], ctx.cos, ctx.sin, self.interleaved)[:, :, 0]  # [B, S, dr]
@@ -70,7 +75,7 @@ class MLA(nn.Module):
             s = ctx.logn[:, :, None, None].to(q_nope.dtype)
             q_nope, q_pe = q_nope * s, q_pe * s
         if ctx.cache is not None:
-            stored = ctx.cache.write(self.layer, ctx.positions, kv=kv, pe=k_pe)
+            stored = ctx.cache.write(self.layer, ctx.positions, used=ctx.n_keys or None, kv=kv, pe=k_pe)
             kv, k_pe = stored["kv"], stored["pe"]  # [B, T, r], [B, T, dr]
         mask = ctx.mask(self.window, kv.shape[1])
         if self.use_absorbed(S, ctx.cache is not None):
@@ -78,6 +83,17 @@ class MLA(nn.Module):
         else:
             out = self.naive(q_nope, q_pe, kv, k_pe, mask)
         return self.wo(out.reshape(B, S, H * self.v_dim))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, d] -> (q [B, S, H*(nope+rope)], wkv_a output [B, S, r + rope])."""
+        if self.wq_kv_a is None:
+            q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+            return q, self.wkv_a(x)
+        q_dim = self.q_lora_rank or self.n_heads * (self.nope + self.rope)
+        q, kv_a = self.wq_kv_a(x).split([q_dim, self.kv_lora_rank + self.rope], dim=-1)
+        if self.q_lora_rank is not None:
+            q = self.wq_b(self.q_norm(q))
+        return q, kv_a
 
     def naive(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
         B, T, _ = kv.shape
@@ -89,8 +105,11 @@ class MLA(nn.Module):
         return sdpa(q, k, v, mask, self.scale)
 
     def absorbed(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
-        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, d_nope, r], [H, d_v, r]
+        if self.w_uk is not None:
+            w_uk, w_uv = self.w_uk, self.w_uv
+        else:
+            w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+            w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, d_nope, r], [H, d_v, r]
         q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # query moved into latent space
         scores = torch.einsum("bshr,btr->bhst", q_lat, kv) + torch.einsum("bshd,btd->bhst", q_pe, k_pe)
         scores = (scores * self.scale).masked_fill(~mask, float("-inf"))

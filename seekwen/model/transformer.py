@@ -89,7 +89,12 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, alpha=alpha)
         logn = logn_scale(positions, rope.seq_length) if self.cfg.logn_attn and rope.seq_length else None
         valid = attention_mask if cache is None else None
-        return AttnContext(positions, cos, sin, cache=cache, key_valid=valid, logn=logn)
+        ctx = AttnContext(positions, cos, sin, cache=cache, key_valid=valid, logn=logn)
+        if cache is not None:
+            ctx.n_keys = int(positions.max()) + 1  # the one host sync of a cached call
+            cache.check(ctx.n_keys)
+            ctx.new_valid = attention_mask
+        return ctx
 
     def forward(
         self,

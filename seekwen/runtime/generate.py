@@ -46,7 +46,10 @@ def generate(
     cfg = model.cfg
     if int(input_ids.max()) >= cfg.vocab_size or int(input_ids.min()) < 0:
         raise ValueError(f"input_ids contain ids outside the vocabulary [0, {cfg.vocab_size})")
-    eos = cfg.eos_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    if eos_token_id is None:
+        eos = cfg.eos_ids
+    else:
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     dev = model.device
     ids, lens = right_align(input_ids.to(dev), None if attention_mask is None else attention_mask.to(dev))

@@ -1,0 +1,147 @@
+"""`prepare(model)`: turn a loaded model into its inference fast path, in place.
+
+The plain modules stay the reference; this swaps in equivalent pieces:
+- every `nn.Linear` -> `FastLinear` (weight stored [in, out], `torch.mm`), or int8 / int4 layers;
+- q/k/v (GQA) and gate/up (MLP, shared experts) fused into one product each; for MLA the query
+  projection (wq or wq_a) and wkv_a fused, and W_UK / W_UV kept contiguous for absorbed decode;
+- stacked MoE experts -> `GroupedExperts`: per expert one fused gate/up product and one down product
+  over just the tokens routed to it, weights read in place (no per-token loop, no weight copies);
+- a tied LM head -> one [in, out] matrix, which the embedding lookup reads columns of (no 2nd copy).
+The router (`Gate`) stays as it is: tiny, and its fp32 numerics matter for which experts are chosen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .linear import FastLinear, fuse, make_linear
+from .mla import MLA
+from .mlp import MLP
+from .moe import Experts, MoE
+
+QUANTIZE = (None, "int8", "int4")
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts, each a fused gate/up layer w13 [dim -> 2*inter] and a down layer w2.
+
+    Tokens are grouped by expert with one argsort; each expert that received tokens runs one
+    product over exactly those tokens. With few tokens (decode) that is at most N*k experts, each
+    read once, in place."""
+
+    def __init__(self, experts: Experts, quantize: str | None = None, group_size: int = 64):
+        super().__init__()
+        E = experts.w1.shape[0]
+        self.n_experts = E
+        self.w13 = nn.ModuleList(
+            make_linear(torch.cat((experts.w1[e], experts.w3[e]), 0).detach(), None, quantize, group_size)
+            for e in range(E)
+        )
+        self.w2 = nn.ModuleList(make_linear(experts.w2[e].detach(), None, quantize, group_size) for e in range(E))
+
+    def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13[e](h).chunk(2, dim=-1)
+        return self.w2[e](F.silu(gate) * up)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
+        N, k = indices.shape
+        if N == 1:  # decode, one token: k experts, no grouping needed
+            out = torch.zeros_like(x)
+            for j, e in enumerate(indices[0].tolist()):
+                out.add_(self.expert(e, x) * weights[0, j].to(x.dtype))
+            return out
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # one host sync per layer
+        token = order // k
+        w_sorted = weights.reshape(-1)[order].to(x.dtype)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            t = token[start : start + n]
+            out.index_add_(0, t, self.expert(e, x[t]) * w_sorted[start : start + n, None])
+            start += n
+        return out
+
+
+class TiedEmbedding(nn.Module):
+    """Embedding lookup from the tied LM head stored [hidden, vocab]: ids -> columns."""
+
+    def __init__(self, head: FastLinear):
+        super().__init__()
+        self.head = [head]  # not a submodule: the head owns the weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head[0].weight  # [vocab, hidden] view
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        wt = self.head[0].wt  # [hidden, vocab]
+        return wt.index_select(1, ids.reshape(-1)).t().reshape(*ids.shape, wt.shape[0])
+
+
+def _fast(layer: nn.Module, quantize: str | None, group_size: int) -> nn.Module:
+    return make_linear(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), quantize, group_size)
+
+
+def _prepare_attention(a: Attention, quantize: str | None, group_size: int) -> None:
+    a.wqkv = fuse([a.wq, a.wk, a.wv], quantize, group_size)
+    a.wq = a.wk = a.wv = None
+    a.wo = _fast(a.wo, quantize, group_size)
+
+
+def _prepare_mla(a: MLA, quantize: str | None, group_size: int) -> None:
+    w = a.wkv_b.weight.detach().view(a.n_heads, a.nope + a.v_dim, a.kv_lora_rank)
+    a.w_uk = w[:, : a.nope].contiguous()  # [H, d_nope, r]
+    a.w_uv = w[:, a.nope :].contiguous()  # [H, d_v, r]
+    first = a.wq if a.q_lora_rank is None else a.wq_a
+    a.wq_kv_a = fuse([first, a.wkv_a], quantize, group_size)
+    if a.q_lora_rank is None:
+        a.wq = None
+    else:
+        a.wq_a = None
+        a.wq_b = _fast(a.wq_b, quantize, group_size)
+    a.wkv_a = None
+    a.wkv_b = FastLinear(a.wkv_b.weight.detach())  # prefill (naive) path; kept fp32: it is small
+    a.wo = _fast(a.wo, quantize, group_size)
+
+
+def _prepare_mlp(m: MLP, quantize: str | None, group_size: int) -> None:
+    m.w13 = fuse([m.w1, m.w3], quantize, group_size)
+    m.w1 = m.w3 = None
+    m.w2 = _fast(m.w2, quantize, group_size)
+
+
+@torch.no_grad()
+def prepare(model: nn.Module, quantize: str | None = None, group_size: int = 64) -> nn.Module:
+    """Swap in the fast path (see module docstring). quantize: None (fp32/bf16 as loaded), "int8"
+    (per-output-channel) or "int4" (groups of `group_size` input channels). Idempotent."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantization {quantize!r} (use int8 or int4)")
+    if getattr(model, "prepared", None) is not None:
+        return model
+    for block in model.layers:
+        attn = block.attn
+        if isinstance(attn, MLA):
+            _prepare_mla(attn, quantize, group_size)
+        else:
+            _prepare_attention(attn, quantize, group_size)
+        ffn = block.ffn
+        if isinstance(ffn, MLP):
+            _prepare_mlp(ffn, quantize, group_size)
+        elif isinstance(ffn, MoE):
+            ffn.experts = GroupedExperts(ffn.experts, quantize, group_size)
+            if ffn.shared is not None:
+                _prepare_mlp(ffn.shared, quantize, group_size)
+    tied = model.cfg.tie_word_embeddings
+    model.head = _fast(model.head, quantize, group_size)
+    if tied and quantize is None:
+        model.embed = TiedEmbedding(model.head)
+    model.prepared = quantize or "fp"
+    return model

@@ -1,0 +1,172 @@
+"""Fast linear layers for inference, swapped in by `seekwen.model.fast.prepare(model)`.
+
+The plain model uses `nn.Linear` (weight [out, in], `F.linear`), the reference. On this kind of CPU a
+matrix-vector product streams weights noticeably faster when the weight is stored [in, out] and the
+product is `x @ W` (see /work/shared/cpu-measurements.md), so:
+
+- `FastLinear`: fp32/bf16 weight stored transposed, [in, out] contiguous; `torch.mm` / `addmm`.
+- `Int8Linear`: int8 weight [out, in] with one fp32 scale per output channel (symmetric, absmax/127).
+- `Int4Linear`: 4-bit weight in groups of `group_size` input channels, asymmetric (scale and zero per
+  group and output channel), packed by PyTorch's own CPU int4 kernel.
+
+Every class also has `dequantized()` -> the fp32 [out, in] weight it computes with, the exact reference
+the tests compare against. `fuse(linears)` stacks several projections of the same input (q/k/v,
+gate/up) into one layer whose output is their concatenation: one product instead of three.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])  # [..., in] -> [M, in]
+
+
+class FastLinear(nn.Module):
+    """y = x @ W + b with W stored [in, out] contiguous."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.wt = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)  # [in, out]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.wt.t()  # [out, in] view, for code that reads `.weight` (MLA absorption)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.wt.t().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _flat(x)  # [M, in]
+        if self.bias is None:
+            y = torch.mm(x2, self.wt)
+        else:
+            y = torch.addmm(self.bias, x2, self.wt)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, layout=[in,out], dtype={self.wt.dtype}"
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (int8 [out, in], fp32 scales [out]); w ~= q * scale[:, None]."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 with per-output-channel scales: y = x @ (q * scale)^T + b, activations fp32.
+
+    Uses PyTorch's `_weight_int8pack_mm` (x [M, in], q [out, in], scale [out])."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        q, scale = quantize_int8(weight)
+        self.q = nn.Parameter(q, requires_grad=False)  # [out, in] int8
+        self.scale = nn.Parameter(scale, requires_grad=False)  # [out]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _flat(x).float().contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (codes int32 [out, in] in 0..15, scales [out, G], zeros [out, G]) with
+    w ~= (code - 8) * scale + zero per group of `group_size` input channels (PyTorch's int4 convention)."""
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    zero = lo + 8 * scale  # the value code 8 decodes to
+    code = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return code.reshape(out_f, in_f), scale, zero
+
+
+class Int4Linear(nn.Module):
+    """Weight-only grouped int4: PyTorch's `_weight_int4pack_mm_for_cpu` on the packed weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 64):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        if self.in_features % group_size:
+            raise ValueError(f"int4: in_features {self.in_features} is not a multiple of group size {group_size}")
+        self.group_size = group_size
+        code, scale, zero = quantize_int4(weight, group_size)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(code, 1)
+        self.packed = nn.Parameter(packed, requires_grad=False)
+        sz = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()  # [G, out, 2]
+        self.scales_zeros = nn.Parameter(sz, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        eye = torch.eye(self.in_features, dtype=torch.float32)
+        w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_zeros)
+        return w_t.t().contiguous()  # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _flat(x).float().contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
+
+
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of an nn.Linear or a FastLinear."""
+    return layer.weight
+
+
+def bias_of(layer: nn.Module) -> torch.Tensor | None:
+    return getattr(layer, "bias", None)
+
+
+def make_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, quantize: str | None = None, group_size: int = 64
+) -> nn.Module:
+    """The fast layer for weight [out, in]: fp32 transposed, int8 or int4."""
+    if quantize is None:
+        return FastLinear(weight, bias)
+    if quantize == "int8":
+        return Int8Linear(weight, bias)
+    if quantize == "int4":
+        if weight.shape[1] % group_size or weight.shape[0] % 16:
+            return Int8Linear(weight, bias)  # shapes PyTorch's int4 kernel cannot pack: keep int8
+        return Int4Linear(weight, bias, group_size)
+    raise ValueError(f"unknown quantization {quantize!r} (use int8 or int4)")
+
+
+def fuse(layers: list[nn.Module], quantize: str | None = None, group_size: int = 64) -> nn.Module:
+    """One layer computing the concatenated outputs of `layers` (same input)."""
+    w = torch.cat([weight_of(layer).detach() for layer in layers], dim=0)  # [sum(out), in]
+    b = None
+    if any(bias_of(layer) is not None for layer in layers):
+        parts = [bias_of(la) if bias_of(la) is not None else w.new_zeros(weight_of(la).shape[0]) for la in layers]
+        b = torch.cat([p.detach() for p in parts])
+    return make_linear(w, b, quantize, group_size)
+
+
+def reference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer computed the plain way from its dequantized weight (the tests' reference)."""
+    b = bias_of(layer)
+    return F.linear(x.float(), layer.dequantized(), None if b is None else b.float())
