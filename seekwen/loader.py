@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -144,6 +145,20 @@ class _Shards:
             raise CheckpointError(f"{f}: tensor '{name}' could not be read ({e})") from e
 
 
+def _hf_name(family: Family, ours: str, e: int | None = None) -> str:
+    """The checkpoint tensor name that fills our parameter `ours` (row `e` of stacked experts), for messages."""
+    label = ours if e is None else f"{ours}[{e}]"
+    for rule in family.rules:
+        if ("{e}" in rule.hf) != (e is not None):
+            continue
+        for target in rule.ours:
+            rx = re.escape(target).replace(re.escape("{i}"), r"(?P<i>\d+)")
+            m = re.fullmatch(rx.replace(re.escape("{w}"), "(?P<w>weight|bias)"), ours)
+            if m:
+                return f"{rule.hf.format(**m.groupdict(), e=e)} (for {label})"
+    return label
+
+
 def load_state(model: Transformer, folder: Path, family: Family) -> None:
     """Copy every checkpoint tensor into the model's parameters; error on anything missing or odd."""
     cfg = model.cfg
@@ -204,9 +219,9 @@ def load_state(model: Transformer, folder: Path, family: Family) -> None:
         if pname == "head.weight" and cfg.tie_word_embeddings:
             continue
         if pname.endswith(("experts.w1", "experts.w2", "experts.w3")):
-            missing += [f"{pname}[{e}]" for e in range(p.shape[0]) if (pname, e) not in filled]
+            missing += [_hf_name(family, pname, e) for e in range(p.shape[0]) if (pname, e) not in filled]
         elif (pname, None) not in filled:
-            missing.append(pname)
+            missing.append(_hf_name(family, pname))
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{folder}: missing weight(s): {', '.join(missing[:5])}{more}")

@@ -1,0 +1,310 @@
+"""One test per bad input to `seekwen.load`, each checking the message names what is wrong (and the
+file / tensor); plus fp8 e4m3 checkpoints with 128x128-block `weight_scale_inv` (DeepSeek-V3/R1)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import seekwen
+from seekwen import CheckpointError, ConfigError
+
+D, H, KV, V, I, L = 32, 4, 2, 64, 48, 2
+
+
+def qwen2_config() -> dict:
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": D, "intermediate_size": I,
+        "num_attention_heads": H, "num_key_value_heads": KV, "num_hidden_layers": L, "vocab_size": V,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_sliding_window": False,
+        "sliding_window": 64, "max_window_layers": L, "bos_token_id": 0, "eos_token_id": 1,
+    }
+
+
+def qwen2_weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    hd = D // H
+    w = {"model.embed_tokens.weight": torch.randn(V, D, generator=g), "model.norm.weight": torch.ones(D),
+         "lm_head.weight": torch.randn(V, D, generator=g)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        shapes = {
+            "input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
+            "self_attn.q_proj.weight": (H * hd, D), "self_attn.q_proj.bias": (H * hd,),
+            "self_attn.k_proj.weight": (KV * hd, D), "self_attn.k_proj.bias": (KV * hd,),
+            "self_attn.v_proj.weight": (KV * hd, D), "self_attn.v_proj.bias": (KV * hd,),
+            "self_attn.o_proj.weight": (D, H * hd),
+            "mlp.gate_proj.weight": (I, D), "mlp.up_proj.weight": (I, D), "mlp.down_proj.weight": (D, I),
+        }
+        for name, shape in shapes.items():
+            w[p + name] = torch.randn(*shape, generator=g) * 0.1
+    return w
+
+
+def write(folder: Path, config: dict | str | None = None, weights: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = qwen2_config() if config is None else config
+    (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    save_file(qwen2_weights() if weights is None else weights, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_good_checkpoint_loads(tmp_path):
+    model = seekwen.load(write(tmp_path), dtype=torch.float32)
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, V)
+
+
+def test_unknown_model_type(tmp_path):
+    cfg = {**qwen2_config(), "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    with pytest.raises(ConfigError, match=r"config\.json: unsupported model_type 'llama' \(seekwen runs: deepseek,"):
+        seekwen.load(write(tmp_path, cfg))
+
+
+def test_config_not_json(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.json: not valid JSON"):
+        seekwen.load(write(tmp_path, '{"model_type": "qwen2", "hidden_size": 32,'))
+
+
+def test_config_not_an_object(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.json: expected a JSON object"):
+        seekwen.load(write(tmp_path, "[1, 2, 3]"))
+
+
+def test_config_missing_required_field(tmp_path):
+    cfg = qwen2_config()
+    del cfg["hidden_size"]
+    with pytest.raises(ConfigError, match=r"config\.json: required field 'hidden_size' is missing"):
+        seekwen.load(write(tmp_path, cfg))
+
+
+@pytest.mark.parametrize("value", ["32", 32.5, None, True])
+def test_config_wrong_type(tmp_path, value):
+    cfg = {**qwen2_config(), "num_hidden_layers": value}
+    msg = "is missing" if value is None else "must be an integer"
+    with pytest.raises(ConfigError, match=rf"config\.json: .*'num_hidden_layers' {msg}"):
+        seekwen.load(write(tmp_path, cfg))
+
+
+def test_config_wrong_type_in_rope_scaling(tmp_path):
+    cfg = {**qwen2_config(), "rope_scaling": "yarn"}
+    with pytest.raises(ConfigError, match=r"'rope_scaling'/'rope_parameters' must be an object, got 'yarn'"):
+        seekwen.load(write(tmp_path, cfg))
+
+
+def test_missing_shard(tmp_path):
+    w = qwen2_weights()
+    names = sorted(w)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(qwen2_config()))
+    save_file({n: w[n] for n in names[:half]}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    index = {"metadata": {"total_size": 0}, "weight_map": {n: f for f, ns in shards.items() for n in ns}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: missing shard file\(s\): "
+                                              r"model-00002-of-00002\.safetensors"):
+        seekwen.load(tmp_path)
+    # with the shard present it loads
+    save_file({n: w[n] for n in names[half:]}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    seekwen.load(tmp_path, dtype=torch.float32)
+
+
+def test_truncated_safetensors(tmp_path):
+    folder = write(tmp_path)
+    f = folder / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unreadable or corrupt safetensors file"):
+        seekwen.load(folder)
+
+
+def test_garbage_safetensors(tmp_path):
+    folder = write(tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unreadable or corrupt safetensors file"):
+        seekwen.load(folder)
+
+
+def test_wrong_shape(tmp_path):
+    w = qwen2_weights()
+    w["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(D, D)  # 4 KV heads' worth instead of 2
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.1\.self_attn\.k_proj"
+                                              r"\.weight' has shape \(32, 32\), expected \(16, 32\)"):
+        seekwen.load(write(tmp_path, weights=w))
+
+
+def test_missing_weight(tmp_path):
+    w = qwen2_weights()
+    del w["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"missing weight\(s\): model\.layers\.0\.mlp\.up_proj\.weight "
+                                              r"\(for layers\.0\.ffn\.w3\.weight\)"):
+        seekwen.load(write(tmp_path, weights=w))
+
+
+def test_missing_expert(tmp_path):
+    cfg = {**qwen2_config(), "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 4,
+           "num_experts_per_tok": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24,
+           "decoder_sparse_step": 1, "mlp_only_layers": [0]}
+    w = qwen2_weights()
+    p = "model.layers.1.mlp."
+    for n in ("gate_proj", "up_proj", "down_proj"):
+        del w[p + n + ".weight"]
+    for e in range(4):
+        w[p + f"experts.{e}.gate_proj.weight"] = torch.zeros(16, D)
+        w[p + f"experts.{e}.up_proj.weight"] = torch.zeros(16, D)
+        if e != 2:
+            w[p + f"experts.{e}.down_proj.weight"] = torch.zeros(D, 16)
+    for n, shape in (("gate_proj", (24, D)), ("up_proj", (24, D)), ("down_proj", (D, 24))):
+        w[p + f"shared_expert.{n}.weight"] = torch.zeros(*shape)
+    w[p + "shared_expert_gate.weight"] = torch.zeros(1, D)
+    w[p + "gate.weight"] = torch.zeros(4, D)
+    with pytest.raises(CheckpointError, match=r"missing weight\(s\): model\.layers\.1\.mlp\.experts\.2\.down_proj"
+                                              r"\.weight \(for layers\.1\.ffn\.experts\.w2\[2\]\)$"):
+        seekwen.load(write(tmp_path, cfg, w))
+
+
+def test_unexpected_weight(tmp_path):
+    w = qwen2_weights()
+    w["model.layers.0.self_attn.rel_bias.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"unexpected weight\(s\) for qwen2: "
+                                              r"model\.layers\.0\.self_attn\.rel_bias\.weight"):
+        seekwen.load(write(tmp_path, weights=w))
+
+
+class _Trap:
+    """Unpickling this creates a file: proof that a loader unpickled the checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_only_folder_is_refused_and_never_unpickled(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(qwen2_config()))
+    marker = tmp_path / "unpickled"
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": _Trap(marker)}, f)
+    with pytest.raises(CheckpointError, match=r"only pickle weights \(\.bin/\.pt\) found; seekwen loads safetensors"):
+        seekwen.load(tmp_path)
+    assert not marker.exists()
+
+
+def test_no_weights_at_all(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(qwen2_config()))
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors weights found"):
+        seekwen.load(tmp_path)
+
+
+def test_nonexistent_path(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope/deeper: no such checkpoint folder"):
+        seekwen.load(tmp_path / "nope" / "deeper")
+
+
+def test_folder_without_config(tmp_path):
+    save_file(qwen2_weights(), str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"no config\.json in this folder"):
+        seekwen.load(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fp8 (DeepSeek-V3/R1 release format)
+
+FP8_LINEAR = ("_proj.weight", "kv_a_proj_with_mqa.weight")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 128x128 block: scale = amax / 448, q = w / scale in e4m3; returns (q, scale_inv = scale)."""
+    out_f, in_f = w.shape
+    nb_o, nb_i = math.ceil(out_f / block), math.ceil(in_f / block)
+    scale = torch.empty(nb_o, nb_i)
+    q = torch.empty(out_f, in_f, dtype=torch.float8_e4m3fn)
+    for a in range(nb_o):
+        for b in range(nb_i):
+            blk = w[a * block:(a + 1) * block, b * block:(b + 1) * block]
+            s = blk.abs().max().clamp(min=1e-12) / FP8_MAX
+            scale[a, b] = s
+            q[a * block:(a + 1) * block, b * block:(b + 1) * block] = (blk / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_ref(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    out = q.float().clone()
+    for a in range(scale.shape[0]):
+        for b in range(scale.shape[1]):
+            out[a * block:(a + 1) * block, b * block:(b + 1) * block] *= scale[a, b]
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from hf_models import SPECS, Spec, make_checkpoint
+
+    base = SPECS["deepseek_v3"]
+    # a dense MLP 200 wide so gate/up ([200, 64]) and down ([64, 200]) span two 128-blocks
+    spec = Spec("deepseek_v3_fp8", "deepseek_v3", dict(base.kwargs, intermediate_size=200), rope=base.rope,
+                extra_json=base.extra_json)
+    _, folder = make_checkpoint(spec, tmp_path_factory.mktemp("fp8"))
+    ref = seekwen.load(folder, dtype=torch.float32)
+    f = folder / "model.safetensors"
+    state = load_file(str(f))
+    expected = {}
+    for name in list(state):
+        if name.endswith(FP8_LINEAR) and state[name].dim() == 2:
+            q, s = quantize_fp8(state[name])
+            state[name], state[name + "_scale_inv"] = q, s
+            expected[name] = dequantize_ref(q, s)
+    save_file(state, str(f), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                  "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, ref, expected
+
+
+def test_fp8_block_scaled_weights_dequantize(fp8_checkpoint):
+    folder, ref, expected = fp8_checkpoint
+    model = seekwen.load(folder, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    assert "model.layers.0.mlp.down_proj.weight" in expected
+    assert load_file(str(folder / "model.safetensors"))["model.layers.0.mlp.down_proj.weight_scale_inv"].shape == (1, 2)
+    checks = {
+        "model.layers.0.mlp.gate_proj.weight": params["layers.0.ffn.w1.weight"],
+        "model.layers.0.mlp.down_proj.weight": params["layers.0.ffn.w2.weight"],
+        "model.layers.0.self_attn.kv_b_proj.weight": params["layers.0.attn.wkv_b.weight"],
+        "model.layers.1.self_attn.q_a_proj.weight": params["layers.1.attn.wq_a.weight"],
+        "model.layers.1.mlp.experts.5.up_proj.weight": params["layers.1.ffn.experts.w3"][5],
+        "model.layers.2.mlp.shared_experts.down_proj.weight": params["layers.2.ffn.shared.w2.weight"],
+    }
+    for name, p in checks.items():
+        assert torch.equal(p.detach(), expected[name]), name
+    # close to the unquantized weights (e4m3 keeps 3 mantissa bits), and the model still runs alike
+    ref_w = dict(ref.named_parameters())["layers.0.ffn.w1.weight"]
+    rel = ((params["layers.0.ffn.w1.weight"] - ref_w).abs().max() / ref_w.abs().max()).item()
+    assert 0 < rel < 0.07
+    ids = torch.tensor([[5, 9, 11, 40, 2]])
+    with torch.no_grad():
+        a, b = model(ids), ref(ids)
+    assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() > 0.95  # routing may flip; still alike
+
+
+def test_fp8_weight_without_scale(fp8_checkpoint, tmp_path):
+    folder, _, _ = fp8_checkpoint
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.layers.0.mlp.up_proj.weight_scale_inv"]
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"fp8 tensor 'model\.layers\.0\.mlp\.up_proj\.weight' has no "
+                                              r"'model\.layers\.0\.mlp\.up_proj\.weight_scale_inv'"):
+        seekwen.load(tmp_path)
