@@ -7,7 +7,8 @@ product is `x @ W` (see /work/shared/cpu-measurements.md), so:
 - `FastLinear`: fp32/bf16 weight stored transposed, [in, out] contiguous; `torch.mm` / `addmm`.
 - `Int8Linear`: int8 weight [out, in] with one fp32 scale per output channel (symmetric, absmax/127).
 - `Int4Linear`: 4-bit weight in groups of `group_size` input channels, asymmetric (scale and zero per
-  group and output channel), packed by PyTorch's own CPU int4 kernel.
+  group and output channel), two codes per byte.
+Both are weight-only: activations stay fp32; see `kernels.py` for why not PyTorch's int8/int4 ops.
 
 Every class also has `dequantized()` -> the fp32 [out, in] weight it computes with, the exact reference
 the tests compare against. `fuse(linears)` stacks several projections of the same input (q/k/v,
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -61,10 +64,13 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+KERNEL_MAX_ROWS = 8  # up to this many rows (decode) use the int8/int4 kernels; more: dequantize + mm
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 with per-output-channel scales: y = x @ (q * scale)^T + b, activations fp32.
-
-    Uses PyTorch's `_weight_int8pack_mm` (x [M, in], q [out, in], scale [out])."""
+    Few rows: the C++ kernel streaming the int8 weight (`kernels.int8_mm`); more rows (prefill):
+    dequantize to fp32 and `torch.mm` (compute-bound there)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -75,11 +81,12 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def dequantized(self) -> torch.Tensor:
-        return self.q.float() * self.scale[:, None]
+        return self.q.float() * self.scale[:, None]  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x).float().contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
+        k = kernels.get() if x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS else None
+        y = k.int8_mm(x2, self.q, self.scale) if k is not None else torch.mm(x2, self.dequantized().t())
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -89,41 +96,46 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (codes int32 [out, in] in 0..15, scales [out, G], zeros [out, G]) with
-    w ~= (code - 8) * scale + zero per group of `group_size` input channels (PyTorch's int4 convention)."""
+    """w [out, in] -> (codes uint8 [out, in] in 0..15, scales [out, G], zeros [out, G]) with
+    w ~= (code - 8) * scale + zero per group of `group_size` input channels (asymmetric min/max)."""
     out_f, in_f = w.shape
     g = w.float().reshape(out_f, in_f // group_size, group_size)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale = ((hi - lo) / 15.0).clamp(min=1e-8)
     zero = lo + 8 * scale  # the value code 8 decodes to
-    code = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    code = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
     return code.reshape(out_f, in_f), scale, zero
 
 
 class Int4Linear(nn.Module):
-    """Weight-only grouped int4: PyTorch's `_weight_int4pack_mm_for_cpu` on the packed weight."""
+    """Weight-only int4, groups of `group_size` input channels, two codes per byte."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 64):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        if self.in_features % group_size:
+        if self.in_features % group_size or group_size % 2:
             raise ValueError(f"int4: in_features {self.in_features} is not a multiple of group size {group_size}")
         self.group_size = group_size
         code, scale, zero = quantize_int4(weight, group_size)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(code, 1)
-        self.packed = nn.Parameter(packed, requires_grad=False)
-        sz = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()  # [G, out, 2]
-        self.scales_zeros = nn.Parameter(sz, requires_grad=False)
+        packed = code[:, 0::2] | (code[:, 1::2] << 4)  # [out, in/2]
+        self.packed = nn.Parameter(packed.contiguous(), requires_grad=False)
+        self.scales = nn.Parameter(scale.contiguous(), requires_grad=False)  # [out, G]
+        self.zeros = nn.Parameter(zero.contiguous(), requires_grad=False)  # [out, G]
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def dequantized(self) -> torch.Tensor:
-        eye = torch.eye(self.in_features, dtype=torch.float32)
-        w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_zeros)
-        return w_t.t().contiguous()  # [out, in]
+        code = torch.stack((self.packed & 15, self.packed >> 4), dim=-1).reshape(self.out_features, -1)
+        g = code.float().view(self.out_features, -1, self.group_size) - 8
+        w = g * self.scales[..., None] + self.zeros[..., None]
+        return w.reshape(self.out_features, self.in_features)  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x).float().contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+        k = kernels.get() if x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS else None
+        if k is not None:
+            y = k.int4_mm(x2, self.packed, self.scales, self.zeros, self.group_size)
+        else:
+            y = torch.mm(x2, self.dequantized().t())
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -150,8 +162,8 @@ def make_linear(
     if quantize == "int8":
         return Int8Linear(weight, bias)
     if quantize == "int4":
-        if weight.shape[1] % group_size or weight.shape[0] % 16:
-            return Int8Linear(weight, bias)  # shapes PyTorch's int4 kernel cannot pack: keep int8
+        if weight.shape[1] % group_size:
+            return Int8Linear(weight, bias)  # rows that do not split into groups: keep int8
         return Int4Linear(weight, bias, group_size)
     raise ValueError(f"unknown quantization {quantize!r} (use int8 or int4)")
 

@@ -1,0 +1,190 @@
+"""Batched generation engine: many sequences of different lengths decode together in one forward.
+
+    engine = Engine(model, max_batch=8, max_len=2048)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=64, temperature=0.7, top_p=0.9))
+    while engine.has_work():
+        for event in engine.step():          # Event(id, token, finished, reason)
+            ...
+
+The KV cache is a pool of `max_batch` rows with per-row lengths (`KVCache.lens`); live sequences
+always occupy rows [0, n), so each decode step is one forward on `cache.rows(0, n)` with one new
+token per row: no per-sequence loop in the model. Each step first admits waiting requests (one
+batched, right-padded prefill into the free rows [n, n + k); their first token comes from the
+prefill logits), then decodes the rows that were already live. A sequence stops on an EOS id (the
+config's, unless `ignore_eos`), on one of its `stop_token_ids`, or after `max_tokens`; its row is
+then refilled by moving the last live row into it (one row copy), keeping the live rows packed.
+Sampling parameters are per row (runtime.sampling.sample takes per-row tensors); random draws
+come from one engine-wide generator (`seed`), so sampled text depends on which requests share a
+step, greedy text does not.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import sample
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class Event:
+    id: int
+    token: int
+    finished: bool
+    reason: str | None = None  # "eos" | "stop" | "length" when finished
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    on_token: Callable[[Event], None] | None = None
+    output: list[int] = field(default_factory=list)
+    stops: frozenset[int] = frozenset()
+    reason: str | None = None
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, max_len: int = 2048, seed: int | None = None):
+        self.model = model
+        self.max_batch, self.max_len = max_batch, max_len
+        self.cache = model.new_cache(max_batch, max_len)
+        self.live: list[Request] = []  # live[i] decodes in cache row i
+        self.waiting: deque[Request] = deque()
+        self.finished: dict[int, Request] = {}
+        self.last = torch.zeros(max_batch, dtype=torch.long, device=model.device)  # [max_batch] last tokens
+        self.eos = set(model.cfg.eos_ids)
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=model.device)
+            self.generator.manual_seed(seed)
+        self._next_id = 0
+
+    # ---- API ------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt_ids: list[int] | torch.Tensor,
+        params: SamplingParams | None = None,
+        on_token: Callable[[Event], None] | None = None,
+    ) -> int:
+        """Queue a prompt; returns its id. `on_token(event)` is called for each of its new tokens."""
+        prompt = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
+        params = params or SamplingParams()
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) > max_len {self.max_len}")
+        if max(prompt) >= self.model.cfg.vocab_size or min(prompt) < 0:
+            raise ValueError("prompt contains ids outside the vocabulary")
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
+        req = Request(self._next_id, prompt, params, on_token, stops=frozenset(stops))
+        self._next_id += 1
+        self.waiting.append(req)
+        return req.id
+
+    def has_work(self) -> bool:
+        return bool(self.live or self.waiting)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting requests (prefill), decode one token for every other live sequence."""
+        n_old = len(self.live)
+        events = self._decode(n_old) if n_old else []
+        events += self._admit()
+        self._retire()
+        return events
+
+    def stream(self) -> Iterator[Event]:
+        while self.has_work():
+            yield from self.step()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None):
+        """Run prompts to completion; returns the new tokens of each, in order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        for _ in self.stream():
+            pass
+        return [self.finished.pop(i).output for i in ids]
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """logits [n, V] -> tokens [n], each row with its own request's parameters."""
+        dev = logits.device
+        if all(r.params.temperature <= 0 for r in reqs):
+            return logits.argmax(dim=-1)
+        temp = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([r.params.top_k for r in reqs], dtype=torch.long, device=dev)
+        top_p = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev)
+        return sample(logits, temp, top_k, top_p, self.generator)
+
+    def _emit(self, reqs: list[Request], tokens: torch.Tensor) -> list[Event]:
+        events = []
+        for req, tok in zip(reqs, tokens.tolist(), strict=True):
+            req.output.append(tok)
+            if tok in req.stops:
+                req.reason = "eos" if tok in self.eos and tok not in req.params.stop_token_ids else "stop"
+            elif len(req.output) >= req.params.max_tokens:
+                req.reason = "length"
+            ev = Event(req.id, tok, req.reason is not None, req.reason)
+            if req.on_token is not None:
+                req.on_token(ev)
+            events.append(ev)
+        return events
+
+    def _decode(self, n: int) -> list[Event]:
+        view = self.cache.rows(0, n)
+        logits = self.model(self.last[:n, None], cache=view)[:, 0]  # [n, V]
+        view.lens += 1
+        tokens = self._sample(logits, self.live[:n])
+        self.last[:n] = tokens
+        return self._emit(self.live[:n], tokens)
+
+    def _admit(self) -> list[Event]:
+        k = min(self.max_batch - len(self.live), len(self.waiting))
+        if k == 0:
+            return []
+        reqs = [self.waiting.popleft() for _ in range(k)]
+        n, dev = len(self.live), self.model.device
+        lens = torch.tensor([len(r.prompt) for r in reqs], device=dev)
+        S = int(lens.max())
+        ids = torch.zeros(k, S, dtype=torch.long, device=dev)
+        for i, r in enumerate(reqs):
+            ids[i, : len(r.prompt)] = torch.tensor(r.prompt, device=dev)
+        mask = (torch.arange(S, device=dev)[None, :] < lens[:, None]).long()  # right padding
+        view = self.cache.rows(n, n + k)
+        view.lens.zero_()
+        logits = self.model(ids, attention_mask=mask, cache=view, keep=lens - 1)[:, 0]
+        view.lens.copy_(lens)
+        tokens = self._sample(logits, reqs)
+        self.last[n : n + k] = tokens
+        self.live += reqs
+        return self._emit(reqs, tokens)
+
+    def _retire(self) -> None:
+        """Drop finished sequences; move the last live row into each hole."""
+        for i in range(len(self.live) - 1, -1, -1):
+            if self.live[i].reason is None:
+                continue
+            self.finished[self.live[i].id] = self.live[i]
+            last = len(self.live) - 1
+            if i != last:
+                self.cache.copy_row(last, i)
+                self.last[i] = self.last[last]
+                self.live[i] = self.live[last]
+            self.live.pop()
