@@ -30,7 +30,7 @@ import torch
 
 from ..config import ModelConfig
 from ..loader import read_config, resolve
-from .see import training_length
+from .see import one_line_errors, training_length
 
 METHODS = ("none", "linear", "ntk", "dynamic", "yarn", "logn", "window")
 
@@ -265,6 +265,7 @@ def plot(res: Result, path: str) -> None:
     plt.close(fig)
 
 
+@one_line_errors
 def run(args: argparse.Namespace) -> int:
     if args.tokens < 2 or args.dynamic_factor < 1:
         raise ValueError("--tokens must be >= 2 and --dynamic-factor >= 1")

@@ -22,6 +22,7 @@ from .see import (
     human,
     human_bytes,
     meta_model,
+    one_line_errors,
     read_model_config,
     training_length,
 )
@@ -178,6 +179,7 @@ def parse_contexts(text: str) -> list[int]:
     return out
 
 
+@one_line_errors
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.tile < 1:
         raise ValueError("--batch and --tile must be positive")

@@ -17,7 +17,7 @@ import torch
 
 from ..config import RopeConfig
 from ..model.rope import compute_inv_freq, qwen_ntk_alpha
-from .see import read_model_config, training_length
+from .see import one_line_errors, read_model_config, training_length
 
 METHODS = ("none", "linear", "ntk", "dynamic", "yarn", "qwen")
 METHOD_HELP = {
@@ -156,6 +156,7 @@ def plot(lab: dict, path: str) -> None:
     plt.close(fig)
 
 
+@one_line_errors
 def run(args: argparse.Namespace) -> int:
     if args.factor < 1:
         raise ValueError("--factor must be >= 1")

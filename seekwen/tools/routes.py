@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .see import training_length
+from .see import one_line_errors, training_length
 
 
 @dataclass
@@ -152,6 +152,7 @@ def heatmap(layers: list[LayerRoutes], k: int, path: str, title: str) -> None:
     plt.close(fig)
 
 
+@one_line_errors
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 

@@ -4,7 +4,9 @@ parameters (total and active per token)."""
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +15,26 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..families import FAMILIES, parse_config
-from ..loader import read_config, resolve
+from ..loader import CheckpointError, read_config, resolve
 from .common import model_path
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+
+
+def one_line_errors(func: Callable[..., int]) -> Callable[..., int]:
+    """CLI entry points: an error message that spans lines (e.g. from huggingface_hub) becomes one line."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return func(*args, **kwargs)
+        except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+            text = " ".join(str(e).split())
+            if text == str(e):
+                raise
+            raise type(e)(text) from e
+
+    return wrapper
 
 
 @dataclass

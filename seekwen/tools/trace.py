@@ -17,7 +17,17 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .see import Source, architecture, count_params, hf_name, human, meta_model, n_params, read_model_config
+from .see import (
+    Source,
+    architecture,
+    count_params,
+    hf_name,
+    human,
+    meta_model,
+    n_params,
+    one_line_errors,
+    read_model_config,
+)
 
 
 @dataclass
@@ -268,6 +278,7 @@ def print_trace(t: Trace) -> None:
         console.print(f"• {n}")
 
 
+@one_line_errors
 def run(args: argparse.Namespace) -> int:
     from ..cli import UserError
 
