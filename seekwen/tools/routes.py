@@ -99,6 +99,7 @@ def analyse(indices: dict[int, torch.Tensor], tokens: torch.Tensor, n_experts: i
 
 def print_routes(model_name: str, layers: list[LayerRoutes], k: int, show_layers: list[int]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -123,7 +124,7 @@ def print_routes(model_name: str, layers: list[LayerRoutes], k: int, show_layers
         tt.add_column("load", justify="right")
         tt.add_column("top tokens")
         for e, toks in enumerate(r.top_tokens):
-            tt.add_row(str(e), str(r.load[e]), "  ".join(f"{s!r} {c} ({share:.0%})" for s, c, share in toks))
+            tt.add_row(str(e), str(r.load[e]), escape("  ".join(f"{s!r} {c} ({share:.0%})" for s, c, share in toks)))
         console.print(tt)
 
 

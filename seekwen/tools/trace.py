@@ -246,6 +246,7 @@ def notes(cfg: ModelConfig, B: int, S: int) -> list[str]:
 
 def print_trace(t: Trace) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"{t.architecture} forward pass, batch {t.batch} × seq {t.seq_len}  ({t.model})",
@@ -260,7 +261,8 @@ def print_trace(t: Trace) -> None:
         if r.count > 1 and r.name.count(".") == 1:
             name += f" ×{r.count}"
         params = human(r.params) + (f" ×{r.count}" if r.count > 1 and r.params else "")
-        table.add_row(indent + name, r.hf, r.what, r.inputs, r.outputs, params if r.params else "")
+        cells = (indent + name, r.hf, r.what, r.inputs, r.outputs, params if r.params else "")
+        table.add_row(*(escape(c) for c in cells))
     console = Console()
     console.print(table)
     summary = Table(title="parameters", header_style="bold")
@@ -275,7 +277,7 @@ def print_trace(t: Trace) -> None:
                     f"{t.active_with_embedding:,}")
     console.print(summary)
     for n in t.notes:
-        console.print(f"• {n}")
+        console.print(f"• {escape(n)}")
 
 
 @one_line_errors
