@@ -208,7 +208,13 @@ def parse_deepseek(raw: dict, where: str) -> ModelConfig:
             v_head_dim=_int(raw, "v_head_dim", where),
         )
         head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
-    c = _common(raw, where, head_dim=head_dim)
+    if mla is not None:
+        # MLA has no KV heads (every head reads the one latent); transformers 5 even saves its class
+        # default (128) whatever the head count, so the field must not be validated against it
+        c = _common({**raw, "num_key_value_heads": raw.get("num_attention_heads")}, where, head_dim=head_dim)
+        c["raw"] = raw
+    else:
+        c = _common(raw, where, head_dim=head_dim)
     n = c["num_layers"]
     moe = None
     mlp_layers = [False] * n

@@ -170,6 +170,8 @@ def test_deepseek_softmax_scale_uses_mscale_all_dim_squared():
     assert cfg.rope.interleaved and cfg.rope.dim == 8 and cfg.head_dim == 24  # no head_dim in config.json
     raw["rope_scaling"] = None
     assert parse_config(raw).softmax_scale == pytest.approx(24**-0.5)
+    raw["num_key_value_heads"] = 128  # what transformers 5 saves for any MLA head count: ignored by MLA
+    assert parse_config(raw).num_kv_heads == 2
 
 
 def _deepseek_v3_raw() -> dict:

@@ -9,6 +9,7 @@ checkpoints are (see hf_models.py), loaded with `seekwen.load`, compared in fp32
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -17,6 +18,7 @@ import transformers
 from hf_models import PINNED_TRANSFORMERS, SPECS, hf_greedy, hf_positions, make_checkpoint
 
 import seekwen
+from seekwen.families import parse_config
 
 TOL = 1e-4
 N_NEW = 8
@@ -74,6 +76,19 @@ def test_config_reads_like_transformers(pair):
         hf_moe = [type(layer.mlp).__name__.lower().endswith(("moe", "moeblock", "sparsemoeblock"))
                   for layer in hf.model.layers]
         assert c.mlp_layers == hf_moe, (c.mlp_layers, [type(layer.mlp).__name__ for layer in hf.model.layers])
+
+
+def test_transformers5_config_reads_the_same(pair, tmp_path):
+    """The same model's config.json as transformers 5 writes it (rope_parameters, layer_types,
+    num_local_experts, head_dim) parses to the same ModelConfig as the Hub-format one."""
+    spec, hf, ours, folder = pair
+    hf.config.save_pretrained(tmp_path)
+    v5 = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" in v5
+    got = parse_config(v5)
+    for f in dataclasses.fields(got):
+        if f.name not in ("raw", "torch_dtype", "eos_token_id"):  # load() also reads generation_config.json EOS
+            assert getattr(got, f.name) == getattr(ours.cfg, f.name), f.name
 
 
 @torch.no_grad()
