@@ -80,6 +80,12 @@ class Streamer:
             self.write(piece)
 
 
+def check_fits(model, ids: list[int]) -> None:
+    limit = context_limit(model)
+    if len(ids) >= limit:
+        raise UserError(f"the prompt is {len(ids)} tokens; this model's context is {limit} tokens")
+
+
 def eos_ids(model) -> list[int]:
     tok_eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
     return model.cfg.eos_ids + ([tok_eos] if tok_eos is not None else [])
@@ -92,10 +98,8 @@ def write_out(text: str) -> None:
 
 def run_generation(model, ids: list[int], args: argparse.Namespace, streamer: Streamer) -> tuple[float, float]:
     """Generate after `ids`, streaming; returns (prefill seconds, decode seconds)."""
-    limit = context_limit(model)
-    if len(ids) >= limit:
-        raise UserError(f"the prompt is {len(ids)} tokens; this model's context is {limit} tokens")
-    max_new = min(args.max_new_tokens, limit - len(ids))
+    check_fits(model, ids)
+    max_new = min(args.max_new_tokens, context_limit(model) - len(ids))
     t0 = time.perf_counter()
     model.generate(torch.tensor([ids]), max_new_tokens=max_new, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=streamer)
@@ -116,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     ids = tok.encode(prompt)
     if not ids:
         raise UserError("the prompt is empty")
+    check_fits(model, ids)
     sys.stdout.write(prompt)
     sys.stdout.flush()
     streamer = Streamer(tok, write_out, eos_ids(model))
