@@ -135,7 +135,7 @@ def print_report(rep: MemoryReport) -> None:
 
     console = Console()
     console.print(f"[bold]{rep.model}[/]  {rep.attention}, {human(rep.params)} parameters, dtype {rep.dtype}, "
-                  f"batch {rep.batch}, trained at {rep.training_length} tokens")
+                  f"batch {rep.batch}, training context {rep.training_length} (from config.json)")
     console.print(f"weights: {human_bytes(rep.weights)}   KV cache per token: {human_bytes(rep.kv_per_token)} "
                   f"(as plain MHA: {human_bytes(rep.kv_per_token_mha)}, "
                   f"{rep.kv_per_token_mha / rep.kv_per_token:.1f}× more)")

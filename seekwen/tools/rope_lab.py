@@ -107,7 +107,7 @@ def print_lab(lab: dict) -> None:
     T, L = lab["training_length"], lab["length"]
     console.print(f"[bold]{lab['model']}[/]  rotary dims {lab['rope_dim']} ({lab['rope_dim'] // 2} pairs, "
                   f"{'interleaved' if lab['interleaved'] else 'rotate-half'}), theta {lab['theta']:g}, "
-                  f"trained at T={T}, configured scaling '{lab['configured']}'")
+                  f"training context T={T}, configured scaling '{lab['configured']}'")
     console.print(f"methods extend by factor {lab['factor']:g} (target L={L}); cells: wavelength in tokens "
                   "(2π / inv_freq). fast = ≥ beta_fast turns within T (high frequency, short wavelength, low "
                   "pair index); slow = < beta_slow turns (wavelength longer than T).")
