@@ -237,6 +237,7 @@ def plot(res: Result, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     T = res.train_len
@@ -256,8 +257,12 @@ def plot(res: Result, path: str) -> None:
     b.set_yscale("log")
     b.set_xlabel(f"token position (window of {L})")
     b.set_title(f"perplexity by position, L={L}")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
     a.legend(fontsize=8)
     fig.suptitle(f"{Path(res.model).name}: past the training length (T={T})")
     fig.tight_layout()

@@ -55,9 +55,32 @@ def read_model_config(arg: str | None) -> Source:
         except OSError as e:
             raise ConfigError(f"{path}: cannot read ({e})") from e
         return Source(parse_config(raw, str(path)), raw, str(path))
+    if not path.exists() and _looks_like_hub_id(str(arg)):
+        return read_model_config(hub_config(str(arg)))  # config.json only: never the weights
     folder = resolve(model_path(arg))
     raw, _, cfg = read_config(folder)
     return Source(cfg, raw, str(folder / "config.json"))
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return s.count("/") == 1 and not s.startswith((".", "/", "~"))
+
+
+def hub_config(repo_id: str) -> str:
+    """The path of a hub model's config.json (from the local cache when there, else downloaded alone)."""
+    from huggingface_hub import snapshot_download
+
+    for local in (True, False):
+        try:
+            folder = snapshot_download(repo_id, allow_patterns=["config.json"], local_files_only=local)
+        except Exception as e:  # offline, unknown repo, gated ...
+            if not local:
+                raise CheckpointError(f"{repo_id}: not a local path, and its config.json could not be fetched "
+                                      f"from the Hugging Face hub ({type(e).__name__})") from e
+            continue
+        if (Path(folder) / "config.json").is_file():
+            return str(Path(folder) / "config.json")
+    raise CheckpointError(f"{repo_id}: the hub repository has no config.json")
 
 
 def architecture(src: Source) -> str:
