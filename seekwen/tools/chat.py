@@ -132,7 +132,7 @@ def reply(model, messages: list[dict], args: argparse.Namespace, tty: bool) -> s
     ids = fit_history(tok, messages, room)
     prompt_text = tok.apply_chat_template(messages, add_generation_prompt=True)
     splitter = ThinkSplitter(write_out, tty, thinking=prompt_text.rstrip().endswith(THINK_OPEN))
-    streamer = Streamer(tok, splitter.push, eos_ids(model))
+    streamer = Streamer(tok, splitter.push, eos_ids(model), clean=tty)
     import torch
 
     try:

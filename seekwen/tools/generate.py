@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from ..cli import UserError
 from .common import add_model_arg, add_runtime_args, load_model
 
 DEFAULT_PROMPT = "In the beginning"
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
@@ -51,13 +53,16 @@ def context_limit(model) -> int:
 
 class Streamer:
     """`on_token` callback: decodes tokens as they arrive, passes text pieces to `write`, keeps timings.
-    Stops writing at the first EOS."""
+    Stops writing at the first EOS. With `clean`, control characters other than newline and tab are
+    dropped (a model must not drive the terminal with escape sequences)."""
 
-    def __init__(self, tokenizer, write: Callable[[str], None], eos_ids: list[int] | None = None):
+    def __init__(self, tokenizer, write: Callable[[str], None], eos_ids: list[int] | None = None,
+                 clean: bool = False):
         from ..tokenizer import StreamDecoder
 
         self.decoder = StreamDecoder(tokenizer)
         self.write = write
+        self.clean = clean
         self.eos = set(eos_ids or [])
         self.n = 0
         self.t_first: float | None = None
@@ -75,6 +80,8 @@ class Streamer:
             self.finished = True
             return
         piece = self.decoder.push(token)
+        if self.clean:
+            piece = CONTROL.sub("", piece)
         if piece:
             self.text += piece
             self.write(piece)
@@ -123,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     check_fits(model, ids)
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    streamer = Streamer(tok, write_out, eos_ids(model))
+    streamer = Streamer(tok, write_out, eos_ids(model), clean=sys.stdout.isatty())
     prefill_s, decode_s = run_generation(model, ids, args, streamer)
     sys.stdout.write("\n")
     sys.stdout.flush()
