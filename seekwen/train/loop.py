@@ -113,14 +113,7 @@ class Trainer:
         self.device = cfg.device
         torch.manual_seed(cfg.seed)
         self.tok = self._tokenizer(state)
-        ids = tokenize(self.tok, read_texts(cfg.texts))
-        if state is not None and state["data"]["hash"] != stream_hash(ids):
-            raise ValueError(f"{self.out}: the training text differs from the one this run started with")
-        self.data_hash = stream_hash(ids)
-        self.split: Split = split(ids, cfg.seq_len, cfg.val_every)
-        self.batches = Batches(self.split.train, cfg.seq_len, cfg.batch_size, cfg.seed)
-        if self.batches.batches_per_epoch() < 1:
-            raise ValueError(f"batch size {cfg.batch_size} is larger than the training data allows")
+        self._prepare_data(state)
         raw = {**cfg.model, "vocab_size": self.tok.get_vocab_size(), **special_ids(self.tok)}
         self.model_cfg = parse_config(raw, "model config")
         self.model = build(self.model_cfg, torch.float32, self.device)
@@ -134,6 +127,17 @@ class Trainer:
             self._restore(state)
 
     # ------------------------------------------------------------------ setup
+    def _prepare_data(self, state: dict | None) -> None:
+        cfg = self.cfg
+        ids = tokenize(self.tok, read_texts(cfg.texts))
+        if state is not None and state["data"]["hash"] != stream_hash(ids):
+            raise ValueError(f"{self.out}: the training text differs from the one this run started with")
+        self.data_hash = stream_hash(ids)
+        self.split: Split = split(ids, cfg.seq_len, cfg.val_every)
+        self.batches = Batches(self.split.train, cfg.seq_len, cfg.batch_size, cfg.seed)
+        if self.batches.batches_per_epoch() < 1:
+            raise ValueError(f"batch size {cfg.batch_size} is larger than the training data allows")
+
     def _read_state(self) -> dict | None:
         path = self.out / STATE_FILE
         if not path.is_file():
