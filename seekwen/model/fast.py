@@ -99,7 +99,7 @@ def _prepare_attention(a: Attention, quantize: str | None, group_size: int) -> N
 def _prepare_mla(a: MLA, quantize: str | None, group_size: int) -> None:
     w = a.wkv_b.weight.detach().view(a.n_heads, a.nope + a.v_dim, a.kv_lora_rank)
     a.w_uk = w[:, : a.nope].contiguous()  # [H, d_nope, r]
-    a.w_uv = w[:, a.nope :].contiguous()  # [H, d_v, r]
+    a.w_uv = w[:, a.nope :].transpose(1, 2).contiguous()  # W_UV^T [H, r, d_v]
     first = a.wq if a.q_lora_rank is None else a.wq_a
     a.wq_kv_a = fuse([first, a.wkv_a], quantize, group_size)
     if a.q_lora_rank is None:

@@ -51,7 +51,7 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(m.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, d, bias=cfg.o_bias)
         # fast path (model.fast.prepare): the query projection (wq or wq_a) and wkv_a in one product, and
-        # W_UK [H, d_nope, r] / W_UV [H, d_v, r] kept contiguous for absorbed decode
+        # W_UK [H, d_nope, r] / W_UV^T [H, r, d_v] kept contiguous for absorbed decode
         self.wq_kv_a: nn.Module | None = None
         self.w_uk: torch.Tensor | None = None
         self.w_uv: torch.Tensor | None = None
@@ -106,13 +106,30 @@ class MLA(nn.Module):
 
     def absorbed(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
         if self.w_uk is not None:
-            w_uk, w_uv = self.w_uk, self.w_uv
-        else:
-            w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-            w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, d_nope, r], [H, d_v, r]
+            return self.absorbed_heads_first(q_nope, q_pe, kv, k_pe, mask)
+        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, d_nope, r], [H, d_v, r]
         q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # query moved into latent space
         scores = torch.einsum("bshr,btr->bhst", q_lat, kv) + torch.einsum("bshd,btd->bhst", q_pe, k_pe)
         scores = (scores * self.scale).masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
         o_lat = torch.einsum("bhst,btr->bshr", probs, kv)  # attention output, still latent
         return torch.einsum("bshr,hdr->bshd", o_lat, w_uv)
+
+    def absorbed_heads_first(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
+        """`absorbed` with the per-head products laid out [H, B*S, .] against contiguous W_UK [H, d_nope, r]
+        and W_UV^T [H, r, d_v] (set by model.fast.prepare): that form runs as fast matrix-vector products
+        on CPU, where the [B, S, H, .] einsum falls back to a slow batched kernel."""
+        B, S, H, _ = q_nope.shape
+        q_h = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.nope)
+        q_lat = torch.einsum("hsd,hdr->hsr", q_h, self.w_uk).view(H, B, S, -1).transpose(0, 1)  # [B, H, S, r]
+        scores = torch.matmul(q_lat, kv.transpose(1, 2)[:, None]) + torch.matmul(
+            q_pe.transpose(1, 2), k_pe.transpose(1, 2)[:, None]
+        )  # [B, H, S, T]
+        scores = (scores * self.scale).masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
+        o_lat = torch.matmul(probs, kv[:, None])  # [B, H, S, r]
+        o_h = o_lat.transpose(0, 1).reshape(H, B * S, self.kv_lora_rank)
+        out = torch.einsum("hsr,hrd->hsd", o_h, self.w_uv)  # [H, B*S, d_v]
+        return out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3)  # [B, S, H, d_v]
+
