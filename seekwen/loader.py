@@ -249,11 +249,15 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     config_overrides: dict | None = None,
+    quantize: str | None = None,
+    fast: bool = False,
 ) -> Transformer:
     """Load a checkpoint: `seekwen.load("Qwen/Qwen2.5-0.5B-Instruct", dtype=torch.float32)`.
 
     dtype: torch dtype or "float32"/"bfloat16"/"float16"; default: the checkpoint's `torch_dtype`.
-    config_overrides: config.json fields to change before building (e.g. a `rope_scaling`)."""
+    config_overrides: config.json fields to change before building (e.g. a `rope_scaling`).
+    fast: swap in the inference fast path (`seekwen.model.fast.prepare`); quantize: "int8" or "int4"
+    weight-only quantization of the linear layers and experts (implies fast)."""
     folder = resolve(path_or_id)
     raw, fam, cfg = read_config(folder)
     if config_overrides:
@@ -273,4 +277,8 @@ def load(
     from .tokenizer import Tokenizer
 
     model.tokenizer = Tokenizer.from_folder(folder)
+    if fast or quantize:
+        from .model.fast import prepare
+
+        prepare(model, quantize=quantize)
     return model

@@ -156,25 +156,15 @@ def peak_rss_gb() -> float:
 
 
 def decode_bytes(model) -> int:
-    """Weight bytes one batch-1 decode step reads: everything but the embedding table (one row is
-    read) and the routed experts not chosen (top_k of n_routed per MoE layer)."""
-    from ..model.fast import GroupedExperts, TiedEmbedding
-    from ..model.moe import Experts
-
+    """Weight bytes one batch-1 decode step reads: everything but an untied embedding table (one row
+    is read) and the routed experts not chosen (top_k of n_routed per MoE layer)."""
+    cfg = model.cfg
     total = 0
-    seen: set[int] = set()
-    for name, mod in model.named_modules():
-        if name == "embed" and not isinstance(mod, TiedEmbedding):
-            seen.update(id(p) for p in mod.parameters())
+    for name, p in model.named_parameters():  # shared (tied) tensors once
+        if name.startswith("embed.") and not cfg.tie_word_embeddings:
             continue
-        frac = 1.0
-        if isinstance(mod, GroupedExperts | Experts):
-            m = model.cfg.moe
-            frac = m.top_k / m.n_routed_experts
-        for p in mod.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += int(p.numel() * p.element_size() * frac)
+        frac = cfg.moe.top_k / cfg.moe.n_routed_experts if ".experts." in name else 1.0
+        total += int(p.numel() * p.element_size() * frac)
     return total
 
 

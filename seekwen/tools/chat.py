@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from ..cli import UserError
-from .common import add_model_arg, add_runtime_args, load_model
+from .common import add_model_arg, add_quantize_arg, add_runtime_args, load_model
 from .generate import Streamer, add_sampling_args, check_sampling_args, context_limit, eos_ids
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "continues King James text). Ctrl-C stops a reply, Ctrl-D leaves.")
     add_model_arg(p)
     add_runtime_args(p)
+    add_quantize_arg(p)
     add_sampling_args(p, max_new_tokens=128, temperature=0.7)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=run)
@@ -147,7 +148,7 @@ def reply(model, messages: list[dict], args: argparse.Namespace, tty: bool) -> s
 
 def run(args: argparse.Namespace) -> int:
     check_sampling_args(args)
-    model = load_model(args.model, args.dtype, args.device)
+    model = load_model(args.model, args.dtype, args.device, quantize=args.quantize)
     tok = model.tokenizer
     if tok is None or not tok.chat_template:
         raise UserError(f"{model.path}: the checkpoint has no tokenizer with a chat template")

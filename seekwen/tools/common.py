@@ -31,6 +31,11 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of linear layers and experts at load time (fast path)")
+
+
 def pick_device(name: str | None) -> str:
     if name:
         if name.startswith("cuda") and not torch.cuda.is_available():

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from ..cli import UserError
-from .common import add_model_arg, add_runtime_args, load_model
+from .common import add_model_arg, add_quantize_arg, add_runtime_args, load_model
 
 DEFAULT_PROMPT = "In the beginning"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", default=None, help=f"text to continue (default: {DEFAULT_PROMPT!r})")
     add_model_arg(p)
     add_runtime_args(p)
+    add_quantize_arg(p)
     add_sampling_args(p, max_new_tokens=200, temperature=0.8)
     p.add_argument("--quiet", "-q", action="store_true", help="no speed report on stderr")
     p.set_defaults(func=run)
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model = load_model(args.model, args.dtype, args.device)
+    model = load_model(args.model, args.dtype, args.device, quantize=args.quantize)
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"{model.path}: no tokenizer.json in the checkpoint")
