@@ -90,7 +90,10 @@ def sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     qg = q.view(B, S, Hkv, G, d).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, d)  # rows (g, s)
     m = mask.expand(B, 1, S, mask.shape[-1])[:, :, None].expand(B, 1, G, S, mask.shape[-1])
     m = m.reshape(B, 1, G * S, mask.shape[-1])
-    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, scale=scale)
+    # plain math: for a handful of queries PyTorch's fused CPU kernel costs more than the product itself
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G*S, T]
+    probs = scores.masked_fill(~m, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    out = torch.matmul(probs, v.transpose(1, 2))  # [B, Hkv, G*S, dv]
     return out.view(B, Hkv, G, S, -1).permute(0, 3, 1, 2, 4).reshape(B, S, H, -1)
 
 

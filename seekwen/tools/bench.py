@@ -159,9 +159,10 @@ def decode_bytes(model) -> int:
     """Weight bytes one batch-1 decode step reads: everything but an untied embedding table (one row
     is read) and the routed experts not chosen (top_k of n_routed per MoE layer)."""
     cfg = model.cfg
+    head = {id(p) for p in model.head.parameters()}
     total = 0
     for name, p in model.named_parameters():  # shared (tied) tensors once
-        if name.startswith("embed.") and not cfg.tie_word_embeddings:
+        if name.startswith("embed.") and id(p) not in head:
             continue
         frac = cfg.moe.top_k / cfg.moe.n_routed_experts if ".experts." in name else 1.0
         total += int(p.numel() * p.element_size() * frac)
