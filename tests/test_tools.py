@@ -242,6 +242,9 @@ def test_context_cli_at_small_sizes(tiny, tmp_path):
         assert math.isclose(ppl[m]["32"], ppl["none"]["32"], rel_tol=1e-5), m
     assert not math.isclose(ppl["linear"]["64"], ppl["none"]["64"], rel_tol=1e-4)
     assert set(res["by_position"]["none"]["64"]) == {"0–31", "32–63"}
+    ratio = res["by_position_ratio"]
+    assert math.isclose(ratio["none"]["32"]["0–31"], 1.0, rel_tol=1e-9)  # the baseline against itself
+    assert math.isclose(ratio["window"]["64"]["0–31"], 1.0, rel_tol=1e-6)  # same tokens, same context
     assert png.stat().st_size > 10_000
 
 

@@ -91,6 +91,8 @@ class Result:
     methods: list[str]
     ppl: dict[str, dict[int, float]] = field(default_factory=dict)
     by_position: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    # per bucket: ppl / ppl of the same tokens scored by "none" in windows of the training length
+    by_position_ratio: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     overrides: dict[str, dict] = field(default_factory=dict)  # at the longest length
     seconds: float = 0.0
 
@@ -102,23 +104,35 @@ def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, ids[1:].to(model.device), reduction="none").double().cpu()
 
 
-def evaluate(model, ids: torch.Tensor, length: int, spans: list[tuple[int, int]]) -> tuple[float, dict[str, float]]:
-    """Perplexity over all windows of `length` tokens in ids, and per position bucket."""
-    total, count = 0.0, 0
-    sums = {bucket_label(b): [0.0, 0] for b in spans}
+def evaluate(model, ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Per-token NLL [len(ids)] scoring ids in windows of `length` tokens (NaN for the first token of each
+    window, which has nothing to be predicted from)."""
+    nll = torch.full((len(ids),), float("nan"), dtype=torch.float64)
     for start in range(0, len(ids) - length + 1, length):
-        nll = token_nll(model, ids[start:start + length])
-        total += float(nll.sum())
-        count += nll.numel()
-        pos = torch.arange(1, length)  # position of each scored token in its window
-        for b in spans:
-            sel = (pos >= b[0]) & (pos < b[1])
-            if sel.any():
-                s = sums[bucket_label(b)]
-                s[0] += float(nll[sel].sum())
-                s[1] += int(sel.sum())
-    by_bucket = {k: math.exp(v[0] / v[1]) for k, v in sums.items() if v[1]}
-    return math.exp(total / count), by_bucket
+        nll[start + 1:start + length] = token_nll(model, ids[start:start + length])
+    return nll
+
+
+def perplexity(nll: torch.Tensor, sel: torch.Tensor | None = None) -> float:
+    v = nll if sel is None else nll[sel]
+    v = v[~v.isnan()]
+    return math.exp(float(v.mean())) if len(v) else float("nan")
+
+
+def by_position(nll: torch.Tensor, length: int, spans: list[tuple[int, int]],
+                baseline: torch.Tensor | None) -> tuple[dict[str, float], dict[str, float]]:
+    """Perplexity per position bucket, and its ratio to the same tokens' perplexity under `baseline`."""
+    pos = torch.arange(len(nll)) % length
+    ppl, ratio = {}, {}
+    for b in spans:
+        sel = (pos >= b[0]) & (pos < b[1]) & ~nll.isnan()
+        if not sel.any():
+            continue
+        ppl[bucket_label(b)] = perplexity(nll, sel)
+        if baseline is not None:
+            both = sel & ~baseline.isnan()
+            ratio[bucket_label(b)] = math.exp(float((nll[both] - baseline[both]).mean()))
+    return ppl, ratio
 
 
 def read_tokens(folder: Path, text_file: str, n_tokens: int) -> torch.Tensor:
@@ -164,22 +178,30 @@ def run_lab(args: argparse.Namespace, progress: bool = True) -> Result:
     ids = ids[: (len(ids) // lengths[-1]) * lengths[-1]]  # every length scores the same tokens
     res = Result(str(folder), T, len(ids), lengths, methods)
     spans = buckets(lengths[-1], T)
-    jobs = [(m, L) for m in methods for L in lengths]
+    jobs = [("none", T)] + [(m, L) for m in methods for L in lengths]  # first: the in-distribution baseline
     bar = _progress(len(jobs), progress)
     t0 = time.perf_counter()
     loaded: dict[str, object] = {}
+    scored: dict[tuple[str, int], torch.Tensor] = {}
     for m, L in jobs:
-        over = method_overrides(m, cfg, L, T, args.dynamic_factor)
-        key = json.dumps(over, sort_keys=True)
-        if key not in loaded:
-            loaded.clear()  # one model in memory at a time
-            loaded[key] = seekwen.load(folder, dtype="float32", device="cpu", config_overrides=over or None)
-        ppl, by_pos = evaluate(loaded[key], ids, L, spans)
-        res.ppl.setdefault(m, {})[L] = ppl
-        res.by_position.setdefault(m, {})[L] = by_pos
-        if L == lengths[-1]:
-            res.overrides[m] = over
-        bar.set_postfix_str(f"{m} L={L} ppl={ppl:.2f}")
+        if (m, L) in scored:
+            nll = scored[(m, L)]
+        else:
+            over = method_overrides(m, cfg, L, T, args.dynamic_factor)
+            key = json.dumps(over, sort_keys=True)
+            if key not in loaded:
+                loaded.clear()  # one model in memory at a time
+                loaded[key] = seekwen.load(folder, dtype="float32", device="cpu", config_overrides=over or None)
+            nll = evaluate(loaded[key], ids, L)
+        scored[(m, L)] = nll
+        if m in methods and L in lengths:
+            res.ppl.setdefault(m, {})[L] = perplexity(nll)
+            ppl, ratio = by_position(nll, L, spans, scored[("none", T)])
+            res.by_position.setdefault(m, {})[L] = ppl
+            res.by_position_ratio.setdefault(m, {})[L] = ratio
+            if L == lengths[-1]:
+                res.overrides[m] = method_overrides(m, cfg, L, T, args.dynamic_factor)
+            bar.set_postfix_str(f"{m} L={L} ppl={res.ppl[m][L]:.2f}")
         bar.update(1)
     bar.close()
     res.seconds = time.perf_counter() - t0
@@ -223,12 +245,14 @@ def print_result(res: Result) -> None:
     console.print(t)
     L = res.lengths[-1]
     labels = list(res.by_position[res.methods[0]][L])
-    b = Table(title=f"perplexity by position at length {L}", header_style="bold")
+    b = Table(title=f"perplexity by position at length {L} (× the same tokens scored in windows of {T}, no method)",
+              header_style="bold")
     b.add_column("method")
     for lab in labels:
         b.add_column(f"pos {lab}", justify="right")
     for m in res.methods:
-        b.add_row(m, *[f"{res.by_position[m][L][lab]:.2f}" for lab in labels])
+        b.add_row(m, *[f"{res.by_position[m][L][lab]:.2f} (×{res.by_position_ratio[m][L][lab]:.3f})"
+                       for lab in labels])
     console.print(b)
 
 
@@ -252,11 +276,13 @@ def plot(res: Result, path: str) -> None:
     L = res.lengths[-1]
     labels = list(res.by_position[res.methods[0]][L])
     for m in res.methods:
-        b.plot(range(len(labels)), [res.by_position[m][L][x] for x in labels], marker="o", label=m)
+        b.plot(range(len(labels)), [res.by_position_ratio[m][L][x] for x in labels], marker="o", label=m)
+    b.axhline(1.0, color="black", ls="--", lw=1)
     b.set_xticks(range(len(labels)), labels, rotation=20)
     b.set_yscale("log")
-    b.set_xlabel(f"token position (window of {L})")
-    b.set_title(f"perplexity by position, L={L}")
+    b.set_xlabel(f"token position in a window of L={L}")
+    b.set_ylabel(f"ppl / ppl of the same tokens in windows of {T}")
+    b.set_title("by position, relative to in-distribution")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
