@@ -54,8 +54,11 @@ class ThinkSplitter:
         if not text:
             return
         if not self.thinking:
+            if not self.answer:
+                text = text.lstrip()  # the reply starts at its first visible character
             self.answer += text
-            self.write(text)
+            if text:
+                self.write(text)
             return
         if self.tty:
             self.write(text)
