@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default 1000)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
-    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps (default: 10%% of the steps, at most 100)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--val-every", type=int, default=50, help="hold out every n-th chunk for validation")
@@ -57,7 +58,9 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError("--lr must be > 0")
     if not 0 <= args.min_lr_ratio <= 1:
         raise UserError("--min-lr-ratio must be in [0, 1]")
-    for name in ("warmup", "weight_decay", "grad_clip", "val_every", "bias_update_rate", "seq_aux_alpha"):
+    if args.warmup is not None and args.warmup < 0:
+        raise UserError("--warmup must be >= 0")
+    for name in ("weight_decay", "grad_clip", "val_every", "bias_update_rate", "seq_aux_alpha"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     if args.threads is not None and args.threads < 1:
@@ -88,10 +91,12 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    steps = args.steps or 1000
+    warmup = args.warmup if args.warmup is not None else min(100, max(1, steps // 10))
     cfg = TrainConfig(
         model=_model_config(args), texts=[str(Path(t).resolve()) for t in args.texts], out=args.out,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len, batch_size=args.batch_size,
-        steps=args.steps or 1000, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+        steps=steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, val_every=args.val_every,
         eval_interval=args.eval_interval, save_interval=args.save_interval, log_interval=args.log_interval,
         seed=args.seed, bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha, device=device,
