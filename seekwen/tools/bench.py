@@ -262,9 +262,11 @@ def _ratio(res: dict[str, float], higher_better: bool = True) -> str:
     return f"  ({a / b if higher_better else b / a:.2f}x transformers)"
 
 
-def _line(label: str, res: dict[str, float], unit: str, extra: str = "") -> None:
+def _line(label: str, res: dict[str, float], unit: str, extra: str = "", higher_better: bool = True) -> None:
     vals = "   ".join(f"{k} {v:8.2f} {unit}" for k, v in res.items())
-    print(f"  {label:<34} {vals}{_ratio(res)}{extra}")
+    ratio = _ratio(res, higher_better).replace("x transformers", "x faster than transformers") if not higher_better \
+        else _ratio(res)
+    print(f"  {label:<36} {vals}{ratio}{extra}")
 
 
 def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
@@ -315,7 +317,8 @@ def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
             _line(f"prefill {args.prefill_len} tokens", tps, "tok/s", pct)
             ids = prompt(1, 32)
             res = interleaved(runners, lambda r: time_prefill(r, ids), args.repeats)
-            _line("time to first token, 32-token prompt", {k: v * 1000 for k, v in res.items()}, "ms")
+            _line("time to first token, 32-token prompt", {k: v * 1000 for k, v in res.items()}, "ms",
+                  higher_better=False)
         if "decode" in sections:
             for S in _ints(args.prompt_lens):
                 ids = prompt(1, S)
