@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
-from .families import FAMILIES, Rule
+from .families import FAMILIES, Rule, first_match, template_regex
 from .model.transformer import Transformer
 
 ARCHITECTURES = {name: fam.architectures[0] for name, fam in FAMILIES.items()}
@@ -42,32 +41,22 @@ def _reverse_rules(cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
-def _ours_pattern(template: str) -> re.Pattern:
-    rx = re.escape(template)
-    for key, sub in (("i", r"\d+"), ("w", "weight|bias")):
-        rx = rx.replace(re.escape("{" + key + "}"), f"(?P<{key}>{sub})")
-    return re.compile(rx + "$")
-
-
 def to_hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Our parameters under Hugging Face names (contiguous CPU tensors, optionally cast to `dtype`;
     the router bias stays fp32)."""
     cfg = model.cfg
-    rules = [(r, _ours_pattern(r.ours[0])) for r in _reverse_rules(cfg)]
+    rules = [(r, template_regex(r.ours[0])) for r in _reverse_rules(cfg)]
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if name == "head.weight" and cfg.tie_word_embeddings:
             continue
-        for rule, pat in rules:  # noqa: B007  (the matching rule is used below)
-            m = pat.match(name)
-            if m:
-                break
-        else:
+        hit = first_match(rules, name)
+        if hit is None:
             raise ConfigError(f"no Hugging Face name for parameter '{name}' ({cfg.model_type})")
+        rule, groups = hit
         t = p.detach().to("cpu")
         if dtype is not None and not name.endswith("gate.bias"):
             t = t.to(dtype)
-        groups = m.groupdict()
         if "{e}" in rule.hf:
             for e in range(t.shape[0]):
                 out[rule.hf.format(e=e, **groups)] = t[e].contiguous()

@@ -338,10 +338,24 @@ class Rule:
     dim: int = 0
 
     def pattern(self) -> re.Pattern:
-        rx = re.escape(self.hf)
-        for key, sub in (("i", r"\d+"), ("e", r"\d+"), ("w", "weight|bias")):
-            rx = rx.replace(re.escape("{" + key + "}"), f"(?P<{key}>{sub})")
-        return re.compile(rx + "$")
+        return template_regex(self.hf)
+
+
+def template_regex(template: str) -> re.Pattern:
+    """A name template as a regex: {i} layer and {e} expert match digits, {w} matches weight|bias."""
+    rx = re.escape(template)
+    for key, sub in (("i", r"\d+"), ("e", r"\d+"), ("w", "weight|bias")):
+        rx = rx.replace(re.escape("{" + key + "}"), f"(?P<{key}>{sub})")
+    return re.compile(rx + "$")
+
+
+def first_match(rules: list[tuple[Rule, re.Pattern]], name: str) -> tuple[Rule, dict[str, str]] | None:
+    """The first (rule, compiled pattern) pair whose pattern matches `name`, with its fields."""
+    for rule, pat in rules:
+        m = pat.match(name)
+        if m:
+            return rule, m.groupdict()
+    return None
 
 
 def _r(hf: str, *ours: str, dim: int = 0) -> Rule:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ConfigError, ModelConfig
-from .families import IGNORED, Family, family_for, parse_config
+from .families import IGNORED, Family, family_for, first_match, parse_config, template_regex
 from .model.rope import RotaryEmbedding
 from .model.transformer import Transformer
 
@@ -152,8 +151,7 @@ def _hf_name(family: Family, ours: str, e: int | None = None) -> str:
         if ("{e}" in rule.hf) != (e is not None):
             continue
         for target in rule.ours:
-            rx = re.escape(target).replace(re.escape("{i}"), r"(?P<i>\d+)")
-            m = re.fullmatch(rx.replace(re.escape("{w}"), "(?P<w>weight|bias)"), ours)
+            m = template_regex(target).match(ours)
             if m:
                 return f"{rule.hf.format(**m.groupdict(), e=e)} (for {label})"
     return label
@@ -170,14 +168,11 @@ def load_state(model: Transformer, folder: Path, family: Family) -> None:
     for name in shards.where:
         if IGNORED.search(name):
             continue
-        for rule, pat in rules:  # noqa: B007  (the matching rule is used below)
-            m = pat.match(name)
-            if m:
-                break
-        else:
+        hit = first_match(rules, name)
+        if hit is None:
             unexpected.append(name)
             continue
-        groups = m.groupdict()
+        rule, groups = hit
         if "i" in groups and int(groups["i"]) >= cfg.num_layers:
             continue  # e.g. DeepSeek-V3's multi-token-prediction layer 61: not part of the decoder
         targets = [t.format(**groups) for t in rule.ours]
