@@ -1,12 +1,12 @@
 """`prepare(model)`: turn a loaded model into its inference fast path, in place.
 
 The plain modules stay the reference; this swaps in equivalent pieces:
-- every `nn.Linear` -> `FastLinear` (weight stored [in, out], `torch.mm`), or int8 / int4 layers;
+- every `nn.Linear` -> `FastLinear` (AVX2 kernel for decode, `F.linear` for prefill), or int8 / int4 layers;
 - q/k/v (GQA) and gate/up (MLP, shared experts) fused into one product each; for MLA the query
   projection (wq or wq_a) and wkv_a fused, and W_UK / W_UV kept contiguous for absorbed decode;
 - stacked MoE experts -> `GroupedExperts`: per expert one fused gate/up product and one down product
   over just the tokens routed to it, weights read in place (no per-token loop, no weight copies);
-- a tied LM head -> one [in, out] matrix, which the embedding lookup reads columns of (no 2nd copy).
+- a tied LM head -> one [vocab, hidden] matrix, which the embedding lookup reads rows of (no 2nd copy).
 The router (`Gate`) stays as it is: tiny, and its fp32 numerics matter for which experts are chosen.
 """
 
@@ -71,7 +71,7 @@ class GroupedExperts(nn.Module):
 
 
 class TiedEmbedding(nn.Module):
-    """Embedding lookup from the tied LM head stored [hidden, vocab]: ids -> columns."""
+    """Embedding lookup from the tied LM head's weight [vocab, hidden]: ids -> rows."""
 
     def __init__(self, head: FastLinear):
         super().__init__()
@@ -79,11 +79,10 @@ class TiedEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.head[0].weight  # [vocab, hidden] view
+        return self.head[0].weight  # [vocab, hidden]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        wt = self.head[0].wt  # [hidden, vocab]
-        return wt.index_select(1, ids.reshape(-1)).t().reshape(*ids.shape, wt.shape[0])
+        return F.embedding(ids, self.weight)
 
 
 def _fast(layer: nn.Module, quantize: str | None, group_size: int) -> nn.Module:

@@ -1,10 +1,11 @@
 """Fast linear layers for inference, swapped in by `seekwen.model.fast.prepare(model)`.
 
-The plain model uses `nn.Linear` (weight [out, in], `F.linear`), the reference. On this kind of CPU a
-matrix-vector product streams weights noticeably faster when the weight is stored [in, out] and the
-product is `x @ W` (see /work/shared/cpu-measurements.md), so:
+The plain model uses `nn.Linear` (weight [out, in], `F.linear`), the reference. Batch-1/batch-8 decode
+on this kind of CPU is bound by streaming weights, and the BLAS serves few-row products poorly (see
+/work/shared/cpu-measurements.md), so up to `kernels.MAX_ROWS` rows on CPU every layer uses an AVX2/FMA
+kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) use the BLAS.
 
-- `FastLinear`: fp32/bf16 weight stored transposed, [in, out] contiguous; `torch.mm` / `addmm`.
+- `FastLinear`: fp32/bf16 weight [out, in] contiguous; `kernels.f32_mm` (fp32, few rows) or `F.linear`.
 - `Int8Linear`: int8 weight [out, in] with one fp32 scale per output channel (symmetric, absmax/127).
 - `Int4Linear`: 4-bit weight in groups of `group_size` input channels, asymmetric (scale and zero per
   group and output channel), two codes per byte.
@@ -29,31 +30,27 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 class FastLinear(nn.Module):
-    """y = x @ W + b with W stored [in, out] contiguous."""
+    """y = x W^T + b with W stored [out, in] contiguous (the nn.Linear layout). fp32 on CPU with at most
+    `kernels.MAX_ROWS` rows (decode): the AVX2 kernel; otherwise (prefill, bf16, no compiler): F.linear."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.wt = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)  # [in, out]
+        self.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)  # [out, in]
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.wt.t()  # [out, in] view, for code that reads `.weight` (MLA absorption)
-
     def dequantized(self) -> torch.Tensor:
-        return self.wt.t().float()
+        return self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x)  # [M, in]
-        if self.bias is None:
-            y = torch.mm(x2, self.wt)
-        else:
-            y = torch.addmm(self.bias, x2, self.wt)
-        return y.view(*x.shape[:-1], self.out_features)
+        k = kernels.get() if self.weight.dtype == torch.float32 and kernels.usable(x2, self.weight) else None
+        if k is None:
+            return F.linear(x, self.weight, self.bias)
+        return k.f32_mm(x2.contiguous(), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, layout=[in,out], dtype={self.wt.dtype}"
+        return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,13 +61,13 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-KERNEL_MAX_ROWS = 8  # up to this many rows (decode) use the int8/int4 kernels; more: dequantize + mm
+KERNEL_MAX_ROWS = kernels.MAX_ROWS  # up to this many rows (decode) use the kernels; more: BLAS
 
 
 class Int8Linear(nn.Module):
     """Weight-only int8 with per-output-channel scales: y = x @ (q * scale)^T + b, activations fp32.
-    Few rows: the C++ kernel streaming the int8 weight (`kernels.int8_mm`); more rows (prefill):
-    dequantize to fp32 and `torch.mm` (compute-bound there)."""
+    Few rows: the AVX2 kernel streaming the int8 weight (`kernels.int8_mm`); more rows (prefill):
+    dequantize to fp32 and `F.linear` (compute-bound there)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -85,10 +82,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x).float().contiguous()
-        k = kernels.get() if x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS else None
-        y = k.int8_mm(x2, self.q, self.scale) if k is not None else torch.mm(x2, self.dequantized().t())
-        if self.bias is not None:
-            y = y + self.bias
+        k = kernels.get() if kernels.usable(x2, self.q) else None
+        if k is not None:
+            y = k.int8_mm(x2, self.q, self.scale, self.bias)
+        else:
+            y = F.linear(x2, self.dequantized(), self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -131,13 +129,11 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x).float().contiguous()
-        k = kernels.get() if x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_ROWS else None
+        k = kernels.get() if self.group_size % 8 == 0 and kernels.usable(x2, self.packed) else None
         if k is not None:
-            y = k.int4_mm(x2, self.packed, self.scales, self.zeros, self.group_size)
+            y = k.int4_mm(x2, self.packed, self.scales, self.zeros, self.group_size, self.bias)
         else:
-            y = torch.mm(x2, self.dequantized().t())
-        if self.bias is not None:
-            y = y + self.bias
+            y = F.linear(x2, self.dequantized(), self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -156,7 +152,7 @@ def bias_of(layer: nn.Module) -> torch.Tensor | None:
 def make_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, quantize: str | None = None, group_size: int = 64
 ) -> nn.Module:
-    """The fast layer for weight [out, in]: fp32 transposed, int8 or int4."""
+    """The fast layer for weight [out, in]: fp32 (as given), int8 or int4."""
     if quantize is None:
         return FastLinear(weight, bias)
     if quantize == "int8":

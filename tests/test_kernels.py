@@ -1,0 +1,63 @@
+"""The AVX2 few-row kernels (kernels.py) against float64 references: every activation row count the
+kernels serve (1..8, i.e. 1-4 and the two-pass 5-8), K not a multiple of 8 (masked tails), N not a
+multiple of the 4-row tile, with and without bias; int8/int4 against their dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekwen.model import kernels
+from seekwen.model import linear as L
+
+K_ = kernels.get()
+pytestmark = pytest.mark.skipif(K_ is None, reason="no C++ compiler / no AVX2: kernels unavailable")
+SHAPES = [(896, 37), (13, 5), (7, 3), (100, 9), (1, 4), (64, 130), (8, 1)]  # (K, N)
+
+
+def _ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return y if b is None else y + b.double()
+
+
+@pytest.mark.parametrize("M", range(1, 9))
+@pytest.mark.parametrize("bias", [False, True])
+def test_f32_and_int8_kernels(M, bias):
+    g = torch.Generator().manual_seed(M)
+    for K, N in SHAPES:
+        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+        b = torch.randn(N, generator=g) if bias else None
+        assert (K_.f32_mm(x, w, b).double() - _ref(x, w, b)).abs().max() < 1e-4 * K**0.5
+        q, s = L.quantize_int8(w)
+        deq = q.double() * s.double()[:, None]
+        assert (K_.int8_mm(x, q, s, b).double() - _ref(x, deq, b)).abs().max() < 1e-4 * K**0.5
+
+
+@pytest.mark.parametrize("M", range(1, 9))
+@pytest.mark.parametrize("group", [8, 32, 64])
+def test_int4_kernel(M, group):
+    g = torch.Generator().manual_seed(100 + M)
+    for K, N in [(128, 37), (64, 5), (192, 130)]:
+        x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+        lay = L.Int4Linear(w, None, group)
+        y = K_.int4_mm(x, lay.packed, lay.scales, lay.zeros, group, b)
+        assert (y.double() - _ref(x, lay.dequantized(), b)).abs().max() < 1e-4 * K**0.5
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])  # kernel up to 8 rows, BLAS beyond
+def test_layers_use_kernel_and_match_reference(rows):
+    torch.manual_seed(rows)
+    w, b = torch.randn(40, 52), torch.randn(40)
+    x = torch.randn(rows, 52)
+    for layer in (L.FastLinear(w, b), L.Int8Linear(w, b), L.Int4Linear(w[:, :48].contiguous(), b, 16)):
+        xi = x[:, : layer.in_features]
+        assert (layer(xi) - L.reference_forward(layer, xi)).abs().max() < 1e-4
+    assert L.FastLinear(w, b).weight.shape == (40, 52)  # [out, in], no transposed copy
+
+
+def test_kernel_rejects_bad_input():
+    with pytest.raises(RuntimeError):
+        K_.f32_mm(torch.randn(2, 8), torch.randn(3, 9), None)  # K mismatch
+    with pytest.raises(RuntimeError):
+        K_.f32_mm(torch.randn(8, 2).t(), torch.randn(3, 8), None)  # not contiguous
