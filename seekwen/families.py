@@ -193,6 +193,17 @@ def parse_qwen2(raw: dict, where: str) -> ModelConfig:
     )
 
 
+def _routed_scale(raw: dict, mt: str) -> float:
+    """DeepSeek-MoE v1 has no routed scaling. DeepSeek-V2's own code either renormalises the top-k
+    weights (norm_topk_prob, top_k > 1) or scales them, never both (transformers' port ignores
+    norm_topk_prob; every published V2 config has it false, where the two agree). V3 does both."""
+    if mt == "deepseek":
+        return 1.0
+    if mt == "deepseek_v2" and raw.get("norm_topk_prob") and int(raw.get("num_experts_per_tok") or 1) > 1:
+        return 1.0
+    return float(raw.get("routed_scaling_factor", 1.0))
+
+
 def parse_deepseek(raw: dict, where: str) -> ModelConfig:
     """DeepSeek-MoE v1 (`deepseek`), DeepSeek-V2 (`deepseek_v2`) and V3/R1 (`deepseek_v3`)."""
     mt = raw["model_type"]
@@ -245,7 +256,7 @@ def parse_deepseek(raw: dict, where: str) -> ModelConfig:
             n_group=n_group,
             topk_group=topk_group,
             norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
-            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)) if mt != "deepseek" else 1.0,
+            routed_scaling_factor=_routed_scale(raw, mt),
             score_correction_bias=mt == "deepseek_v3",
             norm_eps=1e-20,
         )

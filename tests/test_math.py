@@ -617,3 +617,21 @@ def test_hf_dynamic_ntk_cached_generate_matches_transformers(tmp_path):
         full_last = ours(seq[:, :-1])[:, -1]
         dec_last = _decode_logits(ours, ids, n - 1)[-1]
     assert (full_last - dec_last).abs().max().item() > 1e-3
+
+
+def test_deepseek_v2_renormalises_or_scales_never_both():
+    """DeepSeek-V2's reference: norm_topk_prob (top_k > 1) renormalises the top-k weights *instead of*
+    multiplying by routed_scaling_factor; V3 does both. Published V2 configs (norm false) just scale."""
+    raw = json.loads((Path(__file__).parent / "fixtures" / "configs" / "deepseek-v2.json").read_text())
+    assert parse_config(raw).moe.routed_scaling_factor == raw["routed_scaling_factor"] != 1.0
+    assert not parse_config(raw).moe.norm_topk_prob
+    normed = parse_config({**raw, "norm_topk_prob": True}).moe
+    assert normed.norm_topk_prob and normed.routed_scaling_factor == 1.0
+    v3 = json.loads((Path(__file__).parent / "fixtures" / "configs" / "deepseek-v3.json").read_text())
+    m = parse_config(v3).moe
+    assert m.norm_topk_prob and m.routed_scaling_factor == v3["routed_scaling_factor"] == 2.5
+    gate = Gate(4, normed)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(normed.n_routed_experts, 4))
+    w, _ = gate(torch.randn(5, 4))
+    torch.testing.assert_close(w.sum(-1), torch.ones(5))
