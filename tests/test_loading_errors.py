@@ -308,3 +308,28 @@ def test_fp8_weight_without_scale(fp8_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match=r"fp8 tensor 'model\.layers\.0\.mlp\.up_proj\.weight' has no "
                                               r"'model\.layers\.0\.mlp\.up_proj\.weight_scale_inv'"):
         seekwen.load(tmp_path)
+
+
+def _hf_cache_entry(root: Path, repo: str = "org/tiny") -> Path:
+    """A Hugging Face hub cache entry as huggingface_hub lays it out: models--org--name with a ref."""
+    entry = root / ("models--" + repo.replace("/", "--"))
+    write(entry / "snapshots" / "abc123")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("abc123")
+    return entry
+
+
+def test_hf_cache_folder_and_offline_hub_id(tmp_path, monkeypatch):
+    entry = _hf_cache_entry(tmp_path / "hub")
+    assert seekwen.resolve(entry) == entry / "snapshots" / "abc123"
+    ids = torch.tensor([[1, 2, 3]])
+    reference = seekwen.load(entry / "snapshots" / "abc123", dtype=torch.float32)(ids)
+    torch.testing.assert_close(seekwen.load(entry, dtype=torch.float32)(ids), reference)
+    # a hub id is served from the local cache without network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    torch.testing.assert_close(seekwen.load("org/tiny", dtype=torch.float32)(ids), reference)
+    with pytest.raises(CheckpointError, match="org/missing"):
+        seekwen.load("org/missing")
