@@ -121,15 +121,18 @@ class MLA(nn.Module):
         and W_UV^T [H, r, d_v] (set by model.fast.prepare): that form runs as fast matrix-vector products
         on CPU, where the [B, S, H, .] einsum falls back to a slow batched kernel."""
         B, S, H, _ = q_nope.shape
+        T = kv.shape[1]
         q_h = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.nope)
-        q_lat = torch.einsum("hsd,hdr->hsr", q_h, self.w_uk).view(H, B, S, -1).transpose(0, 1)  # [B, H, S, r]
-        scores = torch.matmul(q_lat, kv.transpose(1, 2)[:, None]) + torch.matmul(
-            q_pe.transpose(1, 2), k_pe.transpose(1, 2)[:, None]
-        )  # [B, H, S, T]
-        scores = (scores * self.scale).masked_fill(~mask, float("-inf"))
+        q_lat = torch.einsum("hsd,hdr->hsr", q_h, self.w_uk)  # [H, B*S, r]
+        q_lat = q_lat.view(H, B, S, -1).transpose(0, 1).reshape(B, H * S, -1)  # [B, H*S, r]
+        q_pe = q_pe.transpose(1, 2).reshape(B, H * S, self.rope)
+        # heads and queries share one batch row per sequence, so each product is a plain bmm against the
+        # cached [B, T, .] latents (a transposed view, never copied or expanded per head)
+        scores = torch.bmm(q_lat, kv.transpose(1, 2)) + torch.bmm(q_pe, k_pe.transpose(1, 2))  # [B, H*S, T]
+        scores = (scores.view(B, H, S, T) * self.scale).masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
-        o_lat = torch.matmul(probs, kv[:, None])  # [B, H, S, r]
-        o_h = o_lat.transpose(0, 1).reshape(H, B * S, self.kv_lora_rank)
+        o_lat = torch.bmm(probs.view(B, H * S, T), kv)  # [B, H*S, r]
+        o_h = o_lat.view(B, H, S, -1).transpose(0, 1).reshape(H, B * S, self.kv_lora_rank)
         out = torch.einsum("hsr,hrd->hsd", o_h, self.w_uv)  # [H, B*S, d_v]
         return out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3)  # [B, S, H, d_v]
 
