@@ -4,7 +4,7 @@ Batch-1/batch-8 decode on this CPU is bound by streaming weights. The BLAS in to
 ~60% of the read bandwidth for one row and serves 8-row products poorly (~35 GFLOP/s), and PyTorch's
 `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` stream only ~1.7 / ~0.5 GB/s of weights for a
 single row here. So these kernels are written with explicit AVX2/FMA intrinsics and compiled once with
-`torch.utils.cpp_extension.load_inline` (`-O3 -mavx2 -mfma`, cached under ~/.cache/torch_extensions):
+`torch.utils.cpp_extension.load_inline` (`-O3 -mavx2 -mfma -fopenmp`, cached under ~/.cache/torch_extensions):
 
 - `f32_mm(x, w, bias)`: fp32 weights [N, K] (the usual nn.Linear layout);
 - `int8_mm(x, q, scale, bias)`: int8 weights [N, K], one fp32 scale per output row;
@@ -12,10 +12,12 @@ single row here. So these kernels are written with explicit AVX2/FMA intrinsics 
   `group` input channels (group a multiple of 8), as `linear.Int4Linear` defines them.
 
 Loop structure (the same for all three): output rows are split across threads (at::parallel_for) in
-tiles of 4 rows; each tile streams its 4 weight rows once, sequentially, 8 weights (one __m256) at a
-time, and FMAs them against up to 4 activation rows held in L1, with one independent accumulator per
-(activation row, weight row) pair so they stay in registers. More than 4 activation rows (M = 5..8):
-the tile is run again for the next activation rows; its weights then come from L1/L2, not RAM.
+tiles of 12 rows; a tile is walked in blocks of R = 2-4 weight rows, each streamed once, sequentially,
+8 weights (one __m256) at a time, FMA'd against up to 4 activation rows (L1/L2-resident), with one
+independent accumulator per (activation row, weight row) pair (at most 12: they stay in registers,
+and enough FMA chains are in flight to hide the FMA latency). The next tile's weights are prefetched
+while a tile streams. More than 4 activation rows (M = 5..8): the tile is run again for the next 4;
+its weights (12 rows) then come from L1/L2, not RAM.
 K % 8 tails use masked loads. If no compiler is available (or the CPU lacks AVX2), `get()` returns None
 and the layers fall back to `F.linear` / dequantize + `torch.mm` (same results up to summation order).
 """
@@ -63,18 +65,25 @@ struct I8W {
   }
 };
 
+constexpr int64_t TILE = 12;  // output rows per tile: 3 x 4 or 4 x 3 register blocks
+
 // out[m * ldo + r] = sum_k x[m, k] * w[r, k] for m < MB, r < R: MB x R accumulators in registers.
+// While streaming, the same positions `dist` weights further on (the next tile's rows) are prefetched,
+// once per 64-byte line.
 template <class W, int MB, int R>
-static inline void dots(const float* x, const typename W::T* w, int64_t K, float* out, int64_t ldo) {
+static inline void dots(const float* x, const typename W::T* w, int64_t K, int64_t dist, float* out, int64_t ldo) {
+  constexpr int64_t line = 64 / sizeof(typename W::T);  // weights per cache line
   __m256 acc[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
+    if (k % line == 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + r * K + k + dist), _MM_HINT_T0);
     __m256 wv[R];
     for (int r = 0; r < R; ++r) wv[r] = W::load(w + r * K + k);  // R sequential weight streams
     for (int m = 0; m < MB; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);  // activations: L1-resident
+      const __m256 xv = _mm256_loadu_ps(x + m * K + k);  // activations: L1/L2-resident
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
     }
   }
@@ -90,49 +99,56 @@ static inline void dots(const float* x, const typename W::T* w, int64_t K, float
     for (int r = 0; r < R; ++r) out[m * ldo + r] = hsum(acc[m][r]);
 }
 
-// One kernel over [N, K] weights of decoder W: the `tile` hook computes mb (<= 4) activation rows
-// against 4 weight rows (or 1 row at the N % 4 tail) into out[m * 4 + r].
+// Blocks of R rows covering one tile: out[m * TILE + r], r < TILE.
+template <class W, int MB, int R>
+static inline void tile_blocks(const float* x, const typename W::T* w, int64_t K, float* out) {
+  static_assert(TILE % R == 0, "R divides TILE");
+  for (int64_t r = 0; r < TILE; r += R) dots<W, MB, R>(x, w + r * K, K, TILE * K, out + r, TILE);
+}
+
+// One kernel over [N, K] weights of decoder W: `tile` computes mb (<= 4) activation rows against
+// TILE weight rows, `row` against one (the N % TILE tail), into out[m * TILE + r].
 template <class W>
 struct DenseTiles {
   const typename W::T* w;
   int64_t K;
-  void tile4(int64_t mb, const float* x, int64_t n, float* out) const {
+  void tile(int64_t mb, const float* x, int64_t n, float* out) const {
     const typename W::T* wn = w + n * K;
-    switch (mb) {  // MB x R <= 8 accumulators: plenty of independent FMA chains, no spills
-      case 1: dots<W, 1, 4>(x, wn, K, out, 4); break;
-      case 2: dots<W, 2, 4>(x, wn, K, out, 4); break;
-      case 3: dots<W, 3, 2>(x, wn, K, out, 4); dots<W, 3, 2>(x, wn + 2 * K, K, out + 2, 4); break;
-      default: dots<W, 4, 2>(x, wn, K, out, 4); dots<W, 4, 2>(x, wn + 2 * K, K, out + 2, 4); break;
+    switch (mb) {  // MB x R <= 12 accumulators: enough independent FMA chains, no spills
+      case 1: tile_blocks<W, 1, 4>(x, wn, K, out); break;
+      case 2: tile_blocks<W, 2, 4>(x, wn, K, out); break;
+      case 3: tile_blocks<W, 3, 3>(x, wn, K, out); break;
+      default: tile_blocks<W, 4, 3>(x, wn, K, out); break;
     }
   }
-  void tile1(int64_t mb, const float* x, int64_t n, float* out) const {
+  void row(int64_t mb, const float* x, int64_t n, float* out) const {
     const typename W::T* wn = w + n * K;
     switch (mb) {
-      case 1: dots<W, 1, 1>(x, wn, K, out, 4); break;
-      case 2: dots<W, 2, 1>(x, wn, K, out, 4); break;
-      case 3: dots<W, 3, 1>(x, wn, K, out, 4); break;
-      default: dots<W, 4, 1>(x, wn, K, out, 4); break;
+      case 1: dots<W, 1, 1>(x, wn, K, K, out, TILE); break;
+      case 2: dots<W, 2, 1>(x, wn, K, K, out, TILE); break;
+      case 3: dots<W, 3, 1>(x, wn, K, K, out, TILE); break;
+      default: dots<W, 4, 1>(x, wn, K, K, out, TILE); break;
     }
   }
 };
 
-// y[m, n] = dot * scale[n] + bias[n] (scale, bias optional), output rows in parallel tiles of 4.
+// y[m, n] = dot * scale[n] + bias[n] (scale, bias optional), output rows in parallel tiles of TILE.
 template <class Tiles>
 static void run(const Tiles& t, const float* x, int64_t M, int64_t K, int64_t N, const float* scale,
                 const float* bias, float* y) {
-  const int64_t tiles = (N + 3) / 4;
-  at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
-    float out[16];
-    for (int64_t n = t0 * 4; n < std::min(t1 * 4, N); n += 4) {
-      const int64_t nr = std::min<int64_t>(4, N - n);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // M > 4: the tile's weights are re-read from cache
+  const int64_t tiles = (N + TILE - 1) / TILE;
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    float out[4 * TILE];
+    for (int64_t n = t0 * TILE; n < std::min(t1 * TILE, N); n += TILE) {
+      const int64_t nr = std::min(TILE, N - n);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // M > 4: the tile's weights are re-read from L1/L2
         const int64_t mb = std::min<int64_t>(4, M - m0);
         const float* xm = x + m0 * K;
-        if (nr == 4) t.tile4(mb, xm, n, out);
-        else for (int64_t r = 0; r < nr; ++r) t.tile1(mb, xm, n + r, out + r);
+        if (nr == TILE) t.tile(mb, xm, n, out);
+        else for (int64_t r = 0; r < nr; ++r) t.row(mb, xm, n + r, out + r);
         for (int64_t m = 0; m < mb; ++m)
           for (int64_t r = 0; r < nr; ++r) {
-            float v = out[m * 4 + r];
+            float v = out[m * TILE + r];
             if (scale) v *= scale[n + r];
             if (bias) v += bias[n + r];
             y[(m0 + m) * N + n + r] = v;
@@ -214,17 +230,21 @@ struct Int4Tiles {
   template <int MB, int R>
   void at(const float* x, int64_t n, float* out) const {
     const int64_t G = K / group;
-    dots4<MB, R>(x, p + n * (K / 2), sc + n * G, ze + n * G, K, group, out, 4);
+    dots4<MB, R>(x, p + n * (K / 2), sc + n * G, ze + n * G, K, group, out, TILE);
   }
-  void tile4(int64_t mb, const float* x, int64_t n, float* out) const {
+  template <int MB>
+  void blocks(const float* x, int64_t n, float* out) const {
+    for (int64_t r = 0; r < TILE; r += 2) at<MB, 2>(x, n + r, out + r);
+  }
+  void tile(int64_t mb, const float* x, int64_t n, float* out) const {
     switch (mb) {  // R = 2: the per-group scale/zero broadcasts also need registers
-      case 1: at<1, 2>(x, n, out); at<1, 2>(x, n + 2, out + 2); break;
-      case 2: at<2, 2>(x, n, out); at<2, 2>(x, n + 2, out + 2); break;
-      case 3: at<3, 2>(x, n, out); at<3, 2>(x, n + 2, out + 2); break;
-      default: at<4, 2>(x, n, out); at<4, 2>(x, n + 2, out + 2); break;
+      case 1: blocks<1>(x, n, out); break;
+      case 2: blocks<2>(x, n, out); break;
+      case 3: blocks<3>(x, n, out); break;
+      default: blocks<4>(x, n, out); break;
     }
   }
-  void tile1(int64_t mb, const float* x, int64_t n, float* out) const {
+  void row(int64_t mb, const float* x, int64_t n, float* out) const {
     switch (mb) {
       case 1: at<1, 1>(x, n, out); break;
       case 2: at<2, 1>(x, n, out); break;
@@ -269,7 +289,8 @@ def get():
             "seekwen_kernels_avx2",
             cpp_sources=_SRC,
             functions=["f32_mm", "int8_mm", "int4_mm"],
-            extra_cflags=["-O3", "-mavx2", "-mfma"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],  # OpenMP: else at::parallel_for runs serially
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler, no headers: fall back
