@@ -12,7 +12,7 @@ from seekwen.model import linear as L
 
 K_ = kernels.get()
 pytestmark = pytest.mark.skipif(K_ is None, reason="no C++ compiler / no AVX2: kernels unavailable")
-SHAPES = [(896, 37), (13, 5), (7, 3), (100, 9), (1, 4), (64, 130), (8, 1)]  # (K, N)
+SHAPES = [(896, 37), (13, 5), (7, 3), (100, 9), (1, 4), (64, 130), (8, 1), (1100, 13)]  # (K, N)
 
 
 def _ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
