@@ -20,7 +20,7 @@ from .attention import Attention
 from .linear import FastLinear, fuse, make_linear
 from .mla import MLA
 from .mlp import MLP
-from .moe import Experts, MoE
+from .moe import Experts, MoE, dispatch
 
 QUANTIZE = (None, "int8", "int4")
 
@@ -54,20 +54,7 @@ class GroupedExperts(nn.Module):
             for j, e in enumerate(indices[0].tolist()):
                 out.add_(self.expert(e, x) * weights[0, j].to(x.dtype))
             return out
-        flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # one host sync per layer
-        token = order // k
-        w_sorted = weights.reshape(-1)[order].to(x.dtype)
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            t = token[start : start + n]
-            out.index_add_(0, t, self.expert(e, x[t]) * w_sorted[start : start + n, None])
-            start += n
-        return out
+        return dispatch(x, weights, indices, self.n_experts, self.expert)
 
 
 class TiedEmbedding(nn.Module):

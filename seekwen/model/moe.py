@@ -14,6 +14,8 @@ by expert and each active expert runs one matmul over its tokens, with no per-to
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,25 +86,40 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter, dim))  # up
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter))  # down
 
+    def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
-        N, k = indices.shape
-        flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)  # group the N*k (token, expert) pairs by expert
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
-        token = order // k
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sel = order[start : start + n]
-            t = token[start : start + n]
-            start += n
-            h = x[t]
-            h = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
-            out.index_add_(0, t, (h * weights.reshape(-1)[sel, None]).to(x.dtype))
-        return out
+        return dispatch(x, weights, indices, self.w1.shape[0], self.expert)
+
+
+def dispatch(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    n_experts: int,
+    expert: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """sum_k weights[:, k] * expert(indices[:, k], x) for x [N, dim], weights/indices [N, k].
+
+    The N*k (token, expert) pairs are grouped by expert with one argsort; every expert that received
+    tokens runs once over exactly those tokens, and the results are scattered back with index_add."""
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()  # one host sync per layer
+    token = order // k
+    w_sorted = weights.reshape(-1)[order]
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        t, w = token[start : start + n], w_sorted[start : start + n, None]
+        out.index_add_(0, t, (expert(e, x[t]) * w).to(x.dtype))
+        start += n
+    return out
 
 
 class MoE(nn.Module):
