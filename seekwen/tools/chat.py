@@ -151,7 +151,7 @@ def reply(model, messages: list[dict], args: argparse.Namespace, tty: bool) -> s
 
 def run(args: argparse.Namespace) -> int:
     check_sampling_args(args)
-    model = load_model(args.model, args.dtype, args.device, quantize=args.quantize)
+    model = load_model(args.model, args.dtype, args.device, quantize=args.quantize, fast=not args.plain)
     tok = model.tokenizer
     if tok is None or not tok.chat_template:
         raise UserError(f"{model.path}: the checkpoint has no tokenizer with a chat template")

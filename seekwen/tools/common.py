@@ -32,8 +32,12 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    """--quantize and --plain: inference commands run the fast path (fused, re-laid-out, optionally
+    quantized layers; tested equal to the plain modules) unless --plain asks for the reference modules."""
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="weight-only quantization of linear layers and experts at load time (fast path)")
+    p.add_argument("--plain", action="store_true",
+                   help="run the plain reference modules instead of the inference fast path")
 
 
 def pick_device(name: str | None) -> str:

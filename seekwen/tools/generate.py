@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model = load_model(args.model, args.dtype, args.device, quantize=args.quantize)
+    model = load_model(args.model, args.dtype, args.device, quantize=args.quantize, fast=not args.plain)
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"{model.path}: no tokenizer.json in the checkpoint")
