@@ -169,10 +169,12 @@ def decode_bytes(model) -> int:
     return total
 
 
-def _active_params_plain(model) -> int:
+def _matmul_params_per_token(model) -> int:
+    """Weights every prompt token is multiplied by: all active parameters except the embedding (a
+    lookup) and the LM head (applied to the last token only)."""
     cfg = model.cfg
     n = sum(p.numel() for p in model.parameters())
-    n -= cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    n -= cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     if cfg.moe is not None:
         per_expert = 3 * cfg.hidden_size * cfg.moe.intermediate_size
         n -= sum(cfg.mlp_layers) * per_expert * (cfg.moe.n_routed_experts - cfg.moe.top_k)
@@ -312,7 +314,7 @@ def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
             ids = prompt(1, args.prefill_len)
             res = interleaved(runners, lambda r: time_prefill(r, ids), args.repeats)
             tps = {k: args.prefill_len / v for k, v in res.items()}
-            flops = 2 * _active_params_plain(model) * args.prefill_len
+            flops = 2 * _matmul_params_per_token(model) * args.prefill_len
             pct = f"  [seekwen {flops / res['seekwen'] / 1e9 / peak:.0%} of matmul peak]"
             _line(f"prefill {args.prefill_len} tokens", tps, "tok/s", pct)
             ids = prompt(1, 32)
