@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog="seekwen", description="Run, serve and explain DeepSeek and Qwen models from Hugging Face checkpoints."
+        prog="seekwen", description="Run, explain and train DeepSeek and Qwen models from Hugging Face checkpoints."
     )
     parser.add_argument("--version", action="version", version=f"seekwen {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
