@@ -1,4 +1,4 @@
-"""seekwen: run, serve, explain and extend the DeepSeek and Qwen model families.
+"""seekwen: run, explain and train the DeepSeek and Qwen model families.
 
     import seekwen
     model = seekwen.load("path-or-hub-id", dtype=torch.float32)

@@ -1,1 +1,1 @@
-"""Runtime: KV caches, sampling, generation loops, the batch engine and the server."""
+"""Runtime: KV caches, sampling, generation loops and the batching engine."""
