@@ -33,6 +33,16 @@ def test_f32_and_int8_kernels(M, bias):
         assert (K_.int8_mm(x, q, s, b).double() - _ref(x, deq, b)).abs().max() < 1e-4 * K**0.5
 
 
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_f32_bmm_per_head(M):
+    """f32_bmm (MLA's absorbed decode): y[h] = x[h] . w[h]^T for every head."""
+    g = torch.Generator().manual_seed(50 + M)
+    for H, K, N in [(16, 128, 512), (3, 13, 37), (2, 100, 9)]:
+        x, w = torch.randn(H, M, K, generator=g), torch.randn(H, N, K, generator=g)
+        ref = torch.einsum("hmk,hnk->hmn", x.double(), w.double())
+        assert (K_.f32_bmm(x, w).double() - ref).abs().max() < 1e-4 * K**0.5
+
+
 @pytest.mark.parametrize("M", range(1, 9))
 @pytest.mark.parametrize("group", [8, 32, 64])
 def test_int4_kernel(M, group):

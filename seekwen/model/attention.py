@@ -87,12 +87,12 @@ def sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     B, S, H, d = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
+    T = k.shape[1]
     qg = q.view(B, S, Hkv, G, d).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, d)  # rows (g, s)
-    m = mask.expand(B, 1, S, mask.shape[-1])[:, :, None].expand(B, 1, G, S, mask.shape[-1])
-    m = m.reshape(B, 1, G * S, mask.shape[-1])
     # plain math: for a handful of queries PyTorch's fused CPU kernel costs more than the product itself
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G*S, T]
-    probs = scores.masked_fill(~m, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    scores = (torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale).view(B, Hkv, G, S, T)
+    scores = torch.where(mask[:, :, None], scores, float("-inf")).view(B, Hkv, G * S, T)  # mask [B, 1, S, T]
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
     out = torch.matmul(probs, v.transpose(1, 2))  # [B, Hkv, G*S, dv]
     return out.view(B, Hkv, G, S, -1).permute(0, 3, 1, 2, 4).reshape(B, S, H, -1)
 
@@ -127,17 +127,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, S, _ = x.shape
-        if self.wqkv is not None:
-            nq, nkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = self.wqkv(x).split([nq, nkv, nkv], dim=-1)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is not None and self.q_norm is None:  # fused: q and k are adjacent, rotated in one pass
+            qk, v = self.wqkv(x).split([(H + Hkv) * hd, Hkv * hd], dim=-1)
+            q, k = self.rotate(qk.view(B, S, H + Hkv, hd), ctx).split([H, Hkv], dim=2)
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(B, S, self.n_heads, self.head_dim)
-        k = k.view(B, S, self.n_kv_heads, self.head_dim)
-        v = v.view(B, S, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotate(q, ctx), self.rotate(k, ctx)
+            if self.wqkv is not None:
+                q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+            else:
+                q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            q, k = q.view(B, S, H, hd), k.view(B, S, Hkv, hd)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotate(q, ctx), self.rotate(k, ctx)
+        v = v.view(B, S, Hkv, hd)
         if ctx.logn is not None:
             q = q * ctx.logn[:, :, None, None].to(q.dtype)
         if ctx.cache is not None and ctx.cache.is_ring(self.layer):  # sliding window: ring-buffer cache

@@ -6,7 +6,8 @@ The plain modules stay the reference; this swaps in equivalent pieces:
   projection (wq or wq_a) and wkv_a fused, and W_UK / W_UV kept contiguous for absorbed decode;
 - stacked MoE experts -> `GroupedExperts`: per expert one fused gate/up product and one down product
   over just the tokens routed to it, weights read in place (no per-token loop, no weight copies);
-- a tied LM head -> one [vocab, hidden] matrix, which the embedding lookup reads rows of (no 2nd copy).
+- a tied LM head -> one [vocab, hidden] matrix, which the embedding lookup reads rows of (no 2nd copy);
+- RMSNorm -> `FastRMSNorm` (one fused `F.rms_norm` for fp32).
 The router (`Gate`) stays as it is: tiny, and its fp32 numerics matter for which experts are chosen.
 """
 
@@ -16,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .attention import Attention
 from .linear import FastLinear, fuse, make_linear
 from .mla import MLA
 from .mlp import MLP
 from .moe import Experts, MoE, dispatch
+from .norm import RMSNorm
 
 QUANTIZE = (None, "int8", "int4")
 
@@ -57,6 +60,16 @@ class GroupedExperts(nn.Module):
         return dispatch(x, weights, indices, self.n_experts, self.expert)
 
 
+class FastRMSNorm(RMSNorm):
+    """RMSNorm as one fused op (`F.rms_norm`) for fp32, where it is the same math as the reference's
+    normalise-in-fp32-then-scale; other dtypes keep the reference's cast order."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return super().forward(x)
+
+
 class TiedEmbedding(nn.Module):
     """Embedding lookup from the tied LM head's weight [vocab, hidden]: ids -> rows."""
 
@@ -86,6 +99,9 @@ def _prepare_mla(a: MLA, quantize: str | None, group_size: int) -> None:
     w = a.wkv_b.weight.detach().view(a.n_heads, a.nope + a.v_dim, a.kv_lora_rank)
     a.w_uk = w[:, : a.nope].contiguous()  # [H, d_nope, r]
     a.w_uv = w[:, a.nope :].transpose(1, 2).contiguous()  # W_UV^T [H, r, d_v]
+    if w.dtype == torch.float32 and kernels.get() is not None:  # few-row decode: the per-head kernel's layout
+        a.w_uk_t = a.w_uk.transpose(1, 2).contiguous()  # [H, r, d_nope]
+        a.w_uv_t = w[:, a.nope :].contiguous()  # [H, d_v, r]
     first = a.wq if a.q_lora_rank is None else a.wq_a
     a.wq_kv_a = fuse([first, a.wkv_a], quantize, group_size)
     if a.q_lora_rank is None:
@@ -125,6 +141,9 @@ def prepare(model: nn.Module, quantize: str | None = None, group_size: int = 64)
             ffn.experts = GroupedExperts(ffn.experts, quantize, group_size)
             if ffn.shared is not None:
                 _prepare_mlp(ffn.shared, quantize, group_size)
+    for module in model.modules():
+        if type(module) is RMSNorm:
+            module.__class__ = FastRMSNorm  # same parameters, fused forward
     tied = model.cfg.tie_word_embeddings
     model.head = _fast(model.head, quantize, group_size)
     if tied and quantize is None:

@@ -132,30 +132,35 @@ struct DenseTiles {
   }
 };
 
-// y[m, n] = dot * scale[n] + bias[n] (scale, bias optional), output rows in parallel tiles of TILE.
+// y[m, n] = dot * scale[n] + bias[n] (scale, bias optional) for the output tiles [t0, t1) of TILE rows.
+template <class Tiles>
+static void run_tiles(const Tiles& t, const float* x, int64_t M, int64_t K, int64_t N, const float* scale,
+                      const float* bias, float* y, int64_t t0, int64_t t1) {
+  float out[4 * TILE];
+  for (int64_t n = t0 * TILE; n < std::min(t1 * TILE, N); n += TILE) {
+    const int64_t nr = std::min(TILE, N - n);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // M > 4: the tile's weights are re-read from L1/L2
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+      const float* xm = x + m0 * K;
+      if (nr == TILE) t.tile(mb, xm, n, out);
+      else for (int64_t r = 0; r < nr; ++r) t.row(mb, xm, n + r, out + r);
+      for (int64_t m = 0; m < mb; ++m)
+        for (int64_t r = 0; r < nr; ++r) {
+          float v = out[m * TILE + r];
+          if (scale) v *= scale[n + r];
+          if (bias) v += bias[n + r];
+          y[(m0 + m) * N + n + r] = v;
+        }
+    }
+  }
+}
+
+// All output tiles, split across threads.
 template <class Tiles>
 static void run(const Tiles& t, const float* x, int64_t M, int64_t K, int64_t N, const float* scale,
                 const float* bias, float* y) {
   const int64_t tiles = (N + TILE - 1) / TILE;
-  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    float out[4 * TILE];
-    for (int64_t n = t0 * TILE; n < std::min(t1 * TILE, N); n += TILE) {
-      const int64_t nr = std::min(TILE, N - n);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // M > 4: the tile's weights are re-read from L1/L2
-        const int64_t mb = std::min<int64_t>(4, M - m0);
-        const float* xm = x + m0 * K;
-        if (nr == TILE) t.tile(mb, xm, n, out);
-        else for (int64_t r = 0; r < nr; ++r) t.row(mb, xm, n + r, out + r);
-        for (int64_t m = 0; m < mb; ++m)
-          for (int64_t r = 0; r < nr; ++r) {
-            float v = out[m * TILE + r];
-            if (scale) v *= scale[n + r];
-            if (bias) v += bias[n + r];
-            y[(m0 + m) * N + n + r] = v;
-          }
-      }
-    }
-  });
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) { run_tiles(t, x, M, K, N, scale, bias, y, t0, t1); });
 }
 
 static void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k_per_row) {
@@ -174,6 +179,26 @@ torch::Tensor f32_mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tens
   auto y = torch::empty({M, N}, x.options());
   DenseTiles<F32W> t{w.data_ptr<float>(), K};
   run(t, x.data_ptr<float>(), M, K, N, nullptr, opt_ptr(bias), y.data_ptr<float>());
+  return y;
+}
+
+// y[h] = x[h] . w[h]^T for x [H, M, K], w [H, N, K] (per-head products, e.g. MLA's absorbed decode);
+// heads split across threads
+torch::Tensor f32_bmm(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && x.is_contiguous() && w.is_contiguous(), "f32_bmm: 3-d contiguous");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "f32_bmm: fp32");
+  TORCH_CHECK(x.size(0) == w.size(0) && x.size(2) == w.size(2), "f32_bmm: x [H, M, K], w [H, N, K]");
+  const int64_t H = x.size(0), M = x.size(1), K = x.size(2), N = w.size(1);
+  auto y = torch::empty({H, M, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t tiles = (N + TILE - 1) / TILE;
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      DenseTiles<F32W> t{wp + h * N * K, K};
+      run_tiles(t, xp + h * M * K, M, K, N, nullptr, nullptr, yp + h * M * N, 0, tiles);
+    }
+  });
   return y;
 }
 
@@ -273,7 +298,7 @@ _tried = False
 
 
 def get():
-    """The compiled extension (f32_mm, int8_mm, int4_mm), or None where it cannot be built.
+    """The compiled extension (f32_mm, f32_bmm, int8_mm, int4_mm), or None where it cannot be built.
     SEEKWEN_NO_KERNELS=1 disables it (then F.linear / dequantize + torch.mm run)."""
     global _module, _tried
     if _tried:
@@ -288,7 +313,7 @@ def get():
         _module = load_inline(
             "seekwen_kernels_avx2",
             cpp_sources=_SRC,
-            functions=["f32_mm", "int8_mm", "int4_mm"],
+            functions=["f32_mm", "f32_bmm", "int8_mm", "int4_mm"],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],  # OpenMP: else at::parallel_for runs serially
             extra_ldflags=["-fopenmp"],
             verbose=False,

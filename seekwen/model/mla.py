@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from . import kernels
 from .attention import AttnContext, sdpa
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -55,6 +56,8 @@ class MLA(nn.Module):
         self.wq_kv_a: nn.Module | None = None
         self.w_uk: torch.Tensor | None = None
         self.w_uv: torch.Tensor | None = None
+        self.w_uk_t: torch.Tensor | None = None  # W_UK^T [H, r, d_nope] and W_UV [H, d_v, r]: the kernels' layout
+        self.w_uv_t: torch.Tensor | None = None
 
     def use_absorbed(self, n_new: int, cached: bool) -> bool:
         if self.mode != "auto":
@@ -123,7 +126,12 @@ class MLA(nn.Module):
         B, S, H, _ = q_nope.shape
         T = kv.shape[1]
         q_h = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.nope)
-        q_lat = torch.einsum("hsd,hdr->hsr", q_h, self.w_uk)  # [H, B*S, r]
+        use_k = self.w_uk_t is not None and kernels.usable(q_h[0], self.w_uk_t)
+        k = kernels.get() if use_k else None  # few rows (decode): per-head AVX2 products
+        if k is not None:
+            q_lat = k.f32_bmm(q_h.contiguous(), self.w_uk_t)  # [H, B*S, r]
+        else:
+            q_lat = torch.einsum("hsd,hdr->hsr", q_h, self.w_uk)
         q_lat = q_lat.view(H, B, S, -1).transpose(0, 1).reshape(B, H * S, -1)  # [B, H*S, r]
         q_pe = q_pe.transpose(1, 2).reshape(B, H * S, self.rope)
         # heads and queries share one batch row per sequence, so each product is a plain bmm against the
@@ -133,6 +141,8 @@ class MLA(nn.Module):
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
         o_lat = torch.bmm(probs.view(B, H * S, T), kv)  # [B, H*S, r]
         o_h = o_lat.view(B, H, S, -1).transpose(0, 1).reshape(H, B * S, self.kv_lora_rank)
-        out = torch.einsum("hsr,hrd->hsd", o_h, self.w_uv)  # [H, B*S, d_v]
+        if k is not None:
+            out = k.f32_bmm(o_h.contiguous(), self.w_uv_t)  # [H, B*S, d_v]
+        else:
+            out = torch.einsum("hsr,hrd->hsd", o_h, self.w_uv)
         return out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3)  # [B, S, H, d_v]
-
