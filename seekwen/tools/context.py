@@ -30,7 +30,7 @@ import torch
 
 from ..config import ModelConfig
 from ..loader import read_config, resolve
-from .see import one_line_errors, training_length
+from .see import emit, one_line_errors, training_length
 
 METHODS = ("none", "linear", "ntk", "dynamic", "yarn", "logn", "window")
 
@@ -301,15 +301,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens < 2 or args.dynamic_factor < 1:
         raise ValueError("--tokens must be >= 2 and --dynamic-factor >= 1")
     res = run_lab(args, progress=not args.json)
-    if args.json:
-        print(json.dumps(res.__dict__, indent=2))
-    else:
-        print_result(res)
-    if args.plot:
-        plot(res, args.plot)
-        if not args.json:
-            print(f"wrote {args.plot}")
-    return 0
+    return emit(args, res.__dict__, lambda: print_result(res), lambda path: plot(res, path))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

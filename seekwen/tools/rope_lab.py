@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 
 import torch
 
 from ..config import RopeConfig
 from ..model.rope import compute_inv_freq, qwen_ntk_alpha
-from .see import one_line_errors, read_model_config, training_length
+from .see import emit, one_line_errors, read_model_config, training_length
 
 METHODS = ("none", "linear", "ntk", "dynamic", "yarn", "qwen")
 METHOD_HELP = {
@@ -161,15 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if args.factor < 1:
         raise ValueError("--factor must be >= 1")
     lab = build(args)
-    if args.json:
-        print(json.dumps(lab, indent=2))
-    else:
-        print_lab(lab)
-    if args.plot:
-        plot(lab, args.plot)
-        if not args.json:
-            print(f"wrote {args.plot}")
-    return 0
+    return emit(args, lab, lambda: print_lab(lab), lambda path: plot(lab, path))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

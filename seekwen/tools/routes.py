@@ -10,14 +10,13 @@ each expert sees most often.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
-from .see import one_line_errors, training_length
+from .see import emit, one_line_errors, training_length
 
 
 @dataclass
@@ -173,16 +172,11 @@ def run(args: argparse.Namespace) -> int:
     layers = analyse(indices, tokens, cfg.moe.n_routed_experts, lambda t: tok.decode([t], skip_special_tokens=False),
                      args.top)
     show = [int(x) for x in args.layers.split(",")] if args.layers else list(indices)[-3:]
-    if args.json:
-        print(json.dumps({"model": str(model.path), "window": window, "top_k": cfg.moe.top_k,
-                          "layers": [r.summary() for r in layers]}, indent=2))
-    else:
-        print_routes(str(model.path), layers, cfg.moe.top_k, show)
-    if args.plot:
-        heatmap(layers, cfg.moe.top_k, args.plot, f"{Path(model.path).name}: expert load ({len(tokens):,} tokens)")
-        if not args.json:
-            print(f"wrote {args.plot}")
-    return 0
+    data = {"model": str(model.path), "window": window, "top_k": cfg.moe.top_k,
+            "layers": [r.summary() for r in layers]}
+    title = f"{Path(model.path).name}: expert load ({len(tokens):,} tokens)"
+    return emit(args, data, lambda: print_routes(str(model.path), layers, cfg.moe.top_k, show),
+                lambda path: heatmap(layers, cfg.moe.top_k, path, title))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

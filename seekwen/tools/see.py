@@ -91,6 +91,19 @@ def architecture(src: Source) -> str:
     return fam.architectures[0] if fam else src.cfg.model_type
 
 
+def emit(args, data: object, print_table: Callable[[], None], draw: Callable[[str], None]) -> int:
+    """The tools' common ending: JSON (`--json`) or a table on the terminal, then `--plot FILE`."""
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print_table()
+    if args.plot:
+        draw(args.plot)
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0
+
+
 def dtype_bytes(name: str) -> int:
     if name not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype '{name}' (use one of: {', '.join(DTYPE_BYTES)})")
