@@ -11,7 +11,6 @@ from config.json alone.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 
 from ..config import ModelConfig
@@ -19,6 +18,7 @@ from .see import (
     Source,
     count_params,
     dtype_bytes,
+    emit,
     human,
     human_bytes,
     meta_model,
@@ -184,13 +184,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.tile < 1:
         raise ValueError("--batch and --tile must be positive")
     rep = build_report(read_model_config(args.model), parse_contexts(args.context), args.batch, args.dtype, args.tile)
-    if args.json:
-        d = asdict(rep)
-        d["seed_check"] = seed_check(rep.rows)
-        print(json.dumps(d, indent=2))
-    else:
-        print_report(rep)
-    return 0
+    return emit(args, {**asdict(rep), "seed_check": seed_check(rep.rows)}, lambda: print_report(rep))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -91,13 +91,14 @@ def architecture(src: Source) -> str:
     return fam.architectures[0] if fam else src.cfg.model_type
 
 
-def emit(args, data: object, print_table: Callable[[], None], draw: Callable[[str], None]) -> int:
-    """The tools' common ending: JSON (`--json`) or a table on the terminal, then `--plot FILE`."""
+def emit(args, data: object, print_table: Callable[[], None], draw: Callable[[str], None] | None = None) -> int:
+    """The tools' common ending: JSON (`--json`) or a table on the terminal, then `--plot FILE` if the
+    command has one."""
     if args.json:
         print(json.dumps(data, indent=2))
     else:
         print_table()
-    if args.plot:
+    if draw is not None and args.plot:
         draw(args.plot)
         if not args.json:
             print(f"wrote {args.plot}")

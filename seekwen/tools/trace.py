@@ -10,7 +10,6 @@ experts' dispatch (which counts tokens per expert); their output shapes are know
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,6 +20,7 @@ from .see import (
     Source,
     architecture,
     count_params,
+    emit,
     hf_name,
     human,
     meta_model,
@@ -287,12 +287,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seq_len < 1 or args.batch < 1:
         raise UserError("--seq-len and --batch must be positive")
     t = build_trace(read_model_config(args.model), args.batch, args.seq_len, args.depth)
-    if args.json:
-        d = asdict(t)
-        print(json.dumps(d, indent=2))
-    else:
-        print_trace(t)
-    return 0
+    return emit(args, asdict(t), lambda: print_trace(t))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
