@@ -99,7 +99,8 @@ def _prepare_mla(a: MLA, quantize: str | None, group_size: int) -> None:
     w = a.wkv_b.weight.detach().view(a.n_heads, a.nope + a.v_dim, a.kv_lora_rank)
     a.w_uk = w[:, : a.nope].contiguous()  # [H, d_nope, r]
     a.w_uv = w[:, a.nope :].transpose(1, 2).contiguous()  # W_UV^T [H, r, d_v]
-    if w.dtype == torch.float32 and kernels.get() is not None:  # few-row decode: the per-head kernel's layout
+    # few-row decode on CPU: the per-head kernel's layout
+    if w.dtype == torch.float32 and w.device.type == "cpu" and kernels.get() is not None:
         a.w_uk_t = a.w_uk.transpose(1, 2).contiguous()  # [H, r, d_nope]
         a.w_uv_t = w[:, a.nope :].contiguous()  # [H, d_v, r]
     first = a.wq if a.q_lora_rank is None else a.wq_a
@@ -138,7 +139,9 @@ def prepare(model: nn.Module, quantize: str | None = None, group_size: int = 64)
         if isinstance(ffn, MLP):
             _prepare_mlp(ffn, quantize, group_size)
         elif isinstance(ffn, MoE):
-            ffn.experts = GroupedExperts(ffn.experts, quantize, group_size)
+            if ffn.experts.w1.device.type == "cpu" or quantize:
+                ffn.experts = GroupedExperts(ffn.experts, quantize, group_size)
+            # else (GPU, unquantized): the stacked experts stay; they run as grouped matmuls (moe.dispatch_grouped)
             if ffn.shared is not None:
                 _prepare_mlp(ffn.shared, quantize, group_size)
     for module in model.modules():

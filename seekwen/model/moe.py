@@ -14,6 +14,7 @@ by expert and each active expert runs one matmul over its tokens, with no per-to
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -91,7 +92,56 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
+        if x.is_cuda and grouped_mm_works(x.device.type, x.dtype):
+            return dispatch_grouped(x, weights, indices, self.w1, self.w3, self.w2)
         return dispatch(x, weights, indices, self.w1.shape[0], self.expert)
+
+
+GROUPED_MM = hasattr(torch, "_grouped_mm")  # torch >= 2.8: one kernel for many per-expert products
+
+
+@functools.cache
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs for this device and dtype (which dtypes it takes varies with the
+    torch version and GPU); tried once on a tiny problem."""
+    if not GROUPED_MM:
+        return False
+    try:
+        a = torch.ones(16, 16, dtype=dtype, device=device_type)
+        b = torch.ones(2, 16, 16, dtype=dtype, device=device_type).transpose(1, 2)
+        offs = torch.tensor([8, 16], dtype=torch.int32, device=device_type)
+        return bool((torch._grouped_mm(a, b, offs=offs) == 16).all())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def dispatch_grouped(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """`dispatch` for stacked experts (w1, w3 [E, inter, dim], w2 [E, dim, inter]) with fixed shapes and no
+    host sync: the (token, expert) pairs sorted by expert, and each of the three products one grouped
+    matmul over all experts at once (`torch._grouped_mm`: group e is rows offs[e-1]..offs[e] times
+    expert e's weight). Every shape depends only on N and k, so it can be captured in a CUDA graph."""
+    N, k = indices.shape
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(w1.shape[0], dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)  # [E] end row of each expert's group
+    token = order // k
+    xs = x[token]  # [N*k, dim], grouped by expert
+    # weights [E, out, in] -> [E, in, out] views (column-major per expert: the layout the kernel wants)
+    def grouped(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+
+    y = grouped(F.silu(grouped(xs, w1)) * grouped(xs, w3), w2)  # [N*k, dim]
+    y = y * weights.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
 
 def dispatch(

@@ -135,12 +135,21 @@ class RotaryEmbedding(nn.Module):
         self.sin_table = freqs.sin() * self.attention_factor
 
     def forward(
-        self, positions: torch.Tensor, seq_len: int | None = None, alpha: torch.Tensor | None = None
+        self,
+        positions: torch.Tensor,
+        seq_len: int | None = None,
+        alpha: torch.Tensor | None = None,
+        bound: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, S] -> (cos, sin) [B, S, dim/2] in fp32. `seq_len` drives length-dependent rules
-        (default: max position + 1); `alpha` [B] is Qwen v1's per-sequence NTK alpha."""
+        (default: max position + 1); `alpha` [B] is Qwen v1's per-sequence NTK alpha. `bound`: a known
+        upper bound on the positions (a static cache's length), so the table is sized without reading
+        the positions back to the host (what CUDA-graph capture needs)."""
         if self.static:
-            need = int(positions.max()) + 1 if positions.numel() else 1
+            if bound is not None:
+                need = bound
+            else:
+                need = int(positions.max()) + 1 if positions.numel() else 1
             if self.cos_table.shape[0] < need:
                 self._grow(need)
             return self.cos_table[positions], self.sin_table[positions]

@@ -86,13 +86,17 @@ class Transformer(nn.Module):
                 alpha = torch.tensor([qwen_ntk_alpha(int(n), rope.seq_length) for n in true_len])
                 if cache is not None:
                     cache.ntk_alpha = alpha
-        cos, sin = self.rope(positions, alpha=alpha)
+        static = cache is not None and cache.static
+        cos, sin = self.rope(positions, alpha=alpha, bound=cache.max_len if static else None)
         logn = logn_scale(positions, rope.seq_length) if self.cfg.logn_attn and rope.seq_length else None
         valid = attention_mask if cache is None else None
         ctx = AttnContext(positions, cos, sin, cache=cache, key_valid=valid, logn=logn)
         if cache is not None:
-            ctx.n_keys = int(positions.max()) + 1  # the one host sync of a cached call
-            cache.check(ctx.n_keys)
+            if static:  # attend over every slot (the mask hides the unused ones): fixed shapes, no sync
+                ctx.n_keys = cache.max_len
+            else:
+                ctx.n_keys = int(positions.max()) + 1  # the one host sync of a cached call
+                cache.check(ctx.n_keys)
             ctx.new_valid = attention_mask
         return ctx
 

@@ -36,6 +36,10 @@ class KVCache:
         self.cfg = cfg
         self.max_len = max_len
         self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # static: every forward attends over all max_len slots (unused ones masked), so shapes never change
+        # and nothing is read back to the host; what CUDA graphs need (runtime.graphs). The caller then
+        # keeps positions < max_len itself.
+        self.static = False
         self.ntk_alpha: torch.Tensor | None = None  # Qwen v1 dynamic NTK, fixed at prefill
         B, T = batch_size, max_len
         self.windows: dict[int, int] = {}  # layer -> window, for layers kept in a ring buffer
@@ -135,6 +139,7 @@ class KVCache:
         """A view of rows [start, stop): same storage, so writes and `lens` updates go through."""
         view = KVCache.__new__(KVCache)
         view.cfg, view.max_len, view.windows, view.ntk_alpha = self.cfg, self.max_len, self.windows, None
+        view.static = self.static
         view.lens = self.lens[start:stop]
         view.layers = [{name: t[start:stop] for name, t in layer.items()} for layer in self.layers]
         return view

@@ -13,6 +13,7 @@ batched, right-padded prefill into the free rows [n, n + k); their first token c
 prefill logits), then decodes the rows that were already live. A sequence stops on an EOS id (the
 config's, unless `ignore_eos`), on one of its `stop_token_ids`, or after `max_tokens`; its row is
 then refilled by moving the last live row into it (one row copy), keeping the live rows packed.
+On a CUDA device the decode steps are replayed from CUDA graphs (`runtime.graphs`).
 Sampling parameters are per row (runtime.sampling.sample takes per-row tensors); random draws
 come from one engine-wide generator (`seed`), so sampled text depends on which requests share a
 step, greedy text does not.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .graphs import GraphRunner, graph_blocker
 from .sampling import sample
 
 
@@ -59,10 +61,19 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, max_len: int = 2048, seed: int | None = None):
+    def __init__(
+        self, model, max_batch: int = 8, max_len: int = 2048, seed: int | None = None, graphs: bool | None = None
+    ):
+        """graphs: replay decode steps from CUDA graphs (runtime.graphs); default: when the model allows it
+        (on a CUDA device). False: eager steps."""
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
         self.cache = model.new_cache(max_batch, max_len)
+        if graphs is None:
+            graphs = graph_blocker(model) is None
+        elif graphs and (why := graph_blocker(model)) is not None:
+            raise ValueError(f"CUDA graphs are not available for this model: {why}")
+        self.runner = GraphRunner(model, self.cache) if graphs else None
         self.live: list[Request] = []  # live[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
         self.finished: dict[int, Request] = {}
@@ -149,7 +160,10 @@ class Engine:
 
     def _decode(self, n: int) -> list[Event]:
         view = self.cache.rows(0, n)
-        logits = self.model(self.last[:n, None], cache=view)[:, 0]  # [n, V]
+        if self.runner is not None:
+            logits = self.runner.decode(self.last[:n], n)
+        else:
+            logits = self.model(self.last[:n, None], cache=view)[:, 0]  # [n, V]
         view.lens += 1
         tokens = self._sample(logits, self.live[:n])
         self.last[:n] = tokens

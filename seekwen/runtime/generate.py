@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from .graphs import GraphRunner, graph_blocker
 from .sampling import sample
 
 
@@ -33,12 +34,14 @@ def generate(
     seed: int | None = None,
     stop_at_eos: bool = True,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    graphs: bool | None = None,
 ) -> torch.Tensor:
     """input_ids [B, S] (padding marked by attention_mask, either side) -> new tokens [B, N].
 
     N = max_new_tokens, or fewer if every row has emitted an EOS (`stop_at_eos`). `eos_token_id`
     defaults to the config's; rows that finished are filled with `pad_token_id` (default: first
-    EOS). `on_token(tokens [B])` is called after each step (streaming)."""
+    EOS). `on_token(tokens [B])` is called after each step (streaming). `graphs`: replay the decode
+    steps from CUDA graphs (default: when the model allows it, i.e. on a CUDA device)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -64,6 +67,9 @@ def generate(
     mask = torch.arange(S, device=dev)[None, :] < lens[:, None]
     logits = model(ids, attention_mask=mask.long(), cache=cache, keep=lens - 1)[:, 0]
     cache.lens = lens.clone()
+    if graphs is None:
+        graphs = graph_blocker(model) is None
+    runner = GraphRunner(model, cache) if graphs else None
     eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []
@@ -77,6 +83,9 @@ def generate(
             done |= torch.isin(tok, eos_t)
         if (stop_at_eos and bool(done.all())) or step == max_new_tokens - 1:
             break
-        logits = model(tok[:, None], cache=cache)[:, 0]
+        if runner is not None:
+            logits = runner.decode(tok, B)
+        else:
+            logits = model(tok[:, None], cache=cache)[:, 0]
         cache.lens += 1
     return torch.stack(out, dim=1)

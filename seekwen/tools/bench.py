@@ -67,6 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ppl-text", default=None, help="text file for the perplexity check (held-out chunks)")
     p.add_argument("--cache-dir", default="~/.cache/seekwen/bench", help="where built-in checkpoints are written")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both engines run there)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--no-graphs", action="store_true", help="CUDA: eager decode steps instead of CUDA graphs")
     p.set_defaults(func=run)
 
 
@@ -131,13 +135,29 @@ def _median_time(fn, n: int) -> float:
     return statistics.median(times)
 
 
-def measure_machine() -> tuple[float, float]:
-    """(read bandwidth GB/s: sum over 1 GiB; fp32 matmul GFLOP/s: 2048^3)."""
-    x = torch.ones(256 * 1024 * 1024)
-    bw = x.numel() * 4 / _median_time(x.sum, 5) / 1e9
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    flops = 2 * 2048**3 / _median_time(lambda: torch.mm(a, b), 5) / 1e9
-    return bw, flops
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_machine(device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[float, float, str]:
+    """(read bandwidth GB/s: sum over 1 GiB; matmul GFLOP/s in `dtype`: 2048^3 on CPU, 8192^3 on CUDA;
+    a label saying so)."""
+    x = torch.ones(256 * 1024 * 1024, device=device)
+
+    def timed(fn):
+        def run():
+            fn()
+            sync(device)
+        return _median_time(run, 5)
+
+    bw = x.numel() * 4 / timed(x.sum) / 1e9
+    del x
+    n = 2048 if torch.device(device).type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    flops = 2 * n**3 / timed(lambda: torch.mm(a, b)) / 1e9
+    name = str(dtype).removeprefix("torch.")
+    return bw, flops, f"read bandwidth {bw:.1f} GB/s (sum over 1 GiB), {name} matmul {flops:.0f} GFLOP/s ({n}^3)"
 
 
 def rss_gb() -> float:
@@ -181,12 +201,12 @@ def _matmul_params_per_token(model) -> int:
     return n
 
 
-def kv_formula(cfg) -> int:
-    """KV-cache bytes per token (fp32): MLA (kv_lora_rank + qk_rope_head_dim) x layers x 4;
-    GQA 2 x kv_heads x head_dim x layers x 4."""
+def kv_formula(cfg, size: int = 4) -> int:
+    """KV-cache bytes per token (`size` bytes per number): MLA (kv_lora_rank + qk_rope_head_dim) x layers x
+    size; GQA 2 x kv_heads x head_dim x layers x size."""
     if cfg.mla is not None:
-        return (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * cfg.num_layers * 4
-    return 2 * cfg.num_kv_heads * cfg.head_dim * cfg.num_layers * 4
+        return (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * cfg.num_layers * size
+    return 2 * cfg.num_kv_heads * cfg.head_dim * cfg.num_layers * size
 
 
 # ---- runners: the same measurements for seekwen and transformers ------------------------------------
@@ -195,19 +215,40 @@ def kv_formula(cfg) -> int:
 class Ours:
     name = "seekwen"
 
-    def __init__(self, model):
+    def __init__(self, model, graphs: bool = False):
+        from ..runtime.graphs import GraphRunner
+
         self.model = model
+        self.graphs = graphs  # decode steps from CUDA graphs: one runner (and its graphs) per cache
+        self.runners: dict[int, GraphRunner] = {}
+        self.caches: dict[tuple[int, int], object] = {}
+
+    def new_cache(self, B: int, T: int):
+        if not self.graphs:
+            return self.model.new_cache(B, T)
+        if (B, T) not in self.caches:  # reused across repeats, so each shape is captured once
+            self.caches[B, T] = self.model.new_cache(B, T)
+        cache = self.caches[B, T]
+        cache.reset()
+        return cache
 
     def prefill(self, ids: torch.Tensor, extra: int):
         B, S = ids.shape
-        cache = self.model.new_cache(B, S + extra)
-        keep = torch.full((B,), S - 1)
+        cache = self.new_cache(B, S + extra)
+        keep = torch.full((B,), S - 1, device=ids.device)
         logits = self.model(ids, cache=cache, keep=keep)[:, 0]
         cache.lens += S
         return logits.argmax(-1), cache
 
     def step(self, tok: torch.Tensor, cache):
-        logits = self.model(tok[:, None], cache=cache)[:, 0]
+        if self.graphs:
+            from ..runtime.graphs import GraphRunner
+
+            if id(cache) not in self.runners:
+                self.runners[id(cache)] = GraphRunner(self.model, cache)
+            logits = self.runners[id(cache)].decode(tok, tok.shape[0])
+        else:
+            logits = self.model(tok[:, None], cache=cache)[:, 0]
         cache.lens += 1
         return logits.argmax(-1), cache
 
@@ -228,18 +269,23 @@ class HF:
 
 
 def time_prefill(r, ids: torch.Tensor) -> float:
+    sync(ids.device)
     t = time.perf_counter()
     r.prefill(ids, 1)
+    sync(ids.device)
     return time.perf_counter() - t
 
 
 def time_decode(r, ids: torch.Tensor, steps: int) -> float:
-    """Median seconds per decode step after a prefill of `ids`."""
+    """Median seconds per decode step after a prefill of `ids` (each step's token is ready before the
+    next starts: on CUDA, synchronised)."""
     tok, cache = r.prefill(ids, steps + 2)
     times = []
     for _ in range(steps):
+        sync(ids.device)
         t = time.perf_counter()
         tok, cache = r.step(tok, cache)
+        sync(ids.device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -271,43 +317,57 @@ def _line(label: str, res: dict[str, float], unit: str, extra: str = "", higher_
     print(f"  {label:<36} {vals}{ratio}{extra}")
 
 
+def mem_gb(device: torch.device) -> float:
+    """Memory in use: the process's RSS on CPU, PyTorch's allocated GPU memory on CUDA."""
+    return torch.cuda.memory_allocated() / 1e9 if device.type == "cuda" else rss_gb()
+
+
 def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
     import seekwen
 
     from ..model.fast import prepare
+    from ..runtime.graphs import graph_blocker
 
     bw, peak = machine
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    size = torch.tensor([], dtype=dtype).element_size()
     print(f"\n== {folder}")
-    rss0 = rss_gb()
-    model = seekwen.load(folder, dtype=torch.float32)
+    mem0 = mem_gb(device)
+    model = seekwen.load(folder, dtype=dtype, device=device)
     if not args.no_fast:
         prepare(model, quantize=args.quantize, group_size=args.group_size)
     cfg = model.cfg
-    ours = Ours(model)
+    blocker = graph_blocker(model)
+    graphs = device.type == "cuda" and not args.no_graphs and blocker is None
+    ours = Ours(model, graphs=graphs)
     runners = [ours]
-    rss_ours = rss_gb() - rss0
+    mem_ours = mem_gb(device) - mem0
     if args.vs_hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         runners = [HF(hf), ours]
     n_params = _count_params(cfg)
     step_bytes = decode_bytes(model)
-    hf_bytes = decode_bytes_plain(cfg)
+    hf_bytes = decode_bytes_plain(cfg) * size // 4
     kv = model.new_cache(1, 8).bytes_per_token()
-    mode = "plain reference path" if args.no_fast else f"fast path, {args.quantize or 'fp32'} weights"
-    print(f"  {cfg.model_type}: {n_params / 1e6:.0f}M parameters, seekwen {mode}")
-    print(f"  KV cache: {kv} bytes/token (formula {kv_formula(cfg)}: "
-          f"{'MLA (kv_lora_rank + qk_rope) x layers x 4' if cfg.mla else '2 x kv_heads x head_dim x layers x 4'})"
-          f"{'  OK' if kv == kv_formula(cfg) else '  MISMATCH'}")
+    mode = "plain reference path" if args.no_fast else f"fast path, {args.quantize or args.dtype} weights"
+    if device.type == "cuda":
+        mode += ", CUDA graphs" if graphs else f", eager decode ({'--no-graphs' if args.no_graphs else blocker})"
+    print(f"  {cfg.model_type}: {n_params / 1e6:.0f}M parameters, seekwen {mode}, on {device}")
+    what = "MLA (kv_lora_rank + qk_rope) x layers" if cfg.mla else "2 x kv_heads x head_dim x layers"
+    print(f"  KV cache: {kv} bytes/token (formula {kv_formula(cfg, size)}: {what} x {size})"
+          f"{'  OK' if kv == kv_formula(cfg, size) else '  MISMATCH'}")
     print(f"  weights read per batch-1 decode step: seekwen {step_bytes / 1e9:.3f} GB"
-          f" -> roofline {bw * 1e9 / step_bytes:.1f} tok/s; fp32 {hf_bytes / 1e9:.3f} GB -> {bw * 1e9 / hf_bytes:.1f}")
-    print(f"  RSS of seekwen's model after load{'' if args.no_fast else ' + prepare'}: {rss_ours:.2f} GB")
+          f" -> roofline {bw * 1e9 / step_bytes:.1f} tok/s; {args.dtype} {hf_bytes / 1e9:.3f} GB"
+          f" -> {bw * 1e9 / hf_bytes:.1f}")
+    where = "GPU memory allocated" if device.type == "cuda" else "RSS"
+    print(f"  {where} by seekwen's model after load{'' if args.no_fast else ' + prepare'}: {mem_ours:.2f} GB")
     sections = args.sections.split(",")
     g = torch.Generator().manual_seed(0)
 
     def prompt(B: int, S: int) -> torch.Tensor:
-        return torch.randint(0, cfg.vocab_size, (B, S), generator=g)
+        return torch.randint(0, cfg.vocab_size, (B, S), generator=g).to(device)
 
     with torch.inference_mode():
         if "prefill" in sections:
@@ -340,11 +400,18 @@ def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
             for T in _ints(args.contexts):
                 if T + args.decode_tokens + 1 > cfg.max_position_embeddings:
                     continue
-                cache = model.new_cache(1, T + args.decode_tokens + 1)
-                cache.lens.fill_(T)
-                tok = torch.zeros(1, dtype=torch.long)
-                t = _median_time(lambda tok=tok, cache=cache: ours.step(tok, cache), args.decode_tokens)
+                cache = ours.new_cache(1, T + args.decode_tokens + 2)
+                tok = torch.zeros(1, dtype=torch.long, device=device)
+
+                def step(tok=tok, cache=cache, T=T):
+                    cache.lens.fill_(T)  # the same slot each time: the step's cost at context T
+                    ours.step(tok, cache)
+                    sync(device)
+
+                t = _median_time(step, args.decode_tokens)
                 print(f"    context {T:>5}: {1 / t:7.2f} tok/s")
+    if device.type == "cuda":
+        print(f"  peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
     print(f"  peak RSS of the process: {peak_rss_gb():.2f} GB")
 
 
@@ -409,14 +476,20 @@ def ppl_check(args) -> None:
 
 
 def run(args) -> int:
+    from ..cli import UserError
+
     if args.threads:
         torch.set_num_threads(args.threads)
     import platform
 
-    bw, peak = measure_machine()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")
-    print(f"  read bandwidth {bw:.1f} GB/s (sum over 1 GiB), fp32 matmul {peak:.0f} GFLOP/s (2048^3)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available to this torch build")
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    bw, peak, probe = measure_machine(args.device, getattr(torch, args.dtype))
+    cuda = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    print(f"machine: {where}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"  {probe}")
     sections = args.sections.split(",")
     if args.model:
         from ..loader import resolve

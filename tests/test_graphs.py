@@ -1,0 +1,153 @@
+"""The graphed decode step (runtime.graphs) equals the eager one: the static cache view (all slots,
+masked), batch-size buckets with padding rows, and grouped-matmul expert dispatch. On CPU the runner
+runs the static step eagerly; the CUDA tests (graph capture and replay) run where a GPU is present."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hf_models import SPECS, make_checkpoint
+
+import seekwen
+from seekwen.model.fast import prepare
+from seekwen.model.moe import GROUPED_MM, dispatch, dispatch_grouped
+from seekwen.runtime.engine import Engine, SamplingParams
+from seekwen.runtime.graphs import GraphRunner, buckets, graph_blocker
+
+CUDA = torch.cuda.is_available()
+LENS = [5, 17, 9]
+
+
+@pytest.fixture(scope="module", params=["qwen2_sliding", "deepseek_v2", "qwen3_moe"])
+def folder(request, tmp_path_factory):
+    spec = SPECS[request.param]
+    return make_checkpoint(spec, tmp_path_factory.mktemp(spec.name))[1]
+
+
+def _prefilled(model, prompts: list[list[int]], rows: int, max_len: int):
+    """A cache of `rows` rows with the prompts prefilled into rows 0..len-1; returns (cache, next tokens)."""
+    dev = model.device
+    cache = model.new_cache(rows, max_len)
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
+    ids = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    mask = (torch.arange(ids.shape[1], device=dev)[None] < lens[:, None]).long()
+    view = cache.rows(0, len(prompts))
+    logits = model(ids, attention_mask=mask, cache=view, keep=lens - 1)[:, 0]
+    view.lens.copy_(lens)
+    return cache, logits.argmax(-1)
+
+
+def _decode_both(model, steps: int = 6, rows: int = 5):
+    """Decode the same prefilled batch with the eager dynamic step and with the runner's static step;
+    returns the per-step logits of both."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist() for n in LENS]
+    n = len(prompts)
+    eager, tok_e = _prefilled(model, prompts, rows, 40)
+    static, tok_s = _prefilled(model, prompts, rows, 40)
+    runner = GraphRunner(model, static)
+    out_e, out_s = [], []
+    for _ in range(steps):
+        view = eager.rows(0, n)
+        le = model(tok_e[:, None], cache=view)[:, 0]
+        view.lens += 1
+        ls = runner.decode(tok_s, n).clone()
+        static.lens[:n] += 1
+        out_e.append(le)
+        out_s.append(ls)
+        tok_e, tok_s = le.argmax(-1), ls.argmax(-1)
+    return torch.stack(out_e), torch.stack(out_s)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_static_step_equals_dynamic(folder, fast):
+    model = seekwen.load(folder, dtype=torch.float32)
+    if fast:
+        prepare(model)
+    with torch.inference_mode():
+        le, ls = _decode_both(model)  # 3 live rows in a bucket of 4: one padding row
+    assert (le - ls).abs().max().item() <= 1e-4
+    assert torch.equal(le.argmax(-1), ls.argmax(-1))
+
+
+def test_engine_with_runner_equals_plain_engine(folder):
+    model = seekwen.load(folder, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist() for n in [5, 17, 9, 3, 12]]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in [6, 10, 3, 12, 8]]
+    ref = Engine(model, max_batch=3, max_len=40).generate(prompts, params)
+    engine = Engine(model, max_batch=3, max_len=40)
+    engine.runner = GraphRunner(model, engine.cache)  # on CPU: the static step, run eagerly
+    assert engine.generate(prompts, params) == ref
+
+
+def test_buckets_and_blocker():
+    assert buckets(1) == [1]
+    assert buckets(8) == [1, 2, 4, 8]
+    assert buckets(30) == [1, 2, 4, 8, 16, 24, 30]
+    model = seekwen.load(make_checkpoint(SPECS["qwen2"], _tmp())[1], dtype=torch.float32)
+    assert graph_blocker(model) == "not on a CUDA device"
+    with pytest.raises(ValueError, match="CUDA graphs are not available"):
+        Engine(model, max_batch=2, max_len=16, graphs=True)
+
+
+def _tmp():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp())
+
+
+@pytest.mark.skipif(not GROUPED_MM, reason="torch._grouped_mm missing")
+def test_grouped_dispatch_equals_loop():
+    torch.manual_seed(0)
+    E, D, inter, N, k = 8, 32, 24, 6, 3
+    w1, w3, w2 = torch.randn(E, inter, D), torch.randn(E, inter, D), torch.randn(E, D, inter)
+    x = torch.randn(N, D)
+    idx = torch.stack([torch.randperm(E - 2)[:k] for _ in range(N)])  # experts E-2, E-1 get no tokens
+    w = torch.rand(N, k)
+
+    def expert(e, h):
+        return torch.nn.functional.linear(
+            torch.nn.functional.silu(h @ w1[e].T) * (h @ w3[e].T), w2[e]
+        )
+
+    ref = dispatch(x, w, idx, E, expert)
+    assert (dispatch_grouped(x, w, idx, w1, w3, w2) - ref).abs().max().item() <= 1e-4
+
+
+# ---- CUDA: capture and replay ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fast", [False, True])
+def test_cuda_graph_replay_equals_eager(folder, dtype, fast):
+    model = seekwen.load(folder, dtype=dtype, device="cuda")
+    if fast:
+        prepare(model)
+    assert graph_blocker(model) is None
+    with torch.inference_mode():
+        le, ls = _decode_both(model)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2 * le.abs().max().item()
+    assert (le.float() - ls.float()).abs().max().item() <= tol
+    if dtype == torch.float32:
+        assert torch.equal(le.argmax(-1), ls.argmax(-1))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_engine_graphs_equal_cpu_reference(folder):
+    cpu = seekwen.load(folder, dtype=torch.float32)
+    gpu = prepare(copy.deepcopy(cpu).to("cuda"))
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, cpu.cfg.vocab_size, (n,), generator=g).tolist() for n in [5, 17, 9, 3, 12]]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in [6, 10, 3, 12, 8]]
+    ref = Engine(cpu, max_batch=3, max_len=40).generate(prompts, params)
+    engine = Engine(gpu, max_batch=3, max_len=40)
+    assert engine.runner is not None and engine.runner.graphed
+    assert engine.generate(prompts, params) == ref
+    assert engine.runner.graphs  # decode steps were replayed from captured graphs
