@@ -32,6 +32,13 @@ class AttnContext:
     masks: dict = field(default_factory=dict)
     n_keys: int = 0  # with a cache: slots [0, n_keys) hold every key this call can see (max position + 1)
     new_valid: torch.Tensor | None = None  # [B, S] real new tokens (right padding) in a cached call
+    # every row's new tokens sit at positions 0..S-1 and are all the keys there are (a prompt with no
+    # cache before it; right padding allowed, pads come last): the mask is plain causal, so attention
+    # can run as a causal kernel (flash / memory-efficient) without building an S x T mask
+    causal: bool = False
+
+    def causal_ok(self, window: int | None, n_new: int) -> bool:
+        return self.causal and (window is None or window >= n_new)
 
     def key_mask(self, window: int, key_pos: torch.Tensor) -> torch.Tensor:
         """Boolean [B, 1, S, T] for keys at explicit positions key_pos [B, T] (-1: empty slot); used by
@@ -65,9 +72,15 @@ class AttnContext:
         return self.masks[key]
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, S, H, d], k [B, T, Hkv, d], v [B, T, Hkv, dv] -> [B, S, H, dv]."""
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """q [B, S, H, d], k [B, T, Hkv, d], v [B, T, Hkv, dv] -> [B, S, H, dv]. mask None: causal, T == S."""
     H, Hkv = q.shape[2], k.shape[2]
+    if mask is None:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hkv != H)
+        return out.transpose(1, 2)
     if Hkv != H and q.shape[1] <= GQA_FOLD_MAX_S:
         return sdpa_grouped(q, k, v, mask, scale)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -149,7 +162,8 @@ class Attention(nn.Module):
         else:
             if ctx.cache is not None:
                 kv = ctx.cache.write(self.layer, ctx.positions, used=ctx.n_keys or None, k=k, v=v)
-                k, v = kv["k"], kv["v"]
-            mask = ctx.mask(self.window, k.shape[1])
+                if not ctx.causal:  # (causal: the keys are exactly the new ones, already in hand)
+                    k, v = kv["k"], kv["v"]
+            mask = None if ctx.causal_ok(self.window, S) else ctx.mask(self.window, k.shape[1])
         out = sdpa(q, k, v, mask, self.scale)
         return self.wo(out.reshape(B, S, -1))

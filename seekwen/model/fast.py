@@ -61,11 +61,13 @@ class GroupedExperts(nn.Module):
 
 
 class FastRMSNorm(RMSNorm):
-    """RMSNorm as one fused op (`F.rms_norm`) for fp32, where it is the same math as the reference's
-    normalise-in-fp32-then-scale; other dtypes keep the reference's cast order."""
+    """RMSNorm as one fused op (`F.rms_norm`). For fp32 it is the reference's math exactly. On CUDA it is
+    used for every dtype (one kernel instead of ~7 per norm, which matters when a decode step is a few
+    hundred tiny kernels): it normalises in fp32 and rounds once, where the reference (HF) rounds the
+    normalised value to bf16 before scaling; the difference is within one bf16 rounding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        if (x.dtype == torch.float32 or x.is_cuda) and self.weight.dtype == x.dtype:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return super().forward(x)
 

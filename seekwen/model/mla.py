@@ -79,11 +79,12 @@ class MLA(nn.Module):
             q_nope, q_pe = q_nope * s, q_pe * s
         if ctx.cache is not None:
             stored = ctx.cache.write(self.layer, ctx.positions, used=ctx.n_keys or None, kv=kv, pe=k_pe)
-            kv, k_pe = stored["kv"], stored["pe"]  # [B, T, r], [B, T, dr]
-        mask = ctx.mask(self.window, kv.shape[1])
+            if not ctx.causal:  # (causal: the cached entries are exactly the new ones, already in hand)
+                kv, k_pe = stored["kv"], stored["pe"]  # [B, T, r], [B, T, dr]
         if self.use_absorbed(S, ctx.cache is not None):
-            out = self.absorbed(q_nope, q_pe, kv, k_pe, mask)
+            out = self.absorbed(q_nope, q_pe, kv, k_pe, ctx.mask(self.window, kv.shape[1]))
         else:
+            mask = None if ctx.causal_ok(self.window, S) else ctx.mask(self.window, kv.shape[1])
             out = self.naive(q_nope, q_pe, kv, k_pe, mask)
         return self.wo(out.reshape(B, S, H * self.v_dim))
 

@@ -65,6 +65,7 @@ class Transformer(nn.Module):
     ) -> AttnContext:
         B, S = input_ids.shape
         dev = input_ids.device
+        default_positions = positions is None
         if positions is None:
             if cache is not None:
                 positions = cache.lens[:, None] + torch.arange(S, device=dev)
@@ -97,7 +98,12 @@ class Transformer(nn.Module):
             else:
                 ctx.n_keys = int(positions.max()) + 1  # the one host sync of a cached call
                 cache.check(ctx.n_keys)
+                # max position S-1 means every row starts at 0 (positions = lens + 0..S-1); right padding
+                # only (the cached-call contract), so pads are last and no real token sees them
+                ctx.causal = default_positions and ctx.n_keys == S and S > 1
             ctx.new_valid = attention_mask
+        else:
+            ctx.causal = default_positions and attention_mask is None and S > 1
         return ctx
 
     def forward(

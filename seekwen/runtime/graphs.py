@@ -48,6 +48,8 @@ def graph_blocker(model) -> str | None:
             return "routed experts must stay stacked (unquantized) to run as grouped matmuls"
         if not grouped_mm_works(model.device.type, model.dtype):
             return f"torch._grouped_mm does not run {model.dtype} on this device"
+        if model.dtype != torch.bfloat16:  # seen with torch 2.11 on an H100: float32 loops over groups on the host
+            return f"torch._grouped_mm's fused kernel is bfloat16-only; {model.dtype} experts sync with the host"
     return None
 
 
