@@ -14,7 +14,6 @@ by expert and each active expert runs one matmul over its tokens, with no per-to
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -100,10 +99,20 @@ class Experts(nn.Module):
 GROUPED_MM = hasattr(torch, "_grouped_mm")  # torch >= 2.8: one kernel for many per-expert products
 
 
-@functools.cache
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs for this device and dtype (which dtypes it takes varies with the
-    torch version and GPU); tried once on a tiny problem."""
+    torch version and GPU); tried once on a tiny problem, then a dict lookup (which torch.compile
+    traces without a graph break)."""
+    key = (device_type, dtype)
+    if key not in _GROUPED_OK:
+        _GROUPED_OK[key] = _try_grouped_mm(device_type, dtype)
+    return _GROUPED_OK[key]
+
+
+def _try_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     if not GROUPED_MM:
         return False
     try:

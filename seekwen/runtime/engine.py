@@ -62,10 +62,17 @@ class Request:
 
 class Engine:
     def __init__(
-        self, model, max_batch: int = 8, max_len: int = 2048, seed: int | None = None, graphs: bool | None = None
+        self,
+        model,
+        max_batch: int = 8,
+        max_len: int = 2048,
+        seed: int | None = None,
+        graphs: bool | None = None,
+        compile: bool = False,
     ):
         """graphs: replay decode steps from CUDA graphs (runtime.graphs); default: when the model allows it
-        (on a CUDA device). False: eager steps."""
+        (on a CUDA device). False: eager steps. compile: torch.compile each graphed step first (faster
+        steps, a compile per batch bucket on first use)."""
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
         self.cache = model.new_cache(max_batch, max_len)
@@ -73,7 +80,7 @@ class Engine:
             graphs = graph_blocker(model) is None
         elif graphs and (why := graph_blocker(model)) is not None:
             raise ValueError(f"CUDA graphs are not available for this model: {why}")
-        self.runner = GraphRunner(model, self.cache) if graphs else None
+        self.runner = GraphRunner(model, self.cache, compile=compile) if graphs else None
         self.live: list[Request] = []  # live[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
         self.finished: dict[int, Request] = {}

@@ -60,8 +60,11 @@ def buckets(max_batch: int) -> list[int]:
 
 
 class GraphRunner:
-    def __init__(self, model, cache: KVCache):
+    def __init__(self, model, cache: KVCache, compile: bool = False):
+        """compile: trace the step with torch.compile (Inductor fuses the elementwise ops: norms, rotary,
+        SiLU, residual adds) before capturing it; slow to start (a compile per batch bucket)."""
         self.model, self.cache = model, cache
+        self.forward = torch.compile(model, dynamic=False) if compile else model
         self.graphed = graph_blocker(model) is None
         self.buckets = buckets(cache.batch_size)
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.lens.device)
@@ -77,7 +80,7 @@ class GraphRunner:
     def _step(self, b: int) -> torch.Tensor:
         view = self.cache.rows(0, b)
         view.static = True
-        return self.model(self.tokens[:b], cache=view)[:, 0]  # [b, vocab]
+        return self.forward(self.tokens[:b], cache=view)[:, 0]  # [b, vocab]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, n: int) -> torch.Tensor:

@@ -71,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: eager decode steps instead of CUDA graphs")
+    p.add_argument("--compile", action="store_true", help="CUDA: torch.compile the decode step before capturing it")
     p.set_defaults(func=run)
 
 
@@ -215,11 +216,12 @@ def kv_formula(cfg, size: int = 4) -> int:
 class Ours:
     name = "seekwen"
 
-    def __init__(self, model, graphs: bool = False):
+    def __init__(self, model, graphs: bool = False, compile: bool = False):
         from ..runtime.graphs import GraphRunner
 
         self.model = model
-        self.graphs = graphs  # decode steps from CUDA graphs: one runner (and its graphs) per cache
+        # decode steps from CUDA graphs (optionally compiled first): one runner (and its graphs) per cache
+        self.graphs, self.compile = graphs, compile
         self.runners: dict[int, GraphRunner] = {}
         self.caches: dict[tuple[int, int], object] = {}
 
@@ -245,7 +247,7 @@ class Ours:
             from ..runtime.graphs import GraphRunner
 
             if id(cache) not in self.runners:
-                self.runners[id(cache)] = GraphRunner(self.model, cache)
+                self.runners[id(cache)] = GraphRunner(self.model, cache, compile=self.compile)
             logits = self.runners[id(cache)].decode(tok, tok.shape[0])
         else:
             logits = self.model(tok[:, None], cache=cache)[:, 0]
@@ -339,7 +341,7 @@ def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
     cfg = model.cfg
     blocker = graph_blocker(model)
     graphs = device.type == "cuda" and not args.no_graphs and blocker is None
-    ours = Ours(model, graphs=graphs)
+    ours = Ours(model, graphs=graphs, compile=graphs and args.compile)
     runners = [ours]
     mem_ours = mem_gb(device) - mem0
     if args.vs_hf:
@@ -353,7 +355,10 @@ def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
     kv = model.new_cache(1, 8).bytes_per_token()
     mode = "plain reference path" if args.no_fast else f"fast path, {args.quantize or args.dtype} weights"
     if device.type == "cuda":
-        mode += ", CUDA graphs" if graphs else f", eager decode ({'--no-graphs' if args.no_graphs else blocker})"
+        if graphs:
+            mode += ", torch.compile + CUDA graphs" if args.compile else ", CUDA graphs"
+        else:
+            mode += f", eager decode ({'--no-graphs' if args.no_graphs else blocker})"
     print(f"  {cfg.model_type}: {n_params / 1e6:.0f}M parameters, seekwen {mode}, on {device}")
     what = "MLA (kv_lora_rank + qk_rope) x layers" if cfg.mla else "2 x kv_heads x head_dim x layers"
     print(f"  KV cache: {kv} bytes/token (formula {kv_formula(cfg, size)}: {what} x {size})"
