@@ -91,14 +91,17 @@ def test_mla_fast_absorbed_equals_naive(pair):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("n_tokens", [1, 2, 7])
-def test_grouped_experts_equal_stacked(n_tokens):
+@pytest.mark.parametrize("fused", [True, False])  # one C++ call (kernels.moe_experts) or per-expert products
+@pytest.mark.parametrize("n_tokens", [1, 2, 7, 12])  # 12 > kernels.MAX_ROWS: per-expert products (prefill)
+def test_grouped_experts_equal_stacked(n_tokens, fused):
     torch.manual_seed(0)
     E, D, I, k = 8, 32, 24, 3
     ref = Experts(E, D, I)
     for p in ref.parameters():
         nn.init.normal_(p, std=0.1)
     fast = GroupedExperts(ref)
+    assert fast.fused  # fp32: the fused call is used where the kernels are
+    fast.fused = fused
     x = torch.randn(n_tokens, D)
     idx = torch.stack([torch.randperm(E)[:k] for _ in range(n_tokens)])
     w = torch.rand(n_tokens, k)

@@ -1,6 +1,8 @@
-"""The AVX2 few-row kernels (kernels.py) against float64 references: every activation row count the
-kernels serve (1..8, i.e. 1-4 and the two-pass 5-8), K not a multiple of 8 (masked tails), N not a
-multiple of the 4-row tile, with and without bias; int8/int4 against their dequantized weights."""
+"""The few-row kernels (kernels.py) against float64 references, with each instruction set the CPU has
+(AVX2; AVX-512 where available, else those cases skip): every activation row count the kernels serve
+(1..8: one pass with AVX-512, 1-4 and the two-pass 5-8 with AVX2), K not a multiple of the vector width
+(masked tails), N not a multiple of the 12-row tile, with and without bias; int8/int4 against their
+dequantized weights; the grouped MoE experts call against per-expert products."""
 
 from __future__ import annotations
 
@@ -12,7 +14,19 @@ from seekwen.model import linear as L
 
 K_ = kernels.get()
 pytestmark = pytest.mark.skipif(K_ is None, reason="no C++ compiler / no AVX2: kernels unavailable")
-SHAPES = [(896, 37), (13, 5), (7, 3), (100, 9), (1, 4), (64, 130), (8, 1), (1100, 13)]  # (K, N)
+SHAPES = [(896, 37), (13, 5), (7, 3), (100, 9), (1, 4), (64, 130), (8, 1), (1100, 13), (33, 24)]  # (K, N)
+ISAS = ["avx2", "avx512"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test with this instruction set forced, then restore the default."""
+    if request.param not in kernels.isas():
+        pytest.skip(f"{request.param} not available on this CPU / compiler")
+    before = K_.isa()
+    K_.set_isa(request.param)
+    yield request.param
+    K_.set_isa(before)
 
 
 def _ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -22,7 +36,7 @@ def _ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
 
 @pytest.mark.parametrize("M", range(1, 9))
 @pytest.mark.parametrize("bias", [False, True])
-def test_f32_and_int8_kernels(M, bias):
+def test_f32_and_int8_kernels(M, bias, isa):
     g = torch.Generator().manual_seed(M)
     for K, N in SHAPES:
         x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
@@ -34,7 +48,7 @@ def test_f32_and_int8_kernels(M, bias):
 
 
 @pytest.mark.parametrize("M", [1, 3, 8])
-def test_f32_bmm_per_head(M):
+def test_f32_bmm_per_head(M, isa):
     """f32_bmm (MLA's absorbed decode): y[h] = x[h] . w[h]^T for every head."""
     g = torch.Generator().manual_seed(50 + M)
     for H, K, N in [(16, 128, 512), (3, 13, 37), (2, 100, 9)]:
@@ -52,6 +66,37 @@ def test_int4_kernel(M, group):
         lay = L.Int4Linear(w, None, group)
         y = K_.int4_mm(x, lay.packed, lay.scales, lay.zeros, group, b)
         assert (y.double() - _ref(x, lay.dequantized(), b)).abs().max() < 1e-4 * K**0.5
+
+
+@pytest.mark.parametrize("M", [1, 2, 8])
+def test_moe_experts_grouped(M, isa):
+    """moe_experts: per group (expert) w2 . (silu(gate) * up) over its rows, groups of 1..M rows."""
+    g = torch.Generator().manual_seed(70 + M)
+    D, I = 40, 24
+    rows = [M, 1, 3, M, 2][: 2 + M % 4]
+    w13 = [torch.randn(2 * I, D, generator=g) for _ in rows]
+    w2 = [torch.randn(D, I, generator=g) for _ in rows]
+    xs = torch.randn(sum(rows), D, generator=g)
+    ref, r0 = [], 0
+    for a, b, n in zip(w13, w2, rows, strict=True):
+        h = xs[r0 : r0 + n].double() @ a.double().T
+        ref.append((torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ b.double().T)
+        r0 += n
+    ys = K_.moe_experts(xs, w13, w2, rows)
+    assert (ys.double() - torch.cat(ref)).abs().max() < 1e-4 * ys.abs().max()
+    with pytest.raises(RuntimeError):
+        K_.moe_experts(xs, w13, w2, [r + 1 for r in rows])  # rows must add up
+
+
+def test_isa_selection():
+    """The default is the best instruction set the CPU has; avx2 can always be forced."""
+    assert "avx2" in kernels.isas() and K_.isa() in kernels.isas()
+    before = K_.isa()
+    assert K_.set_isa("avx2") == "avx2"
+    K_.set_isa(before)
+    if "avx512" not in kernels.isas():
+        with pytest.raises(RuntimeError):
+            K_.set_isa("avx512")
 
 
 @torch.inference_mode()

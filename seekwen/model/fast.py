@@ -33,7 +33,8 @@ class GroupedExperts(nn.Module):
 
     Tokens are grouped by expert with one argsort; each expert that received tokens runs one
     product over exactly those tokens. With few tokens (decode) that is at most N*k experts, each
-    read once, in place."""
+    read once, in place. fp32 on CPU with at most `kernels.MAX_ROWS` tokens: all chosen experts run in
+    one C++ call (`kernels.moe_experts`: two threaded passes over their weights, no per-expert ops)."""
 
     def __init__(self, experts: Experts, quantize: str | None = None, group_size: int = 64):
         super().__init__()
@@ -44,6 +45,7 @@ class GroupedExperts(nn.Module):
             for e in range(E)
         )
         self.w2 = nn.ModuleList(make_linear(experts.w2[e].detach(), None, quantize, group_size) for e in range(E))
+        self.fused = quantize is None and experts.w1.dtype == torch.float32  # moe_experts' case
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13[e](h).chunk(2, dim=-1)
@@ -52,12 +54,33 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
         N, k = indices.shape
+        kern = kernels.get() if self.fused and kernels.usable(x, self.w13[0].weight) else None
+        if kern is not None:
+            return self._fused_forward(kern, x, weights, indices)
         if N == 1:  # decode, one token: k experts, no grouping needed
             out = torch.zeros_like(x)
             for j, e in enumerate(indices[0].tolist()):
                 out.add_(self.expert(e, x) * weights[0, j].to(x.dtype))
             return out
         return dispatch(x, weights, indices, self.n_experts, self.expert)
+
+    def _fused_forward(self, kern, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """`dispatch`'s grouping (one argsort, one gather, one weighting multiply and index_add), with the
+        experts themselves in one C++ call over the chosen experts' weights (read in place)."""
+        k = indices.shape[1]
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # one host sync per layer
+        active = [e for e, n in enumerate(counts) if n]
+        token = order // k
+        ys = kern.moe_experts(
+            x[token].contiguous(),  # [N*k, dim], grouped by expert
+            [self.w13[e].weight for e in active],
+            [self.w2[e].weight for e in active],
+            [counts[e] for e in active],
+        )
+        y = ys * weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
 
 
 class FastRMSNorm(RMSNorm):

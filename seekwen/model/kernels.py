@@ -3,22 +3,33 @@
 Batch-1/batch-8 decode on this CPU is bound by streaming weights. The BLAS in torch 2.13 reaches only
 ~60% of the read bandwidth for one row and serves 8-row products poorly (~35 GFLOP/s), and PyTorch's
 `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` stream only ~1.7 / ~0.5 GB/s of weights for a
-single row here. So these kernels are written with explicit AVX2/FMA intrinsics and compiled once with
+single row here. So these kernels are written with explicit SIMD intrinsics and compiled once with
 `torch.utils.cpp_extension.load_inline` (`-O3 -mavx2 -mfma -fopenmp`, cached under ~/.cache/torch_extensions):
 
 - `f32_mm(x, w, bias)`: fp32 weights [N, K] (the usual nn.Linear layout);
+- `f32_bmm(x, w)`: per-head products x [H, M, K] . w[H, N, K]^T (MLA's absorbed decode);
+- `moe_experts(xs, w13s, w2s, rows)`: the routed SwiGLU experts of one MoE layer (fp32), all experts'
+  gate/up products in one threaded pass, SiLU * up, all down products in a second pass;
 - `int8_mm(x, q, scale, bias)`: int8 weights [N, K], one fp32 scale per output row;
 - `int4_mm(x, packed, scales, zeros, group, bias)`: two 4-bit codes per byte, scale/zero per group of
   `group` input channels (group a multiple of 8), as `linear.Int4Linear` defines them.
 
-Loop structure (the same for all three): output rows are split across threads (at::parallel_for) in
-tiles of 12 rows; a tile is walked in blocks of R = 2-4 weight rows, each streamed once, sequentially,
-8 weights (one __m256) at a time, FMA'd against up to 4 activation rows (L1/L2-resident), with one
-independent accumulator per (activation row, weight row) pair (at most 12: they stay in registers,
-and enough FMA chains are in flight to hide the FMA latency). The next tile's weights are prefetched
-while a tile streams. More than 4 activation rows (M = 5..8): the tile is run again for the next 4;
-its weights (12 rows) then come from L1/L2, not RAM.
-K % 8 tails use masked loads. If no compiler is available (or the CPU lacks AVX2), `get()` returns None
+Two instruction sets, one build. The loop code (`_ISA_BODY`) is compiled twice from the same text, in
+namespace `avx2` (__m256, 8 lanes) and in namespace `avx512` (__m512, 16 lanes) under
+`#pragma GCC target("avx512f,...")`, so the module builds and loads on any AVX2 CPU; which one runs
+is chosen at run time (`__builtin_cpu_supports`), or forced with SEEKWEN_KERNELS=avx2 (`set_isa`).
+AVX-512 pays at 5-8 activation rows: with 32 vector registers all 8 rows x 3 weight rows (24
+accumulators) fit in one pass, and each FMA does 16 lanes, so batch-8 decode stops being FMA-bound.
+int4 stays AVX2 (its per-group decode is not what limits it). Clang has no `#pragma GCC target`, so
+there only the AVX2 code is built.
+
+Loop structure: output rows are split across threads (at::parallel_for) in tiles of 12 rows; a tile is
+walked in blocks of R = 3-4 weight rows, each streamed once, sequentially, one vector at a time, FMA'd
+against up to MBMAX activation rows (4 for AVX2, 8 for AVX-512; L1/L2-resident), with one independent
+accumulator per (activation row, weight row) pair (they stay in registers, and enough FMA chains are in
+flight to hide the FMA latency). The next tile's weights are prefetched while a tile streams. More than
+MBMAX activation rows: the tile is run again for the next ones; its weights then come from L1/L2.
+K tails use masked loads. If no compiler is available (or the CPU lacks AVX2), `get()` returns None
 and the layers fall back to `F.linear` / dequantize + `torch.mm` (same results up to summation order).
 """
 
@@ -29,43 +40,22 @@ import warnings
 
 import torch
 
-_SRC = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <algorithm>
-#include <cstring>
-
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-static inline __m256i tail_mask(int64_t r) {  // lanes < r set
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// Weight decoders: 8 consecutive weights of one row -> fp32 lanes; `tail` reads only r < 8 of them.
+# Shared by both instruction sets: the weight decoders, the register-blocked dot products, tiles and
+# threading. `V` (the namespace's vector traits) supplies the vector type and its operations.
+_ISA_BODY = r"""
+// Weight decoders: V::L consecutive weights of one row -> fp32 lanes; `tail` reads only r < V::L of them.
 struct F32W {
   using T = float;
-  static inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline __m256 tail(const float* p, int64_t r) { return _mm256_maskload_ps(p, tail_mask(r)); }
+  static inline V::vec load(const float* p) { return V::load(p); }
+  static inline V::vec tail(const float* p, int64_t r) { return V::tail(p, r); }
 };
 struct I8W {
   using T = int8_t;
-  static inline __m256 load(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-  }
-  static inline __m256 tail(const int8_t* p, int64_t r) {
-    int8_t b[8] = {0};
-    std::memcpy(b, p, r);
-    return load(b);
-  }
+  static inline V::vec load(const int8_t* p) { return V::load_i8(p); }
+  static inline V::vec tail(const int8_t* p, int64_t r) { return V::tail_i8(p, r); }
 };
 
-constexpr int64_t TILE = 12;  // output rows per tile: 3 x 4 or 4 x 3 register blocks
+constexpr int64_t TILE = 12;  // output rows per tile: blocks of 3 or 4 rows (V::rows)
 
 // out[m * ldo + r] = sum_k x[m, k] * w[r, k] for m < MB, r < R: MB x R accumulators in registers.
 // While streaming, the same positions `dist` weights further on (the next tile's rows) are prefetched,
@@ -73,74 +63,67 @@ constexpr int64_t TILE = 12;  // output rows per tile: 3 x 4 or 4 x 3 register b
 template <class W, int MB, int R>
 static inline void dots(const float* x, const typename W::T* w, int64_t K, int64_t dist, float* out, int64_t ldo) {
   constexpr int64_t line = 64 / sizeof(typename W::T);  // weights per cache line
-  __m256 acc[MB][R];
+  V::vec acc[MB][R];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[m][r] = V::zero();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
+  for (; k + V::L <= K; k += V::L) {
     if (k % line == 0)
       for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + r * K + k + dist), _MM_HINT_T0);
-    __m256 wv[R];
+    V::vec wv[R];
     for (int r = 0; r < R; ++r) wv[r] = W::load(w + r * K + k);  // R sequential weight streams
     for (int m = 0; m < MB; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);  // activations: L1/L2-resident
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+      const V::vec xv = V::load(x + m * K + k);  // activations: L1/L2-resident
+      for (int r = 0; r < R; ++r) acc[m][r] = V::fma(xv, wv[r], acc[m][r]);
     }
   }
-  if (k < K) {  // K % 8 tail
+  if (k < K) {  // K % V::L tail
     const int64_t rem = K - k;
-    const __m256i mask = tail_mask(rem);
     for (int m = 0; m < MB; ++m) {
-      const __m256 xv = _mm256_maskload_ps(x + m * K + k, mask);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, W::tail(w + r * K + k, rem), acc[m][r]);
+      const V::vec xv = V::tail(x + m * K + k, rem);
+      for (int r = 0; r < R; ++r) acc[m][r] = V::fma(xv, W::tail(w + r * K + k, rem), acc[m][r]);
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < R; ++r) out[m * ldo + r] = hsum(acc[m][r]);
+    for (int r = 0; r < R; ++r) out[m * ldo + r] = V::sum(acc[m][r]);
 }
 
-// Blocks of R rows covering one tile: out[m * TILE + r], r < TILE.
-template <class W, int MB, int R>
-static inline void tile_blocks(const float* x, const typename W::T* w, int64_t K, float* out) {
-  static_assert(TILE % R == 0, "R divides TILE");
-  for (int64_t r = 0; r < TILE; r += R) dots<W, MB, R>(x, w + r * K, K, TILE * K, out + r, TILE);
+// mb (runtime, 1..V::MBMAX) activation rows against one tile (TILE rows, in blocks of V::rows(MB)),
+// or against one weight row (the N % TILE tail); out[m * TILE + r].
+template <class W, int MB = 1>
+static inline void tile_rows(int64_t mb, const float* x, const typename W::T* w, int64_t K, float* out) {
+  if (mb == MB) {
+    constexpr int R = V::rows(MB);
+    static_assert(TILE % R == 0, "R divides TILE");
+    for (int64_t r = 0; r < TILE; r += R) dots<W, MB, R>(x, w + r * K, K, TILE * K, out + r, TILE);
+  } else if constexpr (MB < V::MBMAX) {
+    tile_rows<W, MB + 1>(mb, x, w, K, out);
+  }
+}
+template <class W, int MB = 1>
+static inline void one_row(int64_t mb, const float* x, const typename W::T* w, int64_t K, float* out) {
+  if (mb == MB) dots<W, MB, 1>(x, w, K, K, out, TILE);
+  else if constexpr (MB < V::MBMAX) one_row<W, MB + 1>(mb, x, w, K, out);
 }
 
-// One kernel over [N, K] weights of decoder W: `tile` computes mb (<= 4) activation rows against
-// TILE weight rows, `row` against one (the N % TILE tail), into out[m * TILE + r].
+// One kernel over [N, K] weights of decoder W.
 template <class W>
 struct DenseTiles {
   const typename W::T* w;
   int64_t K;
-  void tile(int64_t mb, const float* x, int64_t n, float* out) const {
-    const typename W::T* wn = w + n * K;
-    switch (mb) {  // MB x R <= 12 accumulators: enough independent FMA chains, no spills
-      case 1: tile_blocks<W, 1, 4>(x, wn, K, out); break;
-      case 2: tile_blocks<W, 2, 4>(x, wn, K, out); break;
-      case 3: tile_blocks<W, 3, 3>(x, wn, K, out); break;
-      default: tile_blocks<W, 4, 3>(x, wn, K, out); break;
-    }
-  }
-  void row(int64_t mb, const float* x, int64_t n, float* out) const {
-    const typename W::T* wn = w + n * K;
-    switch (mb) {
-      case 1: dots<W, 1, 1>(x, wn, K, K, out, TILE); break;
-      case 2: dots<W, 2, 1>(x, wn, K, K, out, TILE); break;
-      case 3: dots<W, 3, 1>(x, wn, K, K, out, TILE); break;
-      default: dots<W, 4, 1>(x, wn, K, K, out, TILE); break;
-    }
-  }
+  void tile(int64_t mb, const float* x, int64_t n, float* out) const { tile_rows<W>(mb, x, w + n * K, K, out); }
+  void row(int64_t mb, const float* x, int64_t n, float* out) const { one_row<W>(mb, x, w + n * K, K, out); }
 };
 
 // y[m, n] = dot * scale[n] + bias[n] (scale, bias optional) for the output tiles [t0, t1) of TILE rows.
 template <class Tiles>
 static void run_tiles(const Tiles& t, const float* x, int64_t M, int64_t K, int64_t N, const float* scale,
                       const float* bias, float* y, int64_t t0, int64_t t1) {
-  float out[4 * TILE];
+  float out[V::MBMAX * TILE];
   for (int64_t n = t0 * TILE; n < std::min(t1 * TILE, N); n += TILE) {
     const int64_t nr = std::min(TILE, N - n);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // M > 4: the tile's weights are re-read from L1/L2
-      const int64_t mb = std::min<int64_t>(4, M - m0);
+    for (int64_t m0 = 0; m0 < M; m0 += V::MBMAX) {  // M > MBMAX: the tile's weights are re-read from L1/L2
+      const int64_t mb = std::min<int64_t>(V::MBMAX, M - m0);
       const float* xm = x + m0 * K;
       if (nr == TILE) t.tile(mb, xm, n, out);
       else for (int64_t r = 0; r < nr; ++r) t.row(mb, xm, n + r, out + r);
@@ -163,56 +146,100 @@ static void run(const Tiles& t, const float* x, int64_t M, int64_t K, int64_t N,
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) { run_tiles(t, x, M, K, N, scale, bias, y, t0, t1); });
 }
 
-static void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k_per_row) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "kernels: 2-d contiguous");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.size(1) == w.size(1) * k_per_row, "kernels: fp32 x [M, K]");
+// Entry points on raw pointers (shapes checked by the callers outside the namespace).
+static void f32_mm(const float* x, const float* w, int64_t M, int64_t K, int64_t N, const float* bias, float* y) {
+  run(DenseTiles<F32W>{w, K}, x, M, K, N, nullptr, bias, y);
 }
 
-static const float* opt_ptr(const c10::optional<torch::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
+static void int8_mm(const float* x, const int8_t* q, const float* s, int64_t M, int64_t K, int64_t N,
+                    const float* bias, float* y) {
+  run(DenseTiles<I8W>{q, K}, x, M, K, N, s, bias, y);
 }
 
-// y[M, N] = x[M, K] . w[N, K]^T (+ bias): fp32 weights
-torch::Tensor f32_mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  check(x, w, 1);
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  DenseTiles<F32W> t{w.data_ptr<float>(), K};
-  run(t, x.data_ptr<float>(), M, K, N, nullptr, opt_ptr(bias), y.data_ptr<float>());
-  return y;
-}
-
-// y[h] = x[h] . w[h]^T for x [H, M, K], w [H, N, K] (per-head products, e.g. MLA's absorbed decode);
-// heads split across threads
-torch::Tensor f32_bmm(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && x.is_contiguous() && w.is_contiguous(), "f32_bmm: 3-d contiguous");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "f32_bmm: fp32");
-  TORCH_CHECK(x.size(0) == w.size(0) && x.size(2) == w.size(2), "f32_bmm: x [H, M, K], w [H, N, K]");
-  const int64_t H = x.size(0), M = x.size(1), K = x.size(2), N = w.size(1);
-  auto y = torch::empty({H, M, N}, x.options());
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// Grouped products (MoE experts): for each group g, y[g's rows] = x[g's rows] . w[g]^T, rows[g] rows each
+// (consecutive), every w[g] [N, K]. One thread team over all (group, output tile) pairs, each thread a
+// contiguous range of them: the experts' weights stream back to back with no fork/join per expert.
+static void grouped_mm(const float* x, const float* const* w, const int64_t* rows, int64_t G, int64_t K, int64_t N,
+                       float* y) {
+  std::vector<int64_t> r0(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) r0[g + 1] = r0[g] + rows[g];
   const int64_t tiles = (N + TILE - 1) / TILE;
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h) {
-      DenseTiles<F32W> t{wp + h * N * K, K};
-      run_tiles(t, xp + h * M * K, M, K, N, nullptr, nullptr, yp + h * M * N, 0, tiles);
+  at::parallel_for(0, G * tiles, 1, [&](int64_t a, int64_t b) {
+    while (a < b) {  // [a, b) may start and end inside a group
+      const int64_t g = a / tiles, t0 = a % tiles, t1 = std::min(tiles, t0 + (b - a));
+      run_tiles(DenseTiles<F32W>{w[g], K}, x + r0[g] * K, rows[g], K, N, nullptr, nullptr, y + r0[g] * N, t0, t1);
+      a += t1 - t0;
     }
   });
-  return y;
 }
 
-// y[M, N] = x[M, K] . (q[N, K] * s[N])^T (+ bias): int8 weights, fp32 activations and accumulation
-torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, c10::optional<torch::Tensor> bias) {
-  check(x, q, 1);
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  DenseTiles<I8W> t{q.data_ptr<int8_t>(), K};
-  run(t, x.data_ptr<float>(), M, K, N, s.data_ptr<float>(), opt_ptr(bias), y.data_ptr<float>());
-  return y;
+// y[h] = x[h] . w[h]^T for x [H, M, K], w [H, N, K]; heads split across threads
+static void f32_bmm(const float* x, const float* w, int64_t H, int64_t M, int64_t K, int64_t N, float* y) {
+  const int64_t tiles = (N + TILE - 1) / TILE;
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h)
+      run_tiles(DenseTiles<F32W>{w + h * N * K, K}, x + h * M * K, M, K, N, nullptr, nullptr, y + h * M * N, 0, tiles);
+  });
+}
+"""
+
+_AVX2_TRAITS = r"""
+static inline __m256i tail_mask(int64_t r) {  // lanes < r set
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// int4: W[n, k] = (code - 8) * scale[n, g] + zero[n, g], g = k / group; codes two per byte,
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+struct V {
+  using vec = __m256;
+  static constexpr int64_t L = 8;
+  static constexpr int MBMAX = 4;  // activation rows per pass: MB x R <= 12 accumulators of 16 registers
+  static constexpr int rows(int mb) { return mb <= 2 ? 4 : 3; }
+  static inline vec zero() { return _mm256_setzero_ps(); }
+  static inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline float sum(vec v) { return hsum(v); }
+  static inline vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline vec tail(const float* p, int64_t r) { return _mm256_maskload_ps(p, tail_mask(r)); }
+  static inline vec load_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  }
+  static inline vec tail_i8(const int8_t* p, int64_t r) {
+    int8_t b[8] = {0};
+    std::memcpy(b, p, r);
+    return load_i8(b);
+  }
+};
+"""
+
+_AVX512_TRAITS = r"""
+struct V {
+  using vec = __m512;
+  static constexpr int64_t L = 16;
+  static constexpr int MBMAX = 8;  // all decode rows in one pass: 8 x 3 accumulators + 3 weights + x of 32
+  static constexpr int rows(int mb) { return mb <= 6 ? 4 : 3; }
+  static inline __mmask16 mask(int64_t r) { return (__mmask16)((1u << r) - 1); }
+  static inline vec zero() { return _mm512_setzero_ps(); }
+  static inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline float sum(vec v) { return _mm512_reduce_add_ps(v); }
+  static inline vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline vec tail(const float* p, int64_t r) { return _mm512_maskz_loadu_ps(mask(r), p); }
+  static inline vec load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  }
+  static inline vec tail_i8(const int8_t* p, int64_t r) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask(r), p)));
+  }
+};
+"""
+
+# int4 (AVX2 only, inside namespace avx2: uses its hsum, TILE, run).
+_INT4 = r"""
+// W[n, k] = (code - 8) * scale[n, g] + zero[n, g], g = k / group; codes two per byte,
 // p[n, j] = code[n, 2j] | code[n, 2j + 1] << 4. Decoded in registers, 8 codes (4 bytes) at a time.
 static inline __m256 int4_codes(const uint8_t* p) {
   int32_t b;
@@ -279,17 +306,141 @@ struct Int4Tiles {
   }
 };
 
+static void int4_mm(const float* x, const uint8_t* p, const float* sc, const float* ze, int64_t group, int64_t M,
+                    int64_t K, int64_t N, const float* bias, float* y) {
+  run(Int4Tiles{p, sc, ze, K, group}, x, M, K, N, nullptr, bias, y);
+}
+"""
+
+# Torch-facing functions: checks, output allocation, and the choice of instruction set.
+_BINDINGS = r"""
+#ifdef SEEKWEN_AVX512
+static bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+static bool use_avx512 = cpu_has_avx512();
+#else
+static bool cpu_has_avx512() { return false; }
+static bool use_avx512 = false;
+#endif
+
+// "avx512" or "avx2": the instruction set the kernels run with now.
+std::string isa() { return use_avx512 ? "avx512" : "avx2"; }
+
+// Force an instruction set ("avx2", or "avx512" where the CPU and compiler have it); returns isa().
+std::string set_isa(std::string name) {
+  TORCH_CHECK(name == "avx2" || name == "avx512", "set_isa: avx2 or avx512");
+  TORCH_CHECK(name == "avx2" || cpu_has_avx512(), "set_isa: avx512 not available on this CPU / build");
+  use_avx512 = name == "avx512";
+  return isa();
+}
+
+#ifdef SEEKWEN_AVX512
+#define SEEKWEN_DISPATCH(fn, ...) (use_avx512 ? avx512::fn(__VA_ARGS__) : avx2::fn(__VA_ARGS__))
+#else
+#define SEEKWEN_DISPATCH(fn, ...) avx2::fn(__VA_ARGS__)
+#endif
+
+static void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k_per_row) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "kernels: 2-d contiguous");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.size(1) == w.size(1) * k_per_row, "kernels: fp32 x [M, K]");
+}
+
+static const float* opt_ptr(const c10::optional<torch::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
+}
+
+// y[M, N] = x[M, K] . w[N, K]^T (+ bias): fp32 weights
+torch::Tensor f32_mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check(x, w, 1);
+  TORCH_CHECK(w.scalar_type() == torch::kFloat, "f32_mm: fp32 weights");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  SEEKWEN_DISPATCH(f32_mm, x.data_ptr<float>(), w.data_ptr<float>(), M, K, N, opt_ptr(bias), y.data_ptr<float>());
+  return y;
+}
+
+// y[h] = x[h] . w[h]^T for x [H, M, K], w [H, N, K] (per-head products, e.g. MLA's absorbed decode)
+torch::Tensor f32_bmm(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && x.is_contiguous() && w.is_contiguous(), "f32_bmm: 3-d contiguous");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "f32_bmm: fp32");
+  TORCH_CHECK(x.size(0) == w.size(0) && x.size(2) == w.size(2), "f32_bmm: x [H, M, K], w [H, N, K]");
+  const int64_t H = x.size(0), M = x.size(1), K = x.size(2), N = w.size(1);
+  auto y = torch::empty({H, M, N}, x.options());
+  SEEKWEN_DISPATCH(f32_bmm, x.data_ptr<float>(), w.data_ptr<float>(), H, M, K, N, y.data_ptr<float>());
+  return y;
+}
+
+// y[M, N] = x[M, K] . (q[N, K] * s[N])^T (+ bias): int8 weights, fp32 activations and accumulation
+torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, c10::optional<torch::Tensor> bias) {
+  check(x, q, 1);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  SEEKWEN_DISPATCH(int8_mm, x.data_ptr<float>(), q.data_ptr<int8_t>(), s.data_ptr<float>(), M, K, N, opt_ptr(bias),
+                   y.data_ptr<float>());
+  return y;
+}
+
+// Routed SwiGLU experts of one MoE layer, fp32: xs [R, D] holds the rows routed to each expert, grouped
+// (rows[g] rows for expert g, in order); w13[g] [2I, D] = gate and up stacked, w2[g] [D, I]. Returns
+// ys [R, D], ys = w2 . (silu(gate) * up) per row, unweighted. Two grouped products (all experts at once)
+// instead of two kernel calls and three small torch ops per expert.
+torch::Tensor moe_experts(torch::Tensor xs, std::vector<torch::Tensor> w13, std::vector<torch::Tensor> w2,
+                          std::vector<int64_t> rows) {
+  const int64_t G = rows.size();
+  TORCH_CHECK(G > 0 && (int64_t)w13.size() == G && (int64_t)w2.size() == G, "moe_experts: one w13, w2 per group");
+  TORCH_CHECK(xs.dim() == 2 && xs.is_contiguous() && xs.scalar_type() == torch::kFloat, "moe_experts: fp32 xs");
+  const int64_t D = xs.size(1), I = w13[0].size(0) / 2;
+  std::vector<const float*> p13(G), p2(G);
+  int64_t R = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(w13[g].sizes() == w13[0].sizes() && w13[g].size(1) == D && w2[g].size(0) == D && w2[g].size(1) == I,
+                "moe_experts: w13 [2I, D], w2 [D, I]");
+    TORCH_CHECK(w13[g].is_contiguous() && w2[g].is_contiguous() && w13[g].scalar_type() == torch::kFloat &&
+                w2[g].scalar_type() == torch::kFloat, "moe_experts: contiguous fp32 weights");
+    TORCH_CHECK(rows[g] > 0, "moe_experts: empty group");
+    p13[g] = w13[g].data_ptr<float>();
+    p2[g] = w2[g].data_ptr<float>();
+    R += rows[g];
+  }
+  TORCH_CHECK(R == xs.size(0), "moe_experts: rows must add up to xs's rows");
+  auto h = torch::empty({R, 2 * I}, xs.options());
+  SEEKWEN_DISPATCH(grouped_mm, xs.data_ptr<float>(), p13.data(), rows.data(), G, D, 2 * I, h.data_ptr<float>());
+  auto act = torch::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I);  // [R, I], contiguous
+  auto ys = torch::empty({R, D}, xs.options());
+  SEEKWEN_DISPATCH(grouped_mm, act.data_ptr<float>(), p2.data(), rows.data(), G, I, D, ys.data_ptr<float>());
+  return ys;
+}
+
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor p, torch::Tensor scale, torch::Tensor zero, int64_t group,
                       c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(group % 8 == 0, "int4_mm: group must be a multiple of 8");
   check(x, p, 2);
   const int64_t M = x.size(0), K = x.size(1), N = p.size(0);
   auto y = torch::empty({M, N}, x.options());
-  Int4Tiles t{p.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(), K, group};
-  run(t, x.data_ptr<float>(), M, K, N, nullptr, opt_ptr(bias), y.data_ptr<float>());
+  avx2::int4_mm(x.data_ptr<float>(), p.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(), group,
+                M, K, N, opt_ptr(bias), y.data_ptr<float>());
   return y;
 }
 """
+
+
+def _source() -> str:
+    """The extension's C++: common headers, the loop body once per instruction set, the bindings."""
+    avx512 = (
+        "#if defined(__GNUC__) && !defined(__clang__)\n#define SEEKWEN_AVX512 1\n"
+        '#pragma GCC push_options\n#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")\n'
+        f"namespace avx512 {{\n{_AVX512_TRAITS}{_ISA_BODY}}}  // namespace avx512\n"
+        "#pragma GCC pop_options\n#endif\n"
+    )
+    return (
+        "#include <torch/extension.h>\n#include <ATen/Parallel.h>\n#include <immintrin.h>\n"
+        "#include <algorithm>\n#include <cstring>\n#include <string>\n#include <vector>\n"
+        f"namespace avx2 {{\n{_AVX2_TRAITS}{_ISA_BODY}{_INT4}}}  // namespace avx2\n{avx512}{_BINDINGS}"
+    )
+
 
 MAX_ROWS = 8  # the kernels serve up to this many activation rows (decode); more: BLAS
 
@@ -298,8 +449,9 @@ _tried = False
 
 
 def get():
-    """The compiled extension (f32_mm, f32_bmm, int8_mm, int4_mm), or None where it cannot be built.
-    SEEKWEN_NO_KERNELS=1 disables it (then F.linear / dequantize + torch.mm run)."""
+    """The compiled extension (f32_mm, f32_bmm, int8_mm, int4_mm, moe_experts, isa, set_isa), or None where it cannot be
+    built. SEEKWEN_NO_KERNELS=1 disables it (then F.linear / dequantize + torch.mm run); SEEKWEN_KERNELS=avx2
+    keeps the AVX2 code on an AVX-512 CPU (default: AVX-512 where the CPU has it)."""
     global _module, _tried
     if _tried:
         return _module
@@ -311,17 +463,40 @@ def get():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            "seekwen_kernels_avx2",
-            cpp_sources=_SRC,
-            functions=["f32_mm", "f32_bmm", "int8_mm", "int4_mm"],
+            "seekwen_kernels_x86",
+            cpp_sources=_source(),
+            functions=["f32_mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "isa", "set_isa"],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],  # OpenMP: else at::parallel_for runs serially
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler, no headers: fall back
-        warnings.warn(f"seekwen: AVX2 CPU kernels unavailable, using F.linear / dequantize + mm ({e})", stacklevel=2)
+        warnings.warn(f"seekwen: CPU kernels unavailable, using F.linear / dequantize + mm ({e})", stacklevel=2)
         _module = None
+        return None
+    want = os.environ.get("SEEKWEN_KERNELS", "").lower()
+    if want not in ("", "auto"):
+        try:
+            _module.set_isa(want)
+        except RuntimeError:
+            warnings.warn(f"seekwen: SEEKWEN_KERNELS={want} unknown or not here, using {_module.isa()}", stacklevel=2)
     return _module
+
+
+def isas() -> list[str]:
+    """The instruction sets the kernels can run with on this machine (for tests and benchmarks)."""
+    k = get()
+    if k is None:
+        return []
+    current, out = k.isa(), []
+    for name in ("avx2", "avx512"):
+        try:
+            k.set_isa(name)
+            out.append(name)
+        except RuntimeError:
+            pass
+    k.set_isa(current)
+    return out
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -2,8 +2,8 @@
 
 The plain model uses `nn.Linear` (weight [out, in], `F.linear`), the reference. Batch-1/batch-8 decode
 on this kind of CPU is bound by streaming weights, and the BLAS serves few-row products poorly (see
-/work/shared/cpu-measurements.md), so up to `kernels.MAX_ROWS` rows on CPU every layer uses an AVX2/FMA
-kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) use the BLAS.
+/work/shared/cpu-measurements.md), so up to `kernels.MAX_ROWS` rows on CPU every layer uses an AVX2 or
+AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) use the BLAS.
 
 - `FastLinear`: fp32/bf16 weight [out, in] contiguous; `kernels.f32_mm` (fp32, few rows) or `F.linear`.
 - `Int8Linear`: int8 weight [out, in] with one fp32 scale per output channel (symmetric, absmax/127).
@@ -31,7 +31,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 class FastLinear(nn.Module):
     """y = x W^T + b with W stored [out, in] contiguous (the nn.Linear layout). fp32 on CPU with at most
-    `kernels.MAX_ROWS` rows (decode): the AVX2 kernel; otherwise (prefill, bf16, no compiler): F.linear."""
+    `kernels.MAX_ROWS` rows (decode): the SIMD kernel; otherwise (prefill, bf16, no compiler): F.linear."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -66,7 +66,7 @@ KERNEL_MAX_ROWS = kernels.MAX_ROWS  # up to this many rows (decode) use the kern
 
 class Int8Linear(nn.Module):
     """Weight-only int8 with per-output-channel scales: y = x @ (q * scale)^T + b, activations fp32.
-    Few rows: the AVX2 kernel streaming the int8 weight (`kernels.int8_mm`); more rows (prefill):
+    Few rows: the SIMD kernel streaming the int8 weight (`kernels.int8_mm`); more rows (prefill):
     dequantize to fp32 and `F.linear` (compute-bound there)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
