@@ -2,7 +2,8 @@
 (AVX2; AVX-512 where available, else those cases skip): every activation row count the kernels serve
 (1..8: one pass with AVX-512, 1-4 and the two-pass 5-8 with AVX2), K not a multiple of the vector width
 (masked tails), N not a multiple of the 12-row tile, with and without bias; int8/int4 against their
-dequantized weights; the grouped MoE experts call against per-expert products."""
+dequantized weights; the grouped MoE experts call against per-expert products; the absorbed-MLA decode
+attention against its float64 formula."""
 
 from __future__ import annotations
 
@@ -55,6 +56,24 @@ def test_f32_bmm_per_head(M, isa):
         x, w = torch.randn(H, M, K, generator=g), torch.randn(H, N, K, generator=g)
         ref = torch.einsum("hmk,hnk->hmn", x.double(), w.double())
         assert (K_.f32_bmm(x, w).double() - ref).abs().max() < 1e-4 * K**0.5
+
+
+@pytest.mark.parametrize("Q", [1, 5, 16, 20])  # query rows: one pass, two passes, a remainder
+def test_mla_decode(Q, isa):
+    """mla_decode: softmax(scale * (q_lat . kv^T + q_pe . pe^T)) . kv per sequence, over its first n[b]
+    cached rows, with the cache passed as a strided view (rows of a longer allocation)."""
+    g = torch.Generator().manual_seed(70 + Q)
+    for B, r, dr, n in [(1, 512, 64, [300]), (3, 16, 8, [1, 7, 13]), (2, 48, 8, [40, 2]), (2, 80, 16, [25, 31])]:
+        T_alloc = max(n) + 5
+        kv = torch.randn(B, T_alloc, r, generator=g)
+        pe = torch.randn(B, T_alloc, dr, generator=g)
+        ql, qp = torch.randn(B, Q, r, generator=g), torch.randn(B, Q, dr, generator=g)
+        used = max(n)
+        out = K_.mla_decode(ql, qp, kv[:, :used], pe[:, :used], n, 0.07)
+        for b in range(B):
+            k, p = kv[b, : n[b]].double(), pe[b, : n[b]].double()
+            probs = ((ql[b].double() @ k.T + qp[b].double() @ p.T) * 0.07).softmax(-1)
+            assert (out[b].double() - probs @ k).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("M", range(1, 9))

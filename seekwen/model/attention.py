@@ -31,6 +31,7 @@ class AttnContext:
     logn: torch.Tensor | None = None  # [B, S] Qwen v1 LogN query multiplier
     masks: dict = field(default_factory=dict)
     n_keys: int = 0  # with a cache: slots [0, n_keys) hold every key this call can see (max position + 1)
+    key_counts: list[int] | None = None  # cached one-token call: keys each row sees (its position + 1)
     new_valid: torch.Tensor | None = None  # [B, S] real new tokens (right padding) in a cached call
     # every row's new tokens sit at positions 0..S-1 and are all the keys there are (a prompt with no
     # cache before it; right padding allowed, pads come last): the mask is plain causal, so attention

@@ -10,6 +10,9 @@ single row here. So these kernels are written with explicit SIMD intrinsics and 
 - `f32_bmm(x, w)`: per-head products x [H, M, K] . w[H, N, K]^T (MLA's absorbed decode);
 - `moe_experts(xs, w13s, w2s, rows)`: the routed SwiGLU experts of one MoE layer (fp32), all experts'
   gate/up products in one threaded pass, SiLU * up, all down products in a second pass;
+- `mla_decode(q_lat, q_pe, kv, pe, n, scale)`: absorbed-MLA attention of one new token per sequence
+  against the cached latents (scores as f32_mm tiles, softmax, values as `f32_mm_kn`: y = x . w for w
+  stored [K, N], the probabilities broadcast against the latents' rows);
 - `int8_mm(x, q, scale, bias)`: int8 weights [N, K], one fp32 scale per output row;
 - `int4_mm(x, packed, scales, zeros, group, bias)`: two 4-bit codes per byte, scale/zero per group of
   `group` input channels (group a multiple of 8), as `linear.Int4Linear` defines them.
@@ -181,6 +184,50 @@ static void f32_bmm(const float* x, const float* w, int64_t H, int64_t M, int64_
       run_tiles(DenseTiles<F32W>{w + h * N * K, K}, x + h * M * K, M, K, N, nullptr, nullptr, y + h * M * N, 0, tiles);
   });
 }
+
+// y[m, n0 + j] = sum_k x[m, k] w[k, n0 + j] for a block of C vectors of columns, w stored [K, N] (rows
+// contiguous, stride ldw): MB x C accumulators, w's rows streamed in order, x[m, k] broadcast.
+template <int MB, int C>
+static inline void kn_block(const float* x, int64_t K, const float* w, int64_t ldw, float* y, int64_t ldy) {
+  V::vec acc[MB][C];
+  for (int m = 0; m < MB; ++m)
+    for (int c = 0; c < C; ++c) acc[m][c] = V::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    V::vec wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = V::load(w + k * ldw + c * V::L);
+    for (int m = 0; m < MB; ++m) {
+      const V::vec xb = V::set1(x[m * K + k]);
+      for (int c = 0; c < C; ++c) acc[m][c] = V::fma(xb, wv[c], acc[m][c]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int c = 0; c < C; ++c) V::store(y + m * ldy + c * V::L, acc[m][c]);
+}
+template <int MB = 1>
+static inline void kn_rows(int64_t mb, const float* x, int64_t K, const float* w, int64_t ldw, float* y, int64_t ldy,
+                           int64_t cols) {
+  if (mb == MB) {
+    if (cols == V::KN_COLS) kn_block<MB, V::KN_COLS>(x, K, w, ldw, y, ldy);
+    else for (int64_t c = 0; c < cols; ++c) kn_block<MB, 1>(x, K, w + c * V::L, ldw, y + c * V::L, ldy);
+  } else if constexpr (MB < V::MBMAX) {
+    kn_rows<MB + 1>(mb, x, K, w, ldw, y, ldy, cols);
+  }
+}
+
+// y[M, N] = x[M, K] . w[K, N] with w stored [K, N] (stride ldw), N % V::L == 0: the "values" product of
+// attention (probabilities [M, T] times cached vectors [T, N]). Column blocks split across threads, so
+// each thread streams its own columns of every row of w.
+static void f32_mm_kn(const float* x, const float* w, int64_t M, int64_t K, int64_t N, int64_t ldw, float* y) {
+  const int64_t vecs = N / V::L, blocks = (vecs + V::KN_COLS - 1) / V::KN_COLS;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * V::KN_COLS, cols = std::min<int64_t>(V::KN_COLS, vecs - c0);
+      for (int64_t m0 = 0; m0 < M; m0 += V::MBMAX)
+        kn_rows(std::min<int64_t>(V::MBMAX, M - m0), x + m0 * K, K, w + c0 * V::L, ldw, y + m0 * N + c0 * V::L, N,
+                cols);
+    }
+  });
+}
 """
 
 _AVX2_TRAITS = r"""
@@ -199,8 +246,11 @@ struct V {
   using vec = __m256;
   static constexpr int64_t L = 8;
   static constexpr int MBMAX = 4;  // activation rows per pass: MB x R <= 12 accumulators of 16 registers
+  static constexpr int KN_COLS = 2;  // f32_mm_kn: MBMAX x 2 accumulators + 2 loads + 1 broadcast
   static constexpr int rows(int mb) { return mb <= 2 ? 4 : 3; }
   static inline vec zero() { return _mm256_setzero_ps(); }
+  static inline vec set1(float a) { return _mm256_set1_ps(a); }
+  static inline void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
   static inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
   static inline float sum(vec v) { return hsum(v); }
   static inline vec load(const float* p) { return _mm256_loadu_ps(p); }
@@ -221,9 +271,12 @@ struct V {
   using vec = __m512;
   static constexpr int64_t L = 16;
   static constexpr int MBMAX = 8;  // all decode rows in one pass: 8 x 3 accumulators + 3 weights + x of 32
+  static constexpr int KN_COLS = 3;  // f32_mm_kn: 8 x 3 accumulators + 3 loads + 1 broadcast
   static constexpr int rows(int mb) { return mb <= 6 ? 4 : 3; }
   static inline __mmask16 mask(int64_t r) { return (__mmask16)((1u << r) - 1); }
   static inline vec zero() { return _mm512_setzero_ps(); }
+  static inline vec set1(float a) { return _mm512_set1_ps(a); }
+  static inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
   static inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
   static inline float sum(vec v) { return _mm512_reduce_add_ps(v); }
   static inline vec load(const float* p) { return _mm512_loadu_ps(p); }
@@ -414,6 +467,40 @@ torch::Tensor moe_experts(torch::Tensor xs, std::vector<torch::Tensor> w13, std:
   return ys;
 }
 
+// Absorbed-MLA decode, one query position per sequence: q_lat [B, Q, r] (the queries moved into latent
+// space, Q = heads), q_pe [B, Q, dr], the cached latents kv [B, T, r] and rotated keys pe [B, T, dr] (views
+// of the cache: rows contiguous, sequences strided), n[b] keys visible to sequence b (slots 0..n-1).
+// Returns the latent outputs [B, Q, r] = softmax(scale * (q_lat . kv^T + q_pe . pe^T)) . kv. The scores
+// are f32_mm tiles with the cached tokens as the "weight rows"; the values product streams the latents
+// again with the probabilities broadcast (f32_mm_kn). Nothing is expanded per head, and no [B, Q, T]
+// intermediate is materialised beyond one sequence's scores.
+torch::Tensor mla_decode(torch::Tensor q_lat, torch::Tensor q_pe, torch::Tensor kv, torch::Tensor pe,
+                         std::vector<int64_t> n, double scale) {
+  TORCH_CHECK(q_lat.dim() == 3 && q_pe.dim() == 3 && kv.dim() == 3 && pe.dim() == 3, "mla_decode: 3-d tensors");
+  TORCH_CHECK(q_lat.is_contiguous() && q_pe.is_contiguous(), "mla_decode: contiguous queries");
+  for (const auto* t : {&q_lat, &q_pe, &kv, &pe})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat, "mla_decode: fp32");
+  const int64_t B = q_lat.size(0), Q = q_lat.size(1), r = q_lat.size(2), dr = q_pe.size(2);
+  TORCH_CHECK(kv.size(0) == B && pe.size(0) == B && kv.size(2) == r && pe.size(2) == dr && q_pe.size(1) == Q,
+              "mla_decode: shapes");
+  TORCH_CHECK(kv.stride(2) == 1 && kv.stride(1) == r && pe.stride(2) == 1 && pe.stride(1) == dr,
+              "mla_decode: cache rows must be contiguous");
+  TORCH_CHECK(r % 16 == 0 && (int64_t)n.size() == B, "mla_decode: r % 16 == 0, one key count per sequence");
+  auto out = torch::empty({B, Q, r}, q_lat.options());
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t T = n[b];
+    TORCH_CHECK(T >= 1 && T <= kv.size(1), "mla_decode: key count out of range");
+    const float* kvb = kv.data_ptr<float>() + b * kv.stride(0);
+    const float* peb = pe.data_ptr<float>() + b * pe.stride(0);
+    auto s = torch::empty({Q, T}, q_lat.options()), s_pe = torch::empty({Q, T}, q_lat.options());
+    SEEKWEN_DISPATCH(f32_mm, q_lat.data_ptr<float>() + b * Q * r, kvb, Q, r, T, nullptr, s.data_ptr<float>());
+    SEEKWEN_DISPATCH(f32_mm, q_pe.data_ptr<float>() + b * Q * dr, peb, Q, dr, T, nullptr, s_pe.data_ptr<float>());
+    auto p = torch::softmax(s.add_(s_pe).mul_(scale), 1);  // [Q, T], contiguous
+    SEEKWEN_DISPATCH(f32_mm_kn, p.data_ptr<float>(), kvb, Q, T, r, r, out.data_ptr<float>() + b * Q * r);
+  }
+  return out;
+}
+
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor p, torch::Tensor scale, torch::Tensor zero, int64_t group,
                       c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(group % 8 == 0, "int4_mm: group must be a multiple of 8");
@@ -465,7 +552,7 @@ def get():
         _module = load_inline(
             "seekwen_kernels_x86",
             cpp_sources=_source(),
-            functions=["f32_mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "isa", "set_isa"],
+            functions=["f32_mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa"],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],  # OpenMP: else at::parallel_for runs serially
             extra_ldflags=["-fopenmp"],
             verbose=False,

@@ -82,7 +82,8 @@ class MLA(nn.Module):
             if not ctx.causal:  # (causal: the cached entries are exactly the new ones, already in hand)
                 kv, k_pe = stored["kv"], stored["pe"]  # [B, T, r], [B, T, dr]
         if self.use_absorbed(S, ctx.cache is not None):
-            out = self.absorbed(q_nope, q_pe, kv, k_pe, ctx.mask(self.window, kv.shape[1]))
+            counts = ctx.key_counts if self.window is None else None
+            out = self.absorbed(q_nope, q_pe, kv, k_pe, ctx.mask(self.window, kv.shape[1]), counts)
         else:
             mask = None if ctx.causal_ok(self.window, S) else ctx.mask(self.window, kv.shape[1])
             out = self.naive(q_nope, q_pe, kv, k_pe, mask)
@@ -108,9 +109,9 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)
         return sdpa(q, k, v, mask, self.scale)
 
-    def absorbed(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
+    def absorbed(self, q_nope, q_pe, kv, k_pe, mask, counts: list[int] | None = None) -> torch.Tensor:
         if self.w_uk is not None:
-            return self.absorbed_heads_first(q_nope, q_pe, kv, k_pe, mask)
+            return self.absorbed_heads_first(q_nope, q_pe, kv, k_pe, mask, counts)
         w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, d_nope, r], [H, d_v, r]
         q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # query moved into latent space
@@ -120,10 +121,12 @@ class MLA(nn.Module):
         o_lat = torch.einsum("bhst,btr->bshr", probs, kv)  # attention output, still latent
         return torch.einsum("bshr,hdr->bshd", o_lat, w_uv)
 
-    def absorbed_heads_first(self, q_nope, q_pe, kv, k_pe, mask) -> torch.Tensor:
+    def absorbed_heads_first(self, q_nope, q_pe, kv, k_pe, mask, counts: list[int] | None = None) -> torch.Tensor:
         """`absorbed` with the per-head products laid out [H, B*S, .] against contiguous W_UK [H, d_nope, r]
         and W_UV^T [H, r, d_v] (set by model.fast.prepare): that form runs as fast matrix-vector products
-        on CPU, where the [B, S, H, .] einsum falls back to a slow batched kernel."""
+        on CPU, where the [B, S, H, .] einsum falls back to a slow batched kernel. One new token per row
+        with `counts` (keys each row sees) on CPU: the attention itself is one kernel call
+        (`kernels.mla_decode`), so decode stays close to flat as the cache grows."""
         B, S, H, _ = q_nope.shape
         T = kv.shape[1]
         q_h = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.nope)
@@ -135,12 +138,16 @@ class MLA(nn.Module):
             q_lat = torch.einsum("hsd,hdr->hsr", q_h, self.w_uk)
         q_lat = q_lat.view(H, B, S, -1).transpose(0, 1).reshape(B, H * S, -1)  # [B, H*S, r]
         q_pe = q_pe.transpose(1, 2).reshape(B, H * S, self.rope)
-        # heads and queries share one batch row per sequence, so each product is a plain bmm against the
-        # cached [B, T, .] latents (a transposed view, never copied or expanded per head)
-        scores = torch.bmm(q_lat, kv.transpose(1, 2)) + torch.bmm(q_pe, k_pe.transpose(1, 2))  # [B, H*S, T]
-        scores = (scores.view(B, H, S, T) * self.scale).masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
-        o_lat = torch.bmm(probs.view(B, H * S, T), kv)  # [B, H*S, r]
+        one_token = S == 1 and counts is not None and kv.dtype == torch.float32 and self.kv_lora_rank % 16 == 0
+        if k is not None and one_token:
+            o_lat = k.mla_decode(q_lat.contiguous(), q_pe.contiguous(), kv, k_pe, counts, self.scale)  # [B, H, r]
+        else:
+            # heads and queries share one batch row per sequence, so each product is a plain bmm against the
+            # cached [B, T, .] latents (a transposed view, never copied or expanded per head)
+            scores = torch.bmm(q_lat, kv.transpose(1, 2)) + torch.bmm(q_pe, k_pe.transpose(1, 2))  # [B, H*S, T]
+            scores = (scores.view(B, H, S, T) * self.scale).masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
+            o_lat = torch.bmm(probs.view(B, H * S, T), kv)  # [B, H*S, r]
         o_h = o_lat.view(B, H, S, -1).transpose(0, 1).reshape(H, B * S, self.kv_lora_rank)
         if k is not None:
             out = k.f32_bmm(o_h.contiguous(), self.w_uv_t)  # [H, B*S, d_v]

@@ -95,6 +95,10 @@ class Transformer(nn.Module):
         if cache is not None:
             if static:  # attend over every slot (the mask hides the unused ones): fixed shapes, no sync
                 ctx.n_keys = cache.max_len
+            elif S == 1:  # decode: each row's key count (the one host sync of a cached call)
+                ctx.key_counts = [p + 1 for p in positions[:, 0].tolist()]
+                ctx.n_keys = max(ctx.key_counts)
+                cache.check(ctx.n_keys)
             else:
                 ctx.n_keys = int(positions.max()) + 1  # the one host sync of a cached call
                 cache.check(ctx.n_keys)
