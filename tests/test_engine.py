@@ -96,6 +96,20 @@ def test_engine_per_row_sampling(model):
     assert all(len(x) == 6 for x in a)
 
 
+def test_seeded_request_independent_of_batch(model):
+    """A request with its own seed samples the same text alone, in a full batch, or in another seat."""
+    prompts = _prompts(model.cfg.vocab_size, seed=4)[:4]
+    mine = SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.0, top_k=20, seed=11)
+    others = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.9) for n in (3, 8, 5)]
+    alone = Engine(model, max_batch=4, max_len=40).generate([prompts[0]], [mine])[0]
+    first = Engine(model, max_batch=4, max_len=40, seed=1).generate(prompts, [mine] + others)[0]
+    last = Engine(model, max_batch=2, max_len=40, seed=2).generate(prompts[1:] + prompts[:1], others + [mine])[-1]
+    assert alone == first == last
+    seeds = [SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.0, top_k=20, seed=s) for s in (1, 2, 3)]
+    outs = Engine(model, max_batch=3, max_len=40).generate([prompts[0]] * 3, seeds)
+    assert len({tuple(o) for o in outs}) > 1  # the seed matters
+
+
 def test_engine_rejects_bad_requests(model):
     engine = Engine(model, max_batch=2, max_len=16)
     with pytest.raises(ValueError):

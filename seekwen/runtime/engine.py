@@ -14,9 +14,10 @@ prefill logits), then decodes the rows that were already live. A sequence stops 
 config's, unless `ignore_eos`), on one of its `stop_token_ids`, or after `max_tokens`; its row is
 then refilled by moving the last live row into it (one row copy), keeping the live rows packed.
 On a CUDA device the decode steps are replayed from CUDA graphs (`runtime.graphs`).
-Sampling parameters are per row (runtime.sampling.sample takes per-row tensors); random draws
-come from one engine-wide generator (`seed`), so sampled text depends on which requests share a
-step, greedy text does not.
+Sampling parameters are per row (runtime.sampling.sample takes per-row tensors). A request with its
+own `SamplingParams.seed` draws from its own generator, so its sampled text does not depend on which
+requests share its steps; the others draw from one engine-wide generator (`seed`). Greedy text never
+depends on the batch.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1: off
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    seed: int | None = None  # this request's own random stream: its samples don't depend on its batch-mates
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Request:
     output: list[int] = field(default_factory=list)
     stops: frozenset[int] = frozenset()
     reason: str | None = None
+    generator: torch.Generator | None = None  # from params.seed
 
 
 class Engine:
@@ -111,6 +114,9 @@ class Engine:
             raise ValueError("prompt contains ids outside the vocabulary")
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
         req = Request(self._next_id, prompt, params, on_token, stops=frozenset(stops))
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.model.device)
+            req.generator.manual_seed(params.seed)
         self._next_id += 1
         self.waiting.append(req)
         return req.id
@@ -142,14 +148,25 @@ class Engine:
     # ---- internals ------------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """logits [n, V] -> tokens [n], each row with its own request's parameters."""
+        """logits [n, V] -> tokens [n], each row with its own request's parameters. Rows of seeded
+        requests draw from their own generator, one row at a time; the others share the engine's."""
         dev = logits.device
         if all(r.params.temperature <= 0 for r in reqs):
             return logits.argmax(dim=-1)
-        temp = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([r.params.top_k for r in reqs], dtype=torch.long, device=dev)
-        top_p = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev)
-        return sample(logits, temp, top_k, top_p, self.generator)
+        shared = [i for i, r in enumerate(reqs) if r.generator is None or r.params.temperature <= 0]
+        tokens = torch.empty(len(reqs), dtype=torch.long, device=dev)
+        if shared:
+            rows = [reqs[i] for i in shared]
+            temp = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32, device=dev)
+            top_k = torch.tensor([r.params.top_k for r in rows], dtype=torch.long, device=dev)
+            top_p = torch.tensor([r.params.top_p for r in rows], dtype=torch.float32, device=dev)
+            idx = torch.tensor(shared, device=dev)
+            tokens[idx] = sample(logits[idx], temp, top_k, top_p, self.generator)
+        for i, r in enumerate(reqs):
+            if r.generator is not None and r.params.temperature > 0:
+                p = r.params
+                tokens[i] = sample(logits[i : i + 1], p.temperature, p.top_k, p.top_p, r.generator)[0]
+        return tokens
 
     def _emit(self, reqs: list[Request], tokens: torch.Tensor) -> list[Event]:
         events = []
