@@ -96,3 +96,11 @@ def test_think_part_is_shown_apart():
     starts_thinking.push("hmm</think>Yes")
     starts_thinking.close()
     assert starts_thinking.answer == "Yes"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA present: the bench would run")
+def test_bench_on_missing_cuda_is_one_line_error():
+    r = seekwen("bench", "--device", "cuda")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "CUDA" in lines[0], r.stderr
