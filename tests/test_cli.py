@@ -104,3 +104,20 @@ def test_bench_on_missing_cuda_is_one_line_error():
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "CUDA" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("spec", ["qwen2", "deepseek_v2"])
+def test_bench_on_a_checkpoint_against_transformers(tmp_path, spec):
+    """`seekwen bench --model F --vs-hf` runs every section on a tiny checkpoint and prints same-run ratios
+    and a KV-cache size equal to the formula (the figures themselves are not checked: no timing asserts)."""
+    from hf_models import SPECS, make_checkpoint
+
+    folder = make_checkpoint(SPECS[spec], tmp_path)[1]
+    r = seekwen("bench", "--model", str(folder), "--vs-hf", "--prefill-len", "12", "--prompt-lens", "6",
+                "--batch-sizes", "2", "--contexts", "8", "--decode-tokens", "2", "--repeats", "1", timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "KV cache:" in out and "OK" in out and "MISMATCH" not in out
+    for label in ("prefill 12 tokens", "decode batch 1, 6-token prompt", "decode batch 2", "context     8"):
+        assert label in out, out
+    assert out.count("x transformers") >= 4

@@ -314,7 +314,8 @@ def _ratio(res: dict[str, float], higher_better: bool = True) -> str:
 
 def _line(label: str, res: dict[str, float], unit: str, extra: str = "", higher_better: bool = True) -> None:
     vals = "   ".join(f"{k} {v:8.2f} {unit}" for k, v in res.items())
-    ratio = _ratio(res, higher_better).replace("x transformers", "x faster than transformers") if not higher_better \
+    # times (lower is better) are still reported as a speed ratio: transformers' time / seekwen's
+    ratio = _ratio(res, higher_better).replace("x transformers", "x transformers' speed") if not higher_better \
         else _ratio(res)
     print(f"  {label:<36} {vals}{ratio}{extra}")
 
