@@ -62,6 +62,12 @@ SPECS = {
              dict(num_hidden_layers=3, num_key_value_heads=2, moe_intermediate_size=32,
                   shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
                   norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1])),
+        # transformers' Qwen2-MoE rule: layer i slides if (i + 1) is odd and i < max_window_layers (here: 0, 2)
+        Spec("qwen2_moe_sliding", "qwen2_moe",
+             dict(num_hidden_layers=4, num_key_value_heads=2, moe_intermediate_size=32,
+                  shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                  norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                  use_sliding_window=True, sliding_window=6, max_window_layers=3)),
         Spec("qwen3", "qwen3", dict(num_key_value_heads=2, head_dim=24)),
         Spec("qwen3_moe", "qwen3_moe",
              dict(num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=8,

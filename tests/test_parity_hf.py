@@ -70,6 +70,9 @@ def test_config_reads_like_transformers(pair):
     if spec.name == "qwen2_sliding":  # derived from use_sliding_window + max_window_layers, no layer_types
         assert c.sliding_window == [None, 6, 6]
         assert h.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    elif spec.name == "qwen2_moe_sliding":  # the Qwen2-MoE rule: odd (1-based) layers below max_window_layers
+        assert c.sliding_window == [6, None, 6, None]
+        assert h.layer_types == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
     else:
         assert all(w is None for w in c.sliding_window)
     if c.moe is not None:
