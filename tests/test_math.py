@@ -381,6 +381,23 @@ def test_qwen_v1_generate_fixes_ntk_alpha_at_prefill(tmp_path):
         assert (full - fixed(seq[None])[0]).abs().max().item() > 1e-2
 
 
+def test_qwen_v1_engine_keeps_each_rows_ntk_alpha(tmp_path):
+    """The batched engine prefills into views of its slot pool; each row's NTK alpha (fixed at its own
+    prefill) must survive into the decode steps, which run on a different view of the pool: the engine
+    gives every request exactly what per-sequence generate gives."""
+    from seekwen.runtime.engine import Engine, SamplingParams
+
+    write_qwen_v1(tmp_path, dynamic=True, logn=True, seed=9)
+    model = seekwen.load(tmp_path, dtype=torch.float32)
+    S = QWEN_V1["S"]
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, QWEN_V1["V"], (n,), generator=g).tolist() for n in (S - 2, S + 5, 3, 2 * S + 1)]
+    ref = [model.generate(torch.tensor([p]), max_new_tokens=9, eos_token_id=[], stop_at_eos=False)[0].tolist()
+           for p in prompts]
+    engine = Engine(model, max_batch=2, max_len=4 * S)  # 4 requests through 2 rows: joins, leaves, row moves
+    assert engine.generate(prompts, [SamplingParams(max_tokens=9, ignore_eos=True)] * 4) == ref
+
+
 # ----------------------------------------------------------------------------------------------------
 # DeepSeek-MoE v1 (model_type "deepseek")
 

@@ -76,17 +76,16 @@ class Transformer(nn.Module):
         rope = self.cfg.rope
         alpha = None
         if rope.type == "qwen_dynamic":
-            # Qwen v1 fixes NTK alpha at prefill from each sequence's true length and keeps it
-            if cache is not None and cache.ntk_alpha is not None:
-                alpha = cache.ntk_alpha
+            # Qwen v1 fixes NTK alpha at prefill from each sequence's true length and keeps it: a cached
+            # row takes it from the call that starts it (lens 0) and keeps it in the cache (views share it)
+            if attention_mask is not None:
+                true_len = attention_mask.long().sum(-1) + (0 if cache is None else cache.lens)
             else:
-                if attention_mask is not None:
-                    true_len = attention_mask.long().sum(-1) + (0 if cache is None else cache.lens)
-                else:
-                    true_len = positions.max(-1).values + 1
-                alpha = torch.tensor([qwen_ntk_alpha(int(n), rope.seq_length) for n in true_len])
-                if cache is not None:
-                    cache.ntk_alpha = alpha
+                true_len = positions.max(-1).values + 1
+            alpha = torch.tensor([qwen_ntk_alpha(int(n), rope.seq_length) for n in true_len], dtype=torch.float64)
+            if cache is not None:
+                alpha = torch.where(cache.lens == 0, alpha.to(cache.ntk_alpha.device), cache.ntk_alpha)
+                cache.ntk_alpha.copy_(alpha)
         static = cache is not None and cache.static
         cos, sin = self.rope(positions, alpha=alpha, bound=cache.max_len if static else None)
         logn = logn_scale(positions, rope.seq_length) if self.cfg.logn_attn and rope.seq_length else None

@@ -40,7 +40,8 @@ class KVCache:
         # and nothing is read back to the host; what CUDA graphs need (runtime.graphs). The caller then
         # keeps positions < max_len itself.
         self.static = False
-        self.ntk_alpha: torch.Tensor | None = None  # Qwen v1 dynamic NTK, fixed at prefill
+        # Qwen v1 dynamic NTK: each row's alpha, fixed by the call that starts the row (lens 0); 0 = unset
+        self.ntk_alpha = torch.zeros(batch_size, dtype=torch.float64, device=device)
         B, T = batch_size, max_len
         self.windows: dict[int, int] = {}  # layer -> window, for layers kept in a ring buffer
         self.layers: list[dict[str, torch.Tensor]] = []
@@ -138,7 +139,8 @@ class KVCache:
     def rows(self, start: int, stop: int) -> KVCache:
         """A view of rows [start, stop): same storage, so writes and `lens` updates go through."""
         view = KVCache.__new__(KVCache)
-        view.cfg, view.max_len, view.windows, view.ntk_alpha = self.cfg, self.max_len, self.windows, None
+        view.cfg, view.max_len, view.windows = self.cfg, self.max_len, self.windows
+        view.ntk_alpha = self.ntk_alpha[start:stop]
         view.static = self.static
         view.lens = self.lens[start:stop]
         view.layers = [{name: t[start:stop] for name, t in layer.items()} for layer in self.layers]
@@ -152,10 +154,11 @@ class KVCache:
                 m = t.shape[1] if self.is_ring(i) else n
                 t[dst, :m] = t[src, :m]
         self.lens[dst] = self.lens[src]
+        self.ntk_alpha[dst] = self.ntk_alpha[src]
 
     def reset(self) -> None:
         self.lens.zero_()
-        self.ntk_alpha = None
+        self.ntk_alpha.zero_()
 
 
 def ring_positions(n_cached: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
