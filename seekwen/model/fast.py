@@ -22,7 +22,7 @@ from .attention import Attention
 from .linear import FastLinear, fuse, make_linear
 from .mla import MLA
 from .mlp import MLP
-from .moe import Experts, MoE, dispatch
+from .moe import Experts, MoE, dispatch, dispatch_sorted
 from .norm import RMSNorm
 
 QUANTIZE = (None, "int8", "int4")
@@ -65,22 +65,19 @@ class GroupedExperts(nn.Module):
         return dispatch(x, weights, indices, self.n_experts, self.expert)
 
     def _fused_forward(self, kern, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """`dispatch`'s grouping (one argsort, one gather, one weighting multiply and index_add), with the
-        experts themselves in one C++ call over the chosen experts' weights (read in place)."""
-        k = indices.shape[1]
-        flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # one host sync per layer
-        active = [e for e, n in enumerate(counts) if n]
-        token = order // k
-        ys = kern.moe_experts(
-            x[token].contiguous(),  # [N*k, dim], grouped by expert
-            [self.w13[e].weight for e in active],
-            [self.w2[e].weight for e in active],
-            [counts[e] for e in active],
-        )
-        y = ys * weights.reshape(-1)[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        """`dispatch`'s grouping, with the experts themselves in one C++ call over the chosen experts'
+        weights (read in place)."""
+
+        def run(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+            active = [e for e, n in enumerate(counts) if n]
+            return kern.moe_experts(
+                xs.contiguous(),
+                [self.w13[e].weight for e in active],
+                [self.w2[e].weight for e in active],
+                [counts[e] for e in active],
+            )
+
+        return dispatch_sorted(x, weights, indices, self.n_experts, run)
 
 
 class FastRMSNorm(RMSNorm):

@@ -160,10 +160,30 @@ def dispatch(
     n_experts: int,
     expert: Callable[[int, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """sum_k weights[:, k] * expert(indices[:, k], x) for x [N, dim], weights/indices [N, k].
+    """sum_k weights[:, k] * expert(indices[:, k], x) for x [N, dim], weights/indices [N, k]: every expert
+    that received tokens runs once over its contiguous slice of the sorted rows (see `dispatch_sorted`)."""
 
-    The N*k (token, expert) pairs are grouped by expert with one argsort and the tokens gathered once in
-    that order; every expert that received tokens runs once over its contiguous slice, and the results
+    def run(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ys, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                ys.append(expert(e, xs[start : start + n]))
+                start += n
+        return torch.cat(ys)
+
+    return dispatch_sorted(x, weights, indices, n_experts, run)
+
+
+def dispatch_sorted(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    n_experts: int,
+    run: Callable[[torch.Tensor, list[int]], torch.Tensor],
+) -> torch.Tensor:
+    """The grouping every host-side dispatch shares. The N*k (token, expert) pairs are sorted by expert
+    with one argsort and the tokens gathered once in that order; `run(xs, counts)` computes every pair's
+    unweighted expert output for those sorted rows (counts[e] rows for expert e, in order); the results
     are weighted and scattered back with one multiply and one index_add (per-expert small ops are what
     few-token decode pays for)."""
     k = indices.shape[1]
@@ -171,14 +191,7 @@ def dispatch(
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=n_experts).tolist()  # one host sync per layer
     token = order // k
-    xs = x[token]  # [N*k, dim], grouped by expert
-    ys = []
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            ys.append(expert(e, xs[start : start + n]))
-            start += n
-    y = torch.cat(ys) * weights.reshape(-1)[order, None]
+    y = run(x[token], counts) * weights.reshape(-1)[order, None]  # x[token]: [N*k, dim], grouped by expert
     return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .graphs import GraphRunner, graph_blocker
+from .graphs import decode_runner
 from .sampling import sample
 
 
@@ -79,11 +79,7 @@ class Engine:
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
         self.cache = model.new_cache(max_batch, max_len)
-        if graphs is None:
-            graphs = graph_blocker(model) is None
-        elif graphs and (why := graph_blocker(model)) is not None:
-            raise ValueError(f"CUDA graphs are not available for this model: {why}")
-        self.runner = GraphRunner(model, self.cache, compile=compile) if graphs else None
+        self.runner = decode_runner(model, self.cache, graphs, compile)
         self.live: list[Request] = []  # live[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
         self.finished: dict[int, Request] = {}

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from .graphs import GraphRunner, graph_blocker
+from .graphs import decode_runner
 from .sampling import sample
 
 
@@ -67,9 +67,7 @@ def generate(
     mask = torch.arange(S, device=dev)[None, :] < lens[:, None]
     logits = model(ids, attention_mask=mask.long(), cache=cache, keep=lens - 1)[:, 0]
     cache.lens = lens.clone()
-    if graphs is None:
-        graphs = graph_blocker(model) is None
-    runner = GraphRunner(model, cache) if graphs else None
+    runner = decode_runner(model, cache, graphs)
     eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []

@@ -53,6 +53,17 @@ def graph_blocker(model) -> str | None:
     return None
 
 
+def decode_runner(model, cache: KVCache, graphs: bool | None = None, compile: bool = False) -> GraphRunner | None:
+    """The runner for `cache`'s decode steps, or None for plain eager steps. graphs None: graphed when the
+    model allows it (`graph_blocker`); True: graphed or a ValueError saying why not; False: eager."""
+    why = graph_blocker(model)
+    if graphs and why is not None:
+        raise ValueError(f"CUDA graphs are not available for this model: {why}")
+    if graphs is False or why is not None:
+        return None
+    return GraphRunner(model, cache, compile=compile)
+
+
 def buckets(max_batch: int) -> list[int]:
     small = [b for b in (1, 2, 4) if b < max_batch]
     step = 8 if max_batch <= 64 else 16
