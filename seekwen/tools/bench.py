@@ -217,19 +217,20 @@ class Ours:
     name = "seekwen"
 
     def __init__(self, model, graphs: bool = False, compile: bool = False):
-        from ..runtime.graphs import GraphRunner
-
         self.model = model
         # decode steps from CUDA graphs (optionally compiled first): one runner (and its graphs) per cache
         self.graphs, self.compile = graphs, compile
-        self.runners: dict[int, GraphRunner] = {}
         self.caches: dict[tuple[int, int], object] = {}
+        self.runners: dict[int, object] = {}  # id(cache) -> its GraphRunner
 
     def new_cache(self, B: int, T: int):
         if not self.graphs:
             return self.model.new_cache(B, T)
         if (B, T) not in self.caches:  # reused across repeats, so each shape is captured once
-            self.caches[B, T] = self.model.new_cache(B, T)
+            from ..runtime.graphs import GraphRunner
+
+            cache = self.caches[B, T] = self.model.new_cache(B, T)
+            self.runners[id(cache)] = GraphRunner(self.model, cache, compile=self.compile)
         cache = self.caches[B, T]
         cache.reset()
         return cache
@@ -243,12 +244,9 @@ class Ours:
         return logits.argmax(-1), cache
 
     def step(self, tok: torch.Tensor, cache):
-        if self.graphs:
-            from ..runtime.graphs import GraphRunner
-
-            if id(cache) not in self.runners:
-                self.runners[id(cache)] = GraphRunner(self.model, cache, compile=self.compile)
-            logits = self.runners[id(cache)].decode(tok, tok.shape[0])
+        runner = self.runners.get(id(cache))
+        if runner is not None:
+            logits = runner.decode(tok, tok.shape[0])
         else:
             logits = self.model(tok[:, None], cache=cache)[:, 0]
         cache.lens += 1
