@@ -16,8 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from seekwen.model import kernels
-from seekwen.model import linear as L
+from seekwen.fast import kernels
+from seekwen.fast import linear as L
 
 K, N, COPIES = 896, 4864, 64
 

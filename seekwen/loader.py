@@ -251,7 +251,7 @@ def load(
 
     dtype: torch dtype or "float32"/"bfloat16"/"float16"; default: the checkpoint's `torch_dtype`.
     config_overrides: config.json fields to change before building (e.g. a `rope_scaling`).
-    fast: swap in the inference fast path (`seekwen.model.fast.prepare`); quantize: "int8" or "int4"
+    fast: swap in the inference fast path (`seekwen.fast.prepare`); quantize: "int8" or "int4"
     weight-only quantization of the linear layers and experts (implies fast)."""
     folder = resolve(path_or_id)
     raw, fam, cfg = read_config(folder)
@@ -273,7 +273,7 @@ def load(
 
     model.tokenizer = Tokenizer.from_folder(folder)
     if fast or quantize:
-        from .model.fast import prepare
+        from .fast import prepare
 
         prepare(model, quantize=quantize)
     return model

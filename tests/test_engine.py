@@ -11,7 +11,7 @@ import torch
 from hf_models import SPECS, make_checkpoint
 
 import seekwen
-from seekwen.model.fast import prepare
+from seekwen.fast import prepare
 from seekwen.runtime.engine import Engine, SamplingParams
 
 LENS = [5, 17, 9, 3, 12, 20, 7]

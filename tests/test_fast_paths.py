@@ -13,8 +13,8 @@ from hf_models import SPECS, make_checkpoint
 from torch import nn
 
 import seekwen
-from seekwen.model import linear as L
-from seekwen.model.fast import GroupedExperts, prepare
+from seekwen.fast import GroupedExperts, prepare
+from seekwen.fast import linear as L
 from seekwen.model.moe import Experts
 from seekwen.runtime.cache import KVCache
 

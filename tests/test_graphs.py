@@ -9,7 +9,7 @@ import torch
 from hf_models import SPECS, make_checkpoint
 
 import seekwen
-from seekwen.model.fast import prepare
+from seekwen.fast import prepare
 from seekwen.model.moe import GROUPED_MM, dispatch, dispatch_grouped
 from seekwen.runtime.engine import Engine, SamplingParams
 from seekwen.runtime.graphs import GraphRunner, buckets, graph_blocker

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seekwen.model import kernels
-from seekwen.model import linear as L
+from seekwen.fast import kernels
+from seekwen.fast import linear as L
 
 K_ = kernels.get()
 pytestmark = pytest.mark.skipif(K_ is None, reason="no C++ compiler / no AVX2: kernels unavailable")

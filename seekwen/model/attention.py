@@ -126,7 +126,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * hd, d, bias=cfg.o_bias)
-        self.wqkv: nn.Module | None = None  # fast path: q, k, v in one product (set by model.fast.prepare)
+        self.wqkv: nn.Module | None = None  # fast path: q, k, v in one product (set by fast.prepare)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from . import kernels
 from .attention import AttnContext, sdpa
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -51,7 +50,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(m.kv_lora_rank, 1e-6)
         self.wkv_b = nn.Linear(m.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, d, bias=cfg.o_bias)
-        # fast path (model.fast.prepare): the query projection (wq or wq_a) and wkv_a in one product, and
+        # fast path (fast.prepare): the query projection (wq or wq_a) and wkv_a in one product, and
         # W_UK [H, d_nope, r] / W_UV^T [H, r, d_v] kept contiguous for absorbed decode
         self.wq_kv_a: nn.Module | None = None
         self.w_uk: torch.Tensor | None = None
@@ -123,10 +122,12 @@ class MLA(nn.Module):
 
     def absorbed_heads_first(self, q_nope, q_pe, kv, k_pe, mask, counts: list[int] | None = None) -> torch.Tensor:
         """`absorbed` with the per-head products laid out [H, B*S, .] against contiguous W_UK [H, d_nope, r]
-        and W_UV^T [H, r, d_v] (set by model.fast.prepare): that form runs as fast matrix-vector products
+        and W_UV^T [H, r, d_v] (set by fast.prepare): that form runs as fast matrix-vector products
         on CPU, where the [B, S, H, .] einsum falls back to a slow batched kernel. One new token per row
         with `counts` (keys each row sees) on CPU: the attention itself is one kernel call
         (`kernels.mla_decode`), so decode stays close to flat as the cache grows."""
+        from ..fast import kernels
+
         B, S, H, _ = q_nope.shape
         T = kv.shape[1]
         q_h = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.nope)

@@ -11,7 +11,7 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
         self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
-        self.w13: nn.Module | None = None  # fast path: gate and up in one product (model.fast.prepare)
+        self.w13: nn.Module | None = None  # fast path: gate and up in one product (fast.prepare)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:

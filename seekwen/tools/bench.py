@@ -326,7 +326,7 @@ def mem_gb(device: torch.device) -> float:
 def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
     import seekwen
 
-    from ..model.fast import prepare
+    from ..fast import prepare
     from ..runtime.graphs import graph_blocker
 
     bw, peak = machine
@@ -462,7 +462,7 @@ def held_out_chunks(model, text_path: str, seq_len: int = 256, val_every: int = 
 def ppl_check(args) -> None:
     import seekwen
 
-    from ..model.fast import prepare
+    from ..fast import prepare
     from .common import model_path
 
     path = model_path(args.ppl_model)

@@ -1,4 +1,4 @@
-"""Fast linear layers for inference, swapped in by `seekwen.model.fast.prepare(model)`.
+"""Fast linear layers for inference, swapped in by `seekwen.fast.prepare(model)`.
 
 The plain model uses `nn.Linear` (weight [out, in], `F.linear`), the reference. Batch-1/batch-8 decode
 on this kind of CPU is bound by streaming weights, and the BLAS serves few-row products poorly (see

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.attention import Attention
+from ..model.mla import MLA
+from ..model.mlp import MLP
+from ..model.moe import Experts, MoE, dispatch, dispatch_sorted
+from ..model.norm import RMSNorm
 from . import kernels
-from .attention import Attention
 from .linear import FastLinear, fuse, make_linear
-from .mla import MLA
-from .mlp import MLP
-from .moe import Experts, MoE, dispatch, dispatch_sorted
-from .norm import RMSNorm
 
 QUANTIZE = (None, "int8", "int4")
 
