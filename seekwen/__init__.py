@@ -9,6 +9,11 @@
 from .config import ConfigError, ModelConfig
 from .loader import CheckpointError, build, load, resolve
 from .model import Transformer
+from .runtime.generate import generate
+
+# `model.generate(...)`: the runtime's generate as a method. Attached here, at the top of the package, so
+# that the model package never imports the runtime (docs/design.md: the dependency order).
+Transformer.generate = generate
 
 __version__ = "0.1.0"
 __all__ = ["load", "build", "resolve", "Transformer", "ModelConfig", "ConfigError", "CheckpointError", "__version__"]

@@ -45,7 +45,7 @@ def test_engine_equals_per_sequence_generate(model, fast):
     engine = Engine(m, max_batch=3, max_len=40)  # 7 requests through 3 rows: joins and leaves
     out = engine.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in MAX_NEW])
     assert out == ref
-    assert not engine.has_work() and engine.cache.lens.shape[0] == 3
+    assert not engine.has_work() and engine.decoder.lens.shape[0] == 3
 
 
 def test_engine_stops_and_streaming(model):

@@ -11,6 +11,7 @@ from hf_models import SPECS, make_checkpoint
 import seekwen
 from seekwen.fast import prepare
 from seekwen.model.moe import GROUPED_MM, dispatch, dispatch_grouped
+from seekwen.runtime.decoder import Decoder
 from seekwen.runtime.engine import Engine, SamplingParams
 from seekwen.runtime.graphs import GraphRunner, buckets, graph_blocker
 
@@ -24,19 +25,18 @@ def folder(request, tmp_path_factory):
     return make_checkpoint(spec, tmp_path_factory.mktemp(spec.name))[1]
 
 
-def _prefilled(model, prompts: list[list[int]], rows: int, max_len: int):
-    """A cache of `rows` rows with the prompts prefilled into rows 0..len-1; returns (cache, next tokens)."""
+def _prefilled(model, prompts: list[list[int]], rows: int, max_len: int, static: bool = False):
+    """A decoder of `rows` rows with the prompts prefilled into rows 0..len-1; returns (decoder, next tokens).
+    static: its decode steps run through a GraphRunner (off CUDA: the static step, eagerly)."""
     dev = model.device
-    cache = model.new_cache(rows, max_len)
+    dec = Decoder(model, rows, max_len, graphs=False)
+    if static:
+        dec.runner = GraphRunner(dec)
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     ids = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long, device=dev)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
-    mask = (torch.arange(ids.shape[1], device=dev)[None] < lens[:, None]).long()
-    view = cache.rows(0, len(prompts))
-    logits = model(ids, attention_mask=mask, cache=view, keep=lens - 1)[:, 0]
-    view.lens.copy_(lens)
-    return cache, logits.argmax(-1)
+    return dec, dec.prefill(ids, lens).argmax(-1)
 
 
 def _decode_both(model, steps: int = 6, rows: int = 5):
@@ -44,17 +44,12 @@ def _decode_both(model, steps: int = 6, rows: int = 5):
     returns the per-step logits of both."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist() for n in LENS]
-    n = len(prompts)
     eager, tok_e = _prefilled(model, prompts, rows, 40)
-    static, tok_s = _prefilled(model, prompts, rows, 40)
-    runner = GraphRunner(model, static)
+    static, tok_s = _prefilled(model, prompts, rows, 40, static=True)
     out_e, out_s = [], []
     for _ in range(steps):
-        view = eager.rows(0, n)
-        le = model(tok_e[:, None], cache=view)[:, 0]
-        view.lens += 1
-        ls = runner.decode(tok_s, n).clone()
-        static.lens[:n] += 1
+        le = eager.step(tok_e)
+        ls = static.step(tok_s).clone()
         out_e.append(le)
         out_s.append(ls)
         tok_e, tok_s = le.argmax(-1), ls.argmax(-1)
@@ -79,7 +74,7 @@ def test_engine_with_runner_equals_plain_engine(folder):
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in [6, 10, 3, 12, 8]]
     ref = Engine(model, max_batch=3, max_len=40).generate(prompts, params)
     engine = Engine(model, max_batch=3, max_len=40)
-    engine.runner = GraphRunner(model, engine.cache)  # on CPU: the static step, run eagerly
+    engine.decoder.runner = GraphRunner(engine.decoder)  # on CPU: the static step, run eagerly
     assert engine.generate(prompts, params) == ref
 
 
@@ -154,13 +149,14 @@ def test_cuda_engine_graphs_equal_static_eager(folder, dtype):
     prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist() for n in [5, 17, 9, 3, 12]]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in [6, 10, 3, 12, 8]]
     eager = Engine(model, max_batch=3, max_len=40, graphs=False)
-    eager.runner = GraphRunner(model, eager.cache)
-    eager.runner.graphed = False
+    eager.decoder.runner = GraphRunner(eager.decoder)
+    eager.decoder.runner.graphed = False
     ref = eager.generate(prompts, params)
     engine = Engine(model, max_batch=3, max_len=40)
-    assert engine.runner is not None and engine.runner.graphed
+    runner = engine.decoder.runner
+    assert runner is not None and runner.graphed
     assert engine.generate(prompts, params) == ref
-    assert engine.runner.graphed and engine.runner.graphs  # replayed from captured graphs, none failed
+    assert runner.graphed and runner.graphs  # replayed from captured graphs, none failed
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -171,9 +167,9 @@ def test_cuda_compiled_step_close_to_eager(folder):
     prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist() for n in LENS]
     with torch.inference_mode():
         le, _ = _decode_both(model)  # same prompts: le[0] is the eager first step
-        cache, tok = _prefilled(model, prompts, 5, 40)
-        runner = GraphRunner(model, cache, compile=True)
-        lc = runner.decode(tok, len(LENS)).float()
+        dec, tok = _prefilled(model, prompts, 5, 40)
+        runner = dec.runner = GraphRunner(dec, compile=True)
+        lc = dec.step(tok).float()
     assert runner.graphed and runner.graphs
     assert (lc - le[0].float()).abs().max().item() <= 0.05 * le[0].abs().max().item()
 

@@ -20,6 +20,7 @@ from seekwen.families import parse_config
 from seekwen.model.moe import Gate
 from seekwen.model.norm import RMSNorm
 from seekwen.model.rope import RotaryEmbedding, apply_rope, compute_inv_freq, logn_scale, qwen_ntk_alpha
+from seekwen.runtime.decoder import Decoder
 
 TOL = 1e-4
 
@@ -543,15 +544,13 @@ def _set_mode(model, mode: str) -> None:
 def _decode_logits(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     """Prefill then greedy decode through the cache; logits of every step [steps + 1, B, V]."""
     B, S = ids.shape
-    cache = model.new_cache(B, S + steps)
+    dec = Decoder(model, B, S + steps)
     out = []
     with torch.no_grad():
-        logits = model(ids, cache=cache)[:, -1]
-        cache.lens += S
+        logits = dec.prefill(ids)
         out.append(logits)
         for _ in range(steps):
-            logits = model(logits.argmax(-1)[:, None], cache=cache)[:, 0]
-            cache.lens += 1
+            logits = dec.step(logits.argmax(-1))
             out.append(logits)
     return torch.stack(out)
 
@@ -581,7 +580,7 @@ def test_mla_absorbed_equals_naive(mla_model):
 def test_mla_cache_holds_only_the_latent(mla_model):
     cfg = mla_model.cfg
     r, dr = cfg.mla.kv_lora_rank, cfg.mla.qk_rope_head_dim
-    cache = mla_model.new_cache(3, 20)
+    cache = Decoder(mla_model, 3, 20).cache
     for layer in cache.layers:
         assert set(layer) == {"kv", "pe"}
         assert tuple(layer["kv"].shape) == (3, 20, r) and tuple(layer["pe"].shape) == (3, 20, dr)
@@ -591,9 +590,10 @@ def test_mla_cache_holds_only_the_latent(mla_model):
     assert r + dr < cfg.num_heads * (cfg.mla.qk_nope_head_dim + dr + cfg.mla.v_head_dim)
     # and what the cache holds after prefill is the normalised latent and the rotated shared key
     ids = torch.randint(3, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
-    cache = mla_model.new_cache(1, 8)
+    dec = Decoder(mla_model, 1, 8)
+    cache = dec.cache
     with torch.no_grad():
-        mla_model(ids, cache=cache)
+        dec.prefill(ids)
         attn = mla_model.layers[0].attn
         h = mla_model.layers[0].attn_norm(mla_model.embed(ids))
         kv, pe = attn.wkv_a(h).split([r, dr], -1)

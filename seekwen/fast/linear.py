@@ -178,3 +178,26 @@ def reference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer computed the plain way from its dequantized weight (the tests' reference)."""
     b = bias_of(layer)
     return F.linear(x.float(), layer.dequantized(), None if b is None else b.float())
+
+
+def isa_name() -> str:
+    """The instruction set the CPU kernels run with ("avx512", "avx2"), or "off" where they are unavailable."""
+    k = kernels.get()
+    return k.isa() if k is not None else "off"
+
+
+def describe_linear(layer: nn.Module) -> str:
+    """Which implementation a linear layer of the fast path runs, e.g. "fp32 f32_mm[avx512] <= 8 rows, else BLAS"."""
+    w = getattr(layer, "weight", None)
+    if isinstance(layer, Int8Linear):
+        fmt, name = "int8 per-channel", "int8_mm"
+    elif isinstance(layer, Int4Linear):
+        fmt, name = f"int4 group {layer.group_size}", "int4_mm"
+    else:
+        fmt, name = str(w.dtype).removeprefix("torch."), "f32_mm"
+    on_cpu = next(layer.parameters()).device.type == "cpu"
+    if isinstance(layer, FastLinear) and w.dtype != torch.float32 or not on_cpu or kernels.get() is None:
+        slow = "F.linear" if isinstance(layer, FastLinear) else "dequantize + F.linear"
+        return f"{fmt} {slow}"
+    prefill = "BLAS" if isinstance(layer, FastLinear) else "dequantize + BLAS"
+    return f"{fmt} {name}[{isa_name()}] <= {kernels.MAX_ROWS} rows, else {prefill}"

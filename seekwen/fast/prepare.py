@@ -1,177 +1,118 @@
-"""`prepare(model)`: turn a loaded model into its inference fast path, in place.
+"""`prepare(model)`: swap the fast path's sibling modules (`fast.layers`) in for the reference ones, and
+`plan(model)`: which implementation runs where.
 
-The plain modules stay the reference; this swaps in equivalent pieces:
-- every `nn.Linear` -> `FastLinear` (AVX2 kernel for decode, `F.linear` for prefill), or int8 / int4 layers;
-- q/k/v (GQA) and gate/up (MLP, shared experts) fused into one product each; for MLA the query
-  projection (wq or wq_a) and wkv_a fused, and W_UK / W_UV kept contiguous for absorbed decode;
-- stacked MoE experts -> `GroupedExperts`: per expert one fused gate/up product and one down product
-  over just the tokens routed to it, weights read in place (no per-token loop, no weight copies);
+- every linear layer -> `FastLinear` (SIMD kernel for decode, `F.linear` for prefill), or int8 / int4;
+- attention, MLA, dense MLPs and shared experts -> `FastAttention`, `FastMLA`, `FastMLP` (fused products);
+- stacked MoE experts -> `GroupedExperts` on CPU or when quantized (on a GPU, unquantized, the stacked
+  experts stay: they run as grouped matmuls, `model.moe.dispatch_grouped`);
 - a tied LM head -> one [vocab, hidden] matrix, which the embedding lookup reads rows of (no 2nd copy);
-- RMSNorm -> `FastRMSNorm` (one fused `F.rms_norm` for fp32).
+- RMSNorm -> `FastRMSNorm` (one fused `F.rms_norm`).
 The router (`Gate`) stays as it is: tiny, and its fp32 numerics matter for which experts are chosen.
+The reference modules are replaced, never edited: a reference module taken out of the model before
+`prepare` still computes as before.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..model.attention import Attention
 from ..model.mla import MLA
 from ..model.mlp import MLP
-from ..model.moe import Experts, MoE, dispatch, dispatch_sorted
+from ..model.moe import Experts, MoE, grouped_mm_works
 from ..model.norm import RMSNorm
-from . import kernels
-from .linear import FastLinear, fuse, make_linear
+from .layers import FastAttention, FastMLA, FastMLP, FastRMSNorm, GroupedExperts, TiedEmbedding, fast_linear
+from .linear import describe_linear
 
 QUANTIZE = (None, "int8", "int4")
 
 
-class GroupedExperts(nn.Module):
-    """E SwiGLU experts, each a fused gate/up layer w13 [dim -> 2*inter] and a down layer w2.
-
-    Tokens are grouped by expert with one argsort; each expert that received tokens runs one
-    product over exactly those tokens. With few tokens (decode) that is at most N*k experts, each
-    read once, in place. fp32 on CPU with at most `kernels.MAX_ROWS` tokens: all chosen experts run in
-    one C++ call (`kernels.moe_experts`: two threaded passes over their weights, no per-expert ops)."""
-
-    def __init__(self, experts: Experts, quantize: str | None = None, group_size: int = 64):
-        super().__init__()
-        E = experts.w1.shape[0]
-        self.n_experts = E
-        self.w13 = nn.ModuleList(
-            make_linear(torch.cat((experts.w1[e], experts.w3[e]), 0).detach(), None, quantize, group_size)
-            for e in range(E)
-        )
-        self.w2 = nn.ModuleList(make_linear(experts.w2[e].detach(), None, quantize, group_size) for e in range(E))
-        self.fused = quantize is None and experts.w1.dtype == torch.float32  # moe_experts' case
-
-    def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13[e](h).chunk(2, dim=-1)
-        return self.w2[e](F.silu(gate) * up)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
-        N, k = indices.shape
-        kern = kernels.get() if self.fused and kernels.usable(x, self.w13[0].weight) else None
-        if kern is not None:
-            return self._fused_forward(kern, x, weights, indices)
-        if N == 1:  # decode, one token: k experts, no grouping needed
-            out = torch.zeros_like(x)
-            for j, e in enumerate(indices[0].tolist()):
-                out.add_(self.expert(e, x) * weights[0, j].to(x.dtype))
-            return out
-        return dispatch(x, weights, indices, self.n_experts, self.expert)
-
-    def _fused_forward(self, kern, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """`dispatch`'s grouping, with the experts themselves in one C++ call over the chosen experts'
-        weights (read in place)."""
-
-        def run(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-            active = [e for e, n in enumerate(counts) if n]
-            return kern.moe_experts(
-                xs.contiguous(),
-                [self.w13[e].weight for e in active],
-                [self.w2[e].weight for e in active],
-                [counts[e] for e in active],
-            )
-
-        return dispatch_sorted(x, weights, indices, self.n_experts, run)
-
-
-class FastRMSNorm(RMSNorm):
-    """RMSNorm as one fused op (`F.rms_norm`). For fp32 it is the reference's math exactly. On CUDA it is
-    used for every dtype (one kernel instead of ~7 per norm, which matters when a decode step is a few
-    hundred tiny kernels): it normalises in fp32 and rounds once, where the reference (HF) rounds the
-    normalised value to bf16 before scaling; the difference is within one bf16 rounding."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == torch.float32 or x.is_cuda) and self.weight.dtype == x.dtype:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return super().forward(x)
-
-
-class TiedEmbedding(nn.Module):
-    """Embedding lookup from the tied LM head's weight [vocab, hidden]: ids -> rows."""
-
-    def __init__(self, head: FastLinear):
-        super().__init__()
-        self.head = [head]  # not a submodule: the head owns the weight
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.head[0].weight  # [vocab, hidden]
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
-
-
-def _fast(layer: nn.Module, quantize: str | None, group_size: int) -> nn.Module:
-    return make_linear(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), quantize, group_size)
-
-
-def _prepare_attention(a: Attention, quantize: str | None, group_size: int) -> None:
-    a.wqkv = fuse([a.wq, a.wk, a.wv], quantize, group_size)
-    a.wq = a.wk = a.wv = None
-    a.wo = _fast(a.wo, quantize, group_size)
-
-
-def _prepare_mla(a: MLA, quantize: str | None, group_size: int) -> None:
-    w = a.wkv_b.weight.detach().view(a.n_heads, a.nope + a.v_dim, a.kv_lora_rank)
-    a.w_uk = w[:, : a.nope].contiguous()  # [H, d_nope, r]
-    a.w_uv = w[:, a.nope :].transpose(1, 2).contiguous()  # W_UV^T [H, r, d_v]
-    # few-row decode on CPU: the per-head kernel's layout
-    if w.dtype == torch.float32 and w.device.type == "cpu" and kernels.get() is not None:
-        a.w_uk_t = a.w_uk.transpose(1, 2).contiguous()  # [H, r, d_nope]
-        a.w_uv_t = w[:, a.nope :].contiguous()  # [H, d_v, r]
-    first = a.wq if a.q_lora_rank is None else a.wq_a
-    a.wq_kv_a = fuse([first, a.wkv_a], quantize, group_size)
-    if a.q_lora_rank is None:
-        a.wq = None
-    else:
-        a.wq_a = None
-        a.wq_b = _fast(a.wq_b, quantize, group_size)
-    a.wkv_a = None
-    a.wkv_b = FastLinear(a.wkv_b.weight.detach())  # prefill (naive) path; kept fp32: it is small
-    a.wo = _fast(a.wo, quantize, group_size)
-
-
-def _prepare_mlp(m: MLP, quantize: str | None, group_size: int) -> None:
-    m.w13 = fuse([m.w1, m.w3], quantize, group_size)
-    m.w1 = m.w3 = None
-    m.w2 = _fast(m.w2, quantize, group_size)
+def _swap_norms(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if type(child) is RMSNorm:
+            setattr(module, name, FastRMSNorm.from_reference(child))
+        else:
+            _swap_norms(child)
 
 
 @torch.no_grad()
 def prepare(model: nn.Module, quantize: str | None = None, group_size: int = 64) -> nn.Module:
-    """Swap in the fast path (see module docstring). quantize: None (fp32/bf16 as loaded), "int8"
+    """Swap in the fast path (see module docstring). quantize: None (weights as loaded), "int8"
     (per-output-channel) or "int4" (groups of `group_size` input channels). Idempotent."""
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantization {quantize!r} (use int8 or int4)")
     if getattr(model, "prepared", None) is not None:
         return model
     for block in model.layers:
-        attn = block.attn
-        if isinstance(attn, MLA):
-            _prepare_mla(attn, quantize, group_size)
-        else:
-            _prepare_attention(attn, quantize, group_size)
+        fast_attn = FastMLA if isinstance(block.attn, MLA) else FastAttention
+        block.attn = fast_attn.from_reference(block.attn, quantize, group_size)
         ffn = block.ffn
         if isinstance(ffn, MLP):
-            _prepare_mlp(ffn, quantize, group_size)
+            block.ffn = FastMLP.from_reference(ffn, quantize, group_size)
         elif isinstance(ffn, MoE):
             if ffn.experts.w1.device.type == "cpu" or quantize:
-                ffn.experts = GroupedExperts(ffn.experts, quantize, group_size)
-            # else (GPU, unquantized): the stacked experts stay; they run as grouped matmuls (moe.dispatch_grouped)
+                ffn.experts = GroupedExperts.from_reference(ffn.experts, quantize, group_size)
             if ffn.shared is not None:
-                _prepare_mlp(ffn.shared, quantize, group_size)
-    for module in model.modules():
-        if type(module) is RMSNorm:
-            module.__class__ = FastRMSNorm  # same parameters, fused forward
-    tied = model.cfg.tie_word_embeddings
-    model.head = _fast(model.head, quantize, group_size)
-    if tied and quantize is None:
+                ffn.shared = FastMLP.from_reference(ffn.shared, quantize, group_size)
+    _swap_norms(model)
+    model.head = fast_linear(model.head, quantize, group_size)
+    if model.cfg.tie_word_embeddings and quantize is None:
         model.embed = TiedEmbedding(model.head)
     model.prepared = quantize or "fp"
     return model
+
+
+def _describe(module: nn.Module) -> str:
+    if hasattr(module, "describe"):
+        return module.describe()
+    if isinstance(module, Experts):
+        if module.w1.is_cuda and grouped_mm_works("cuda", module.w1.dtype):
+            return f"{module.w1.shape[0]} stacked experts, three torch._grouped_mm calls (fixed shapes)"
+        return f"{module.w1.shape[0]} stacked experts, one F.linear per expert that got tokens (reference)"
+    if isinstance(module, nn.Linear):
+        return f"{str(module.weight.dtype).removeprefix('torch.')} F.linear (reference)"
+    if type(module) is RMSNorm:
+        return "RMSNorm in fp32 (reference)"
+    return f"{type(module).__name__} (reference)"
+
+
+def plan(model: nn.Module) -> list[tuple[str, str]]:
+    """Which implementation runs where: (component, implementation) rows, one per kind of layer, the
+    way vLLM logs its attention backend. Layers of one kind that run the same way share a row."""
+    rows: dict[str, list[str]] = {}
+
+    def add(kind: str, text: str) -> None:
+        if text not in rows.setdefault(kind, []):
+            rows[kind].append(text)
+
+    prepared = getattr(model, "prepared", None)
+    add("path", f"{'fast' if prepared else 'reference (plain modules)'}; "
+                f"{str(model.dtype).removeprefix('torch.')} on {model.device}")
+    add("quantization", "none" if prepared in (None, "fp") else prepared)
+    for block in model.layers:
+        attn = block.attn
+        kind = "attention (MLA)" if isinstance(attn, MLA) else "attention (GQA)" if attn.n_kv_heads != attn.n_heads \
+            else "attention (MHA)"
+        reference = "reference: naive prefill, absorbed decode (einsum)" if isinstance(attn, MLA) \
+            else "reference: separate q/k/v products, SDPA"
+        add(kind, _describe(attn) if hasattr(attn, "describe") else reference)
+        ffn = block.ffn
+        if isinstance(ffn, MoE):
+            add("routed experts", _describe(ffn.experts))
+            if ffn.shared is not None:
+                add("shared experts", _describe(ffn.shared) if hasattr(ffn.shared, "describe") else "reference MLP")
+        else:
+            add("dense MLP", _describe(ffn) if hasattr(ffn, "describe") else "reference: separate gate/up/down")
+    head = model.head
+    add("LM head", describe_linear(head) if hasattr(head, "in_features") and not isinstance(head, nn.Linear)
+        else _describe(head))
+    norms = {_describe(m) for m in model.modules() if isinstance(m, RMSNorm)}
+    add("norms", " / ".join(sorted(norms)))
+    return [(kind, "; ".join(texts)) for kind, texts in rows.items()]
+
+
+def format_plan(model: nn.Module, extra: list[tuple[str, str]] | None = None) -> str:
+    """`plan(model)` (plus e.g. the runtime's decode rows) as aligned text lines."""
+    rows = plan(model) + (extra or [])
+    width = max(len(kind) for kind, _ in rows)
+    return "\n".join(f"  {kind:<{width}}  {text}" for kind, text in rows)

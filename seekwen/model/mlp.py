@@ -11,10 +11,6 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
         self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
-        self.w13: nn.Module | None = None  # fast path: gate and up in one product (fast.prepare)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..runtime.cache import KVCache
-from .attention import Attention, AttnContext
+from .attention import Attention
+from .batch import ForwardBatch, KVStore
 from .mla import MLA
 from .mlp import MLP
 from .moe import MoE
@@ -28,13 +28,17 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), ctx)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), batch)
         return x + self.ffn(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
-    """A causal LM for any supported family. `model(input_ids)` -> logits [B, S, vocab]."""
+    """A causal LM for any supported family. `model(input_ids)` -> logits [B, S, vocab].
+
+    The model computes; the runtime decides: calls over a KV cache come with a `ForwardBatch` built by
+    `seekwen.runtime.decoder.Decoder`. `model.generate(...)` is the runtime's `generate`, attached as a
+    method by the top-level package (`seekwen/__init__.py`), so this package never imports the runtime."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -56,94 +60,69 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def context(
+    def batch(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        positions: torch.Tensor | None,
-        cache: KVCache | None,
-    ) -> AttnContext:
+        positions: torch.Tensor,
+        *,
+        kv: KVStore | None = None,
+        n_keys: int = 0,
+        key_counts: list[int] | None = None,
+        new_valid: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        causal: bool = False,
+        ntk_alpha: torch.Tensor | None = None,
+        rope_bound: int | None = None,
+    ) -> ForwardBatch:
+        """Describe one forward call: rotary tables and LogN factors for `positions` [B, S] plus what the
+        caller (the runtime) knows about the keys. `ntk_alpha` [B]: Qwen v1's per-sequence NTK alpha;
+        `rope_bound`: a known bound on the positions, so nothing is read back to the host (CUDA graphs)."""
+        rope = self.cfg.rope
+        cos, sin = self.rope(positions, alpha=ntk_alpha, bound=rope_bound)
+        logn = logn_scale(positions, rope.seq_length) if self.cfg.logn_attn and rope.seq_length else None
+        return ForwardBatch(positions, cos, sin, kv=kv, n_keys=n_keys, key_counts=key_counts, new_valid=new_valid,
+                            key_valid=key_valid, logn=logn, causal=causal)
+
+    def uncached_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor | None
+    ) -> ForwardBatch:
+        """The batch of a call without a KV cache: positions count real tokens (any padding side)."""
         B, S = input_ids.shape
-        dev = input_ids.device
-        default_positions = positions is None
+        causal = positions is None and attention_mask is None and S > 1
         if positions is None:
-            if cache is not None:
-                positions = cache.lens[:, None] + torch.arange(S, device=dev)
-            elif attention_mask is not None:  # left or right padding: count real tokens only
+            if attention_mask is not None:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
-                positions = torch.arange(S, device=dev).expand(B, S)
-        rope = self.cfg.rope
+                positions = torch.arange(S, device=input_ids.device).expand(B, S)
         alpha = None
-        if rope.type == "qwen_dynamic":
-            # Qwen v1 fixes NTK alpha at prefill from each sequence's true length and keeps it: a cached
-            # row takes it from the call that starts it (lens 0) and keeps it in the cache (views share it)
-            if attention_mask is not None:
-                true_len = attention_mask.long().sum(-1) + (0 if cache is None else cache.lens)
-            else:
-                true_len = positions.max(-1).values + 1
-            alpha = torch.tensor([qwen_ntk_alpha(int(n), rope.seq_length) for n in true_len], dtype=torch.float64)
-            if cache is not None:
-                alpha = torch.where(cache.lens == 0, alpha.to(cache.ntk_alpha.device), cache.ntk_alpha)
-                cache.ntk_alpha.copy_(alpha)
-        static = cache is not None and cache.static
-        cos, sin = self.rope(positions, alpha=alpha, bound=cache.max_len if static else None)
-        logn = logn_scale(positions, rope.seq_length) if self.cfg.logn_attn and rope.seq_length else None
-        valid = attention_mask if cache is None else None
-        ctx = AttnContext(positions, cos, sin, cache=cache, key_valid=valid, logn=logn)
-        if cache is not None:
-            if static:  # attend over every slot (the mask hides the unused ones): fixed shapes, no sync
-                ctx.n_keys = cache.max_len
-            elif S == 1:  # decode: each row's key count (the one host sync of a cached call)
-                ctx.key_counts = [p + 1 for p in positions[:, 0].tolist()]
-                ctx.n_keys = max(ctx.key_counts)
-                cache.check(ctx.n_keys)
-            else:
-                ctx.n_keys = int(positions.max()) + 1  # the one host sync of a cached call
-                cache.check(ctx.n_keys)
-                # max position S-1 means every row starts at 0 (positions = lens + 0..S-1); right padding
-                # only (the cached-call contract), so pads are last and no real token sees them
-                ctx.causal = default_positions and ctx.n_keys == S and S > 1
-            ctx.new_valid = attention_mask
-        else:
-            ctx.causal = default_positions and attention_mask is None and S > 1
-        return ctx
+        if self.cfg.rope.type == "qwen_dynamic":  # alpha from each sequence's true length (Qwen v1)
+            true_len = attention_mask.long().sum(-1) if attention_mask is not None else positions.max(-1).values + 1
+            alpha = ntk_alphas(true_len.tolist(), self.cfg.rope.seq_length)
+        return self.batch(positions, key_valid=attention_mask, causal=causal, ntk_alpha=alpha)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        batch: ForwardBatch | None = None,
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, S] -> logits [B, S, vocab]; with `keep` [B] (an index per row), only the logits
         at that index: [B, 1, vocab] (saves the vocab-sized product for every prompt token).
 
-        attention_mask [B, S] marks real tokens (1) and padding (0). Without a cache, positions count
-        real tokens, so left- and right-padded rows give the same logits as unpadded ones. With a
-        cache, new tokens go at positions cache.lens + 0..S-1 (right padding only); the caller
-        advances `cache.lens` (see runtime.generate)."""
-        ctx = self.context(input_ids, attention_mask, positions, cache)
+        attention_mask [B, S] marks real tokens (1) and padding (0); positions then count real tokens,
+        so left- and right-padded rows give the same logits as unpadded ones. `batch`: a call over a KV
+        cache, described by the runtime (`runtime.decoder.Decoder`); it replaces mask and positions."""
+        if batch is None:
+            batch = self.uncached_batch(input_ids, attention_mask, positions)
         h = self.embed(input_ids)
         for layer in self.layers:
-            h = layer(h, ctx)
+            h = layer(h, batch)
         if keep is not None:
             h = h[torch.arange(h.shape[0], device=h.device), keep][:, None]
         return self.head(self.norm(h))
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch_size, max_len, dtype=self.dtype, device=self.device)
 
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
-        """Sample `max_new_tokens` continuations for a batch: input_ids [B, S] -> new tokens [B, N].
-
-        Greedy when temperature is 0 (the default). Uses the KV cache (the MLA latent cache for
-        DeepSeek-V2/V3), and gives the same tokens as re-running the full forward each step, except
-        for Qwen v1 with `use_dynamic_ntk`: like Qwen's own code, the NTK alpha is fixed from the
-        prompt length at prefill and kept while decoding. Rows that emit an EOS are padded with
-        `pad_token_id` (EOS if unset) afterwards. See `seekwen.runtime.generate.generate`."""
-        from ..runtime.generate import generate
-
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+def ntk_alphas(true_lens: list[int], seq_length: int) -> torch.Tensor:
+    """Qwen v1's per-sequence NTK alpha [B] (float64) from each sequence's true length."""
+    return torch.tensor([qwen_ntk_alpha(int(n), seq_length) for n in true_lens], dtype=torch.float64)

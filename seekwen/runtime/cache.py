@@ -14,6 +14,9 @@ mask `key_slot <= query_position`. Nothing grows per step: `max_len` slots are a
 
 `rows(start, stop)` is a view of some rows (shared storage): the batch engine runs each step on the
 rows [0, n) of a slot pool and prefills new requests into their own rows.
+
+The cache is storage only; how many tokens each row holds is the runtime's business
+(`runtime.decoder.Decoder.lens`). It implements the model's `KVStore` protocol (`model/batch.py`).
 """
 
 from __future__ import annotations
@@ -35,13 +38,7 @@ class KVCache:
     ):
         self.cfg = cfg
         self.max_len = max_len
-        self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)
-        # static: every forward attends over all max_len slots (unused ones masked), so shapes never change
-        # and nothing is read back to the host; what CUDA graphs need (runtime.graphs). The caller then
-        # keeps positions < max_len itself.
-        self.static = False
-        # Qwen v1 dynamic NTK: each row's alpha, fixed by the call that starts the row (lens 0); 0 = unset
-        self.ntk_alpha = torch.zeros(batch_size, dtype=torch.float64, device=device)
+        self.batch_size = batch_size
         B, T = batch_size, max_len
         self.windows: dict[int, int] = {}  # layer -> window, for layers kept in a ring buffer
         self.layers: list[dict[str, torch.Tensor]] = []
@@ -66,10 +63,6 @@ class KVCache:
                 }
             self.layers.append(layer)
 
-    @property
-    def batch_size(self) -> int:
-        return self.lens.shape[0]
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
 
@@ -88,14 +81,9 @@ class KVCache:
         if n_keys > self.max_len:
             raise ValueError(f"KV cache is full: position {n_keys - 1} does not fit in {self.max_len} slots")
 
-    def write(
-        self, layer: int, positions: torch.Tensor, used: int | None = None, **new: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Store new entries [B, S, ...] at slots `positions` [B, S]; return views of slots [0, used).
-        `used` (max position + 1) is computed once per forward by the caller; without it, here."""
-        if used is None:
-            used = int(positions.max()) + 1
-            self.check(used)
+    def write(self, layer: int, positions: torch.Tensor, n_keys: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Store new entries [B, S, ...] at slots `positions` [B, S]; return views of slots [0, n_keys).
+        `n_keys` (max position + 1, or max_len for a static step) is computed once per call by the runtime."""
         store = self.layers[layer]
         B, S = positions.shape
         if S == 1:  # decode: one slot per row
@@ -106,7 +94,7 @@ class KVCache:
             rows = torch.arange(B, device=positions.device)[:, None]
             for name, t in new.items():
                 store[name][rows, positions] = t.to(store[name].dtype)
-        return {name: t[:, :used] for name, t in store.items()}
+        return {name: t[:, :n_keys] for name, t in store.items()}
 
     def write_ring(
         self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
@@ -140,25 +128,16 @@ class KVCache:
         """A view of rows [start, stop): same storage, so writes and `lens` updates go through."""
         view = KVCache.__new__(KVCache)
         view.cfg, view.max_len, view.windows = self.cfg, self.max_len, self.windows
-        view.ntk_alpha = self.ntk_alpha[start:stop]
-        view.static = self.static
-        view.lens = self.lens[start:stop]
+        view.batch_size = stop - start
         view.layers = [{name: t[start:stop] for name, t in layer.items()} for layer in self.layers]
         return view
 
-    def copy_row(self, src: int, dst: int) -> None:
-        """Move row `src` into row `dst` (the engine keeps its live rows packed at the front)."""
-        n = int(self.lens[src])
+    def copy_row(self, src: int, dst: int, n: int) -> None:
+        """Move row `src` (holding n tokens) into row `dst`."""
         for i, layer in enumerate(self.layers):
             for t in layer.values():
                 m = t.shape[1] if self.is_ring(i) else n
                 t[dst, :m] = t[src, :m]
-        self.lens[dst] = self.lens[src]
-        self.ntk_alpha[dst] = self.ntk_alpha[src]
-
-    def reset(self) -> None:
-        self.lens.zero_()
-        self.ntk_alpha.zero_()
 
 
 def ring_positions(n_cached: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@
         for event in engine.step():          # Event(id, token, finished, reason)
             ...
 
-The KV cache is a pool of `max_batch` rows with per-row lengths (`KVCache.lens`); live sequences
-always occupy rows [0, n), so each decode step is one forward on `cache.rows(0, n)` with one new
-token per row: no per-sequence loop in the model. Each step first admits waiting requests (one
+The model runs through a `runtime.decoder.Decoder`: a KV cache pool of `max_batch` rows with per-row
+lengths; live sequences always occupy rows [0, n), so each decode step is one forward over rows
+[0, n) with one new token per row: no per-sequence loop in the model. Each step first admits waiting requests (one
 batched, right-padded prefill into the free rows [n, n + k); their first token comes from the
 prefill logits), then decodes the rows that were already live. A sequence stops on an EOS id (the
 config's, unless `ignore_eos`), on one of its `stop_token_ids`, or after `max_tokens`; its row is
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .graphs import decode_runner
+from .decoder import Decoder
 from .sampling import sample
 
 
@@ -78,8 +78,7 @@ class Engine:
         steps, a compile per batch bucket on first use)."""
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
-        self.cache = model.new_cache(max_batch, max_len)
-        self.runner = decode_runner(model, self.cache, graphs, compile)
+        self.decoder = Decoder(model, max_batch, max_len, graphs=graphs, compile=compile)
         self.live: list[Request] = []  # live[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
         self.finished: dict[int, Request] = {}
@@ -179,12 +178,7 @@ class Engine:
         return events
 
     def _decode(self, n: int) -> list[Event]:
-        view = self.cache.rows(0, n)
-        if self.runner is not None:
-            logits = self.runner.decode(self.last[:n], n)
-        else:
-            logits = self.model(self.last[:n, None], cache=view)[:, 0]  # [n, V]
-        view.lens += 1
+        logits = self.decoder.step(self.last[:n])  # [n, V]
         tokens = self._sample(logits, self.live[:n])
         self.last[:n] = tokens
         return self._emit(self.live[:n], tokens)
@@ -200,11 +194,7 @@ class Engine:
         ids = torch.zeros(k, S, dtype=torch.long, device=dev)
         for i, r in enumerate(reqs):
             ids[i, : len(r.prompt)] = torch.tensor(r.prompt, device=dev)
-        mask = (torch.arange(S, device=dev)[None, :] < lens[:, None]).long()  # right padding
-        view = self.cache.rows(n, n + k)
-        view.lens.zero_()
-        logits = self.model(ids, attention_mask=mask, cache=view, keep=lens - 1)[:, 0]
-        view.lens.copy_(lens)
+        logits = self.decoder.prefill(ids, lens, start=n)  # right-padded, into the free rows [n, n + k)
         tokens = self._sample(logits, reqs)
         self.last[n : n + k] = tokens
         self.live += reqs
@@ -218,7 +208,7 @@ class Engine:
             self.finished[self.live[i].id] = self.live[i]
             last = len(self.live) - 1
             if i != last:
-                self.cache.copy_row(last, i)
+                self.decoder.move_row(last, i)
                 self.last[i] = self.last[last]
                 self.live[i] = self.live[last]
             self.live.pop()

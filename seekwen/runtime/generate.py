@@ -1,4 +1,5 @@
-"""Generation with a preallocated KV cache: one batched prefill, then one token per row per step."""
+"""Generation with a preallocated KV cache: one batched prefill, then one token per row per step, both
+through the runtime's `Decoder`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from .graphs import decode_runner
+from .decoder import Decoder
 from .sampling import sample
 
 
@@ -63,11 +64,8 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=dev)
         generator.manual_seed(seed)
-    cache = model.new_cache(B, S + max_new_tokens)
-    mask = torch.arange(S, device=dev)[None, :] < lens[:, None]
-    logits = model(ids, attention_mask=mask.long(), cache=cache, keep=lens - 1)[:, 0]
-    cache.lens = lens.clone()
-    runner = decode_runner(model, cache, graphs)
+    decoder = Decoder(model, B, S + max_new_tokens, graphs=graphs)
+    logits = decoder.prefill(ids, lens)
     eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []
@@ -81,9 +79,5 @@ def generate(
             done |= torch.isin(tok, eos_t)
         if (stop_at_eos and bool(done.all())) or step == max_new_tokens - 1:
             break
-        if runner is not None:
-            logits = runner.decode(tok, B)
-        else:
-            logits = model(tok[:, None], cache=cache)[:, 0]
-        cache.lens += 1
+        logits = decoder.step(tok)
     return torch.stack(out, dim=1)

@@ -6,22 +6,18 @@ A CUDA graph records the step's kernels once and replays them all with one launc
 fixed shapes, fixed addresses and no reads back to the host during the step, which the pieces below
 provide:
 
-- the KV cache is preallocated (slot = position) and, for graphed steps, used as a *static* view
-  (`KVCache.static`): attention runs over all `max_len` slots with the positional mask hiding the
-  unused ones, so the step's shapes depend only on the batch size, and the rotary table is sized
-  from `max_len` instead of the positions;
+- the KV cache is preallocated (slot = position) and a graphed step attends over all `max_len` slots
+  with the positional mask hiding the unused ones, so the step's shapes depend only on the batch
+  size, and the rotary table is sized from `max_len` instead of the positions (`rope_bound`);
 - routed experts run as grouped matmuls over all (token, expert) pairs (`moe.dispatch_grouped`), not a
   Python loop over the experts that received tokens;
 - batch sizes are rounded up to a few buckets (1, 2, 4, 8, then multiples of 8, ...); one graph per
   bucket, all sharing one memory pool. Rows past the live ones are free cache rows: they decode a
   dummy token at position 0 of their own row, which nothing reads.
 
-    runner = GraphRunner(model, cache)          # cache = model.new_cache(max_batch, max_len)
-    logits = runner.decode(tokens, n)           # == model(tokens[:, None], cache=cache.rows(0, n))[:, 0]
-
-The caller advances `cache.lens` (as with the eager call) and keeps every position < max_len (the
-static step does not check it). Off CUDA, `decode` runs the same static step eagerly: that is what
-the CPU tests exercise.
+The runner belongs to a `runtime.decoder.Decoder` (its cache and row lengths), whose `step` calls
+`decode`; the decoder advances the lengths. Off CUDA, `decode` runs the same static step eagerly:
+that is what the CPU tests exercise.
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ import warnings
 import torch
 
 from ..model.moe import Experts, grouped_mm_works
-from .cache import KVCache
 
 
 def graph_blocker(model) -> str | None:
@@ -53,17 +48,6 @@ def graph_blocker(model) -> str | None:
     return None
 
 
-def decode_runner(model, cache: KVCache, graphs: bool | None = None, compile: bool = False) -> GraphRunner | None:
-    """The runner for `cache`'s decode steps, or None for plain eager steps. graphs None: graphed when the
-    model allows it (`graph_blocker`); True: graphed or a ValueError saying why not; False: eager."""
-    why = graph_blocker(model)
-    if graphs and why is not None:
-        raise ValueError(f"CUDA graphs are not available for this model: {why}")
-    if graphs is False or why is not None:
-        return None
-    return GraphRunner(model, cache, compile=compile)
-
-
 def buckets(max_batch: int) -> list[int]:
     small = [b for b in (1, 2, 4) if b < max_batch]
     step = 8 if max_batch <= 64 else 16
@@ -71,14 +55,14 @@ def buckets(max_batch: int) -> list[int]:
 
 
 class GraphRunner:
-    def __init__(self, model, cache: KVCache, compile: bool = False):
+    def __init__(self, decoder, compile: bool = False):
         """compile: trace the step with torch.compile (Inductor fuses the elementwise ops: norms, rotary,
         SiLU, residual adds) before capturing it; slow to start (a compile per batch bucket)."""
-        self.model, self.cache = model, cache
-        self.forward = torch.compile(model, dynamic=False) if compile else model
-        self.graphed = graph_blocker(model) is None
-        self.buckets = buckets(cache.batch_size)
-        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.lens.device)
+        self.decoder, self.model = decoder, decoder.model
+        self.forward = torch.compile(self._static_step, dynamic=False) if compile else self._static_step
+        self.graphed = graph_blocker(self.model) is None
+        self.buckets = buckets(decoder.max_batch)
+        self.tokens = torch.zeros(decoder.max_batch, 1, dtype=torch.long, device=decoder.lens.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -86,12 +70,17 @@ class GraphRunner:
         for b in self.buckets:
             if b >= n:
                 return b
-        raise ValueError(f"batch {n} is larger than the cache's {self.cache.batch_size} rows")
+        raise ValueError(f"batch {n} is larger than the cache's {self.decoder.max_batch} rows")
+
+    def _static_step(self, tokens: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """tokens [b, 1] at positions lens [b] -> logits [b, vocab], attending over every cache slot."""
+        dec = self.decoder
+        T = dec.max_len
+        batch = self.model.batch(lens[:, None], kv=dec.cache.rows(0, tokens.shape[0]), n_keys=T, rope_bound=T)
+        return self.model(tokens, batch=batch)[:, 0]
 
     def _step(self, b: int) -> torch.Tensor:
-        view = self.cache.rows(0, b)
-        view.static = True
-        return self.forward(self.tokens[:b], cache=view)[:, 0]  # [b, vocab]
+        return self.forward(self.tokens[:b], self.decoder.lens[:b])
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
@@ -100,7 +89,7 @@ class GraphRunner:
         b = self.bucket(n)
         self.tokens[:n, 0] = tokens
         if b > n:
-            self.cache.lens[n:b] = 0  # free rows: a dummy token at their own slot 0
+            self.decoder.lens[n:b] = 0  # free rows: a dummy token at their own slot 0 (they hold nothing)
         if not self.graphed:
             return self._step(b)[:n]
         if b not in self.graphs:

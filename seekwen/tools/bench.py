@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.decoder import Decoder
+
 BENCH_MODELS = {
     # Qwen2.5-0.5B's shape (494M parameters, tied embeddings)
     "dense": {
@@ -218,39 +220,25 @@ class Ours:
 
     def __init__(self, model, graphs: bool = False, compile: bool = False):
         self.model = model
-        # decode steps from CUDA graphs (optionally compiled first): one runner (and its graphs) per cache
+        # decode steps from CUDA graphs (optionally compiled first): one decoder (and its graphs) per shape,
+        # reused across repeats so each shape is captured once
         self.graphs, self.compile = graphs, compile
-        self.caches: dict[tuple[int, int], object] = {}
-        self.runners: dict[int, object] = {}  # id(cache) -> its GraphRunner
+        self.decoders: dict[tuple[int, int], Decoder] = {}
 
-    def new_cache(self, B: int, T: int):
+    def decoder(self, B: int, T: int) -> Decoder:
         if not self.graphs:
-            return self.model.new_cache(B, T)
-        if (B, T) not in self.caches:  # reused across repeats, so each shape is captured once
-            from ..runtime.graphs import GraphRunner
-
-            cache = self.caches[B, T] = self.model.new_cache(B, T)
-            self.runners[id(cache)] = GraphRunner(self.model, cache, compile=self.compile)
-        cache = self.caches[B, T]
-        cache.reset()
-        return cache
+            return Decoder(self.model, B, T, graphs=False)
+        if (B, T) not in self.decoders:
+            self.decoders[B, T] = Decoder(self.model, B, T, graphs=True, compile=self.compile)
+        return self.decoders[B, T]
 
     def prefill(self, ids: torch.Tensor, extra: int):
         B, S = ids.shape
-        cache = self.new_cache(B, S + extra)
-        keep = torch.full((B,), S - 1, device=ids.device)
-        logits = self.model(ids, cache=cache, keep=keep)[:, 0]
-        cache.lens += S
-        return logits.argmax(-1), cache
+        dec = self.decoder(B, S + extra)
+        return dec.prefill(ids).argmax(-1), dec
 
-    def step(self, tok: torch.Tensor, cache):
-        runner = self.runners.get(id(cache))
-        if runner is not None:
-            logits = runner.decode(tok, tok.shape[0])
-        else:
-            logits = self.model(tok[:, None], cache=cache)[:, 0]
-        cache.lens += 1
-        return logits.argmax(-1), cache
+    def step(self, tok: torch.Tensor, dec: Decoder):
+        return dec.step(tok).argmax(-1), dec
 
 
 class HF:
@@ -351,7 +339,7 @@ def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
     n_params = _count_params(cfg)
     step_bytes = decode_bytes(model)
     hf_bytes = decode_bytes_plain(cfg) * size // 4
-    kv = model.new_cache(1, 8).bytes_per_token()
+    kv = Decoder(model, 1, 8, graphs=False).bytes_per_token()
     mode = "plain reference path" if args.no_fast else f"fast path, {args.quantize or args.dtype} weights"
     if device.type == "cuda":
         if graphs:
@@ -400,16 +388,16 @@ def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
                 res = interleaved(runners, lambda r, ids=ids: time_decode(r, ids, args.decode_tokens), args.repeats)
                 _line(f"decode batch {B}, 32-token prompts", {k: B / v for k, v in res.items()}, "tok/s")
         if "context" in sections:
-            print("  decode batch 1 vs context (seekwen; cache filled to the length, not prefilled):")
+            print("  decode batch 1 vs context (seekwen; the cache prefilled to the length once, each step at it):")
             for T in _ints(args.contexts):
                 if T + args.decode_tokens + 1 > cfg.max_position_embeddings:
                     continue
-                cache = ours.new_cache(1, T + args.decode_tokens + 2)
+                _, dec = ours.prefill(torch.zeros(1, T, dtype=torch.long, device=device), args.decode_tokens + 2)
                 tok = torch.zeros(1, dtype=torch.long, device=device)
 
-                def step(tok=tok, cache=cache, T=T):
-                    cache.lens.fill_(T)  # the same slot each time: the step's cost at context T
-                    ours.step(tok, cache)
+                def step(tok=tok, dec=dec, T=T):
+                    dec.rewind(T)  # the same slot each time: the step's cost at context T
+                    ours.step(tok, dec)
                     sync(device)
 
                 t = _median_time(step, args.decode_tokens)

@@ -1,0 +1,263 @@
+"""The fast path's sibling classes. Each is built from a reference module (`from_reference`) and
+replaces it in the model; the reference classes are never edited and keep no fast-path slots.
+
+- `FastAttention`: q, k, v in one product; when there is no q/k norm, q and k rotated in one pass;
+- `FastMLA`: the query projection (wq or wq_a) and wkv_a in one product; W_UK / W_UV kept contiguous
+  per head for absorbed decode, and on CPU the decode attention as one kernel call (`mla_decode`);
+- `FastMLP`: gate and up in one product;
+- `GroupedExperts`: per expert one fused gate/up layer and one down layer (fp32 on CPU: all chosen
+  experts in one kernel call, `moe_experts`);
+- `FastRMSNorm`: one fused `F.rms_norm`; `TiedEmbedding`: the tied LM head's rows as the embedding.
+
+Every class has `describe()`: which implementation runs, for `fast.plan`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.attention import Attention
+from ..model.batch import ForwardBatch
+from ..model.mla import MLA
+from ..model.mlp import MLP
+from ..model.moe import Experts, dispatch, dispatch_sorted
+from ..model.norm import RMSNorm
+from . import kernels
+from .linear import FastLinear, describe_linear, fuse, isa_name, make_linear
+
+
+class FromReference:
+    """`Sibling.from_reference(module, ...)`: the fast module computing what the reference `module` does."""
+
+    @classmethod
+    def from_reference(cls, ref: nn.Module, *args, **kwargs):
+        return cls(ref, *args, **kwargs)
+
+
+def fast_linear(layer: nn.Module, quantize: str | None, group_size: int) -> nn.Module:
+    bias = None if layer.bias is None else layer.bias.detach()
+    return make_linear(layer.weight.detach(), bias, quantize, group_size)
+
+
+class FastAttention(FromReference, Attention):
+    """`Attention` with q/k/v fused into one product (and, without q/k norms, one rotary pass for q and k)."""
+
+    def __init__(self, ref: Attention, quantize: str | None = None, group_size: int = 64):
+        nn.Module.__init__(self)
+        self.setup(ref.cfg, ref.layer)
+        self.wqkv = fuse([ref.wq, ref.wk, ref.wv], quantize, group_size)
+        self.wo = fast_linear(ref.wo, quantize, group_size)
+        self.q_norm, self.k_norm = ref.q_norm, ref.k_norm
+
+
+    def project(self, x: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, S, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.q_norm is None:  # q and k are adjacent: rotated in one pass
+            qk, v = self.wqkv(x).split([(H + Hkv) * hd, Hkv * hd], dim=-1)
+            q, k = self.rotate(qk.view(B, S, H + Hkv, hd), batch).split([H, Hkv], dim=2)
+            return q, k, v.view(B, S, Hkv, hd)
+        q, k, v = self.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q, k = self.q_norm(q.view(B, S, H, hd)), self.k_norm(k.view(B, S, Hkv, hd))
+        return self.rotate(q, batch), self.rotate(k, batch), v.view(B, S, Hkv, hd)
+
+    def describe(self) -> str:
+        decode = "grouped-query matmuls" if self.n_kv_heads != self.n_heads else "SDPA"
+        return f"fused qkv ({describe_linear(self.wqkv)}); prefill SDPA causal kernel, decode {decode}"
+
+
+class FastMLA(FromReference, MLA):
+    """`MLA` with the query projection and wkv_a fused, and absorbed attention laid out heads-first
+    against contiguous W_UK [H, d_nope, r] / W_UV^T [H, r, d_v]: that form runs as fast matrix-vector
+    products on CPU, where the [B, S, H, .] einsum falls back to a slow batched kernel. One new token
+    per row with `counts` on CPU: the attention itself is one kernel call (`kernels.mla_decode`), so
+    decode stays close to flat as the cache grows."""
+
+    def __init__(self, ref: MLA, quantize: str | None = None, group_size: int = 64):
+        nn.Module.__init__(self)
+        self.setup(ref.cfg, ref.layer)
+        self.mode = ref.mode
+        w = ref.wkv_b.weight.detach().view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        self.w_uk = w[:, : self.nope].contiguous()  # [H, d_nope, r]
+        self.w_uv = w[:, self.nope :].transpose(1, 2).contiguous()  # W_UV^T [H, r, d_v]
+        self.kernel = kernels.get() if w.dtype == torch.float32 and w.device.type == "cpu" else None
+        if self.kernel is not None:  # the per-head kernel's layout
+            self.w_uk_t = self.w_uk.transpose(1, 2).contiguous()  # [H, r, d_nope]
+            self.w_uv_t = w[:, self.nope :].contiguous()  # [H, d_v, r]
+        first = ref.wq if ref.q_lora_rank is None else ref.wq_a
+        self.wq_kv_a = fuse([first, ref.wkv_a], quantize, group_size)
+        if ref.q_lora_rank is not None:
+            self.q_norm = ref.q_norm
+            self.wq_b = fast_linear(ref.wq_b, quantize, group_size)
+        self.kv_norm = ref.kv_norm
+        self.wkv_b = FastLinear(ref.wkv_b.weight.detach())  # prefill (naive) path; kept unquantized: it is small
+        self.wo = fast_linear(ref.wo, quantize, group_size)
+
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q_dim = self.q_lora_rank or self.n_heads * (self.nope + self.rope)
+        q, kv_a = self.wq_kv_a(x).split([q_dim, self.kv_lora_rank + self.rope], dim=-1)
+        if self.q_lora_rank is not None:
+            q = self.wq_b(self.q_norm(q))
+        return q, kv_a
+
+    def mla_kernel(self, n_rows: int, dtype: torch.dtype):
+        """The C++ kernels when they serve this call: CPU fp32 weights, fp32 activations, few rows."""
+        if self.kernel is None or dtype != torch.float32 or not 0 < n_rows <= kernels.MAX_ROWS:
+            return None
+        return self.kernel
+
+    def absorbed(self, q_nope, q_pe, kv, k_pe, mask, counts: list[int] | None = None) -> torch.Tensor:
+        B, S, H, _ = q_nope.shape
+        T = kv.shape[1]
+        q_h = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.nope)
+        k = self.mla_kernel(B * S, q_h.dtype) if q_h.device.type == "cpu" else None
+        if k is not None:
+            q_lat = k.f32_bmm(q_h.contiguous(), self.w_uk_t)  # [H, B*S, r]
+        else:
+            q_lat = torch.einsum("hsd,hdr->hsr", q_h, self.w_uk)
+        q_lat = q_lat.view(H, B, S, -1).transpose(0, 1).reshape(B, H * S, -1)  # [B, H*S, r]
+        q_pe = q_pe.transpose(1, 2).reshape(B, H * S, self.rope)
+        if k is not None and self.one_kernel_decode(S, counts, kv.dtype):
+            o_lat = k.mla_decode(q_lat.contiguous(), q_pe.contiguous(), kv, k_pe, counts, self.scale)  # [B, H, r]
+        else:
+            # heads and queries share one batch row per sequence, so each product is a plain bmm against the
+            # cached [B, T, .] latents (a transposed view, never copied or expanded per head)
+            scores = torch.bmm(q_lat, kv.transpose(1, 2)) + torch.bmm(q_pe, k_pe.transpose(1, 2))  # [B, H*S, T]
+            scores = (scores.view(B, H, S, T) * self.scale).masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
+            o_lat = torch.bmm(probs.view(B, H * S, T), kv)  # [B, H*S, r]
+        o_h = o_lat.view(B, H, S, -1).transpose(0, 1).reshape(H, B * S, self.kv_lora_rank)
+        if k is not None:
+            out = k.f32_bmm(o_h.contiguous(), self.w_uv_t)  # [H, B*S, d_v]
+        else:
+            out = torch.einsum("hsr,hrd->hsd", o_h, self.w_uv)
+        return out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3)  # [B, S, H, d_v]
+
+    def one_kernel_decode(self, n_new: int, counts: list[int] | None, dtype: torch.dtype) -> bool:
+        """`mla_decode` serves one new token per row with known key counts, fp32, rank a multiple of 16."""
+        return n_new == 1 and counts is not None and dtype == torch.float32 and self.kv_lora_rank % 16 == 0
+
+    def describe(self) -> str:
+        if self.kernel is not None and self.kv_lora_rank % 16 == 0:
+            decode = f"absorbed, one mla_decode kernel call per layer ({isa_name()})"
+        elif self.kernel is not None:
+            decode = f"absorbed, per-head f32_bmm kernels ({isa_name()}), bmm attention"
+        else:
+            decode = "absorbed, bmm over the cached latents"
+        return f"fused q/kv_a ({describe_linear(self.wq_kv_a)}); prefill naive SDPA; decode {decode}"
+
+
+class FastMLP(FromReference, MLP):
+    """`MLP` with gate and up in one product."""
+
+    def __init__(self, ref: MLP, quantize: str | None = None, group_size: int = 64):
+        nn.Module.__init__(self)
+        self.w13 = fuse([ref.w1, ref.w3], quantize, group_size)
+        self.w2 = fast_linear(ref.w2, quantize, group_size)
+
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+    def describe(self) -> str:
+        return f"fused gate/up ({describe_linear(self.w13)})"
+
+
+class GroupedExperts(FromReference, nn.Module):
+    """E SwiGLU experts, each a fused gate/up layer w13 [dim -> 2*inter] and a down layer w2.
+
+    Tokens are grouped by expert with one argsort; each expert that received tokens runs one
+    product over exactly those tokens. With few tokens (decode) that is at most N*k experts, each
+    read once, in place. fp32 on CPU with at most `kernels.MAX_ROWS` tokens: all chosen experts run in
+    one C++ call (`kernels.moe_experts`: two threaded passes over their weights, no per-expert ops)."""
+
+    def __init__(self, experts: Experts, quantize: str | None = None, group_size: int = 64):
+        super().__init__()
+        E = experts.w1.shape[0]
+        self.n_experts = E
+        self.w13 = nn.ModuleList(
+            make_linear(torch.cat((experts.w1[e], experts.w3[e]), 0).detach(), None, quantize, group_size)
+            for e in range(E)
+        )
+        self.w2 = nn.ModuleList(make_linear(experts.w2[e].detach(), None, quantize, group_size) for e in range(E))
+        cpu_fp32 = quantize is None and experts.w1.dtype == torch.float32 and experts.w1.device.type == "cpu"
+        self.kernel = kernels.get() if cpu_fp32 else None  # moe_experts' case
+
+
+    def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13[e](h).chunk(2, dim=-1)
+        return self.w2[e](F.silu(gate) * up)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
+        N, k = indices.shape
+        if self.kernel is not None and kernels.usable(x, self.w13[0].weight):
+            return self._fused_forward(self.kernel, x, weights, indices)
+        if N == 1:  # decode, one token: k experts, no grouping needed
+            out = torch.zeros_like(x)
+            for j, e in enumerate(indices[0].tolist()):
+                out.add_(self.expert(e, x) * weights[0, j].to(x.dtype))
+            return out
+        return dispatch(x, weights, indices, self.n_experts, self.expert)
+
+    def _fused_forward(self, kern, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """`dispatch`'s grouping, with the experts themselves in one C++ call over the chosen experts'
+        weights (read in place)."""
+
+        def run(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+            active = [e for e, n in enumerate(counts) if n]
+            return kern.moe_experts(
+                xs.contiguous(),
+                [self.w13[e].weight for e in active],
+                [self.w2[e].weight for e in active],
+                [counts[e] for e in active],
+            )
+
+        return dispatch_sorted(x, weights, indices, self.n_experts, run)
+
+    def describe(self) -> str:
+        if self.kernel is not None:
+            return (f"{self.n_experts} experts, chosen ones in one moe_experts kernel call "
+                    f"({isa_name()}, <= {kernels.MAX_ROWS} tokens), else grouped per expert")
+        return f"{self.n_experts} experts grouped by expert, one fused product each ({describe_linear(self.w13[0])})"
+
+
+class FastRMSNorm(FromReference, RMSNorm):
+    """RMSNorm as one fused op (`F.rms_norm`), sharing the reference's weight. For fp32 it is the
+    reference's math exactly. On CUDA it is used for every dtype (one kernel instead of ~7 per norm, which
+    matters when a decode step is a few hundred tiny kernels): it normalises in fp32 and rounds once,
+    where the reference (HF) rounds the normalised value to bf16 before scaling; the difference is within
+    one bf16 rounding."""
+
+    def __init__(self, ref: RMSNorm):
+        nn.Module.__init__(self)
+        self.eps, self.weight = ref.eps, ref.weight
+
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.float32 or x.is_cuda) and self.weight.dtype == x.dtype:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return super().forward(x)
+
+    def describe(self) -> str:
+        fused = self.weight.dtype == torch.float32 or self.weight.is_cuda
+        return "one fused F.rms_norm" if fused else "RMSNorm in fp32, rounded as transformers does"
+
+
+class TiedEmbedding(nn.Module):
+    """Embedding lookup from the tied LM head's weight [vocab, hidden]: ids -> rows."""
+
+    def __init__(self, head: FastLinear):
+        super().__init__()
+        self.head = [head]  # not a submodule: the head owns the weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head[0].weight  # [vocab, hidden]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)

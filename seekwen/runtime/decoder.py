@@ -1,0 +1,133 @@
+"""The `Decoder`: the one place that runs a model over a KV cache.
+
+It owns a slot-pool cache of `max_batch` rows x `max_len` slots (`runtime.cache.KVCache`), each row's
+length (`lens`, the only code that changes it) and each sequence's own state (Qwen v1's NTK alpha), and
+describes every call to the model as a `ForwardBatch` (model/batch.py):
+
+    dec = Decoder(model, max_batch=4, max_len=256)
+    logits = dec.prefill(ids, lens)           # ids [k, S] right-padded, lens [k]: rows 0..k-1 -> [k, V]
+    logits = dec.step(tokens)                 # one new token for rows 0..n-1 -> [n, V]
+    logits = dec.extend(ids, n_new)           # more tokens for rows that already hold some (chunks)
+    dec.move_row(src, dst); dec.rewind(row_lens)
+
+`generate`, the batching `Engine` and `seekwen bench` all run through it. On a CUDA device the decode
+steps are replayed from CUDA graphs (`runtime.graphs.GraphRunner`), over the same cache and lengths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.transformer import ntk_alphas
+from .cache import KVCache
+from .graphs import GraphRunner, graph_blocker
+
+
+class Decoder:
+    def __init__(
+        self,
+        model,
+        max_batch: int,
+        max_len: int,
+        graphs: bool | None = None,
+        compile: bool = False,
+        ring: bool = True,
+    ):
+        """graphs: replay decode steps from CUDA graphs; None: when the model allows it (`graph_blocker`),
+        True: graphed or a ValueError saying why not, False: eager. compile: torch.compile each graphed
+        step first. ring: keep sliding-window layers in ring buffers of their window."""
+        self.model, self.max_batch, self.max_len = model, max_batch, max_len
+        dev = model.device
+        self.cache = KVCache(model.cfg, max_batch, max_len, dtype=model.dtype, device=dev, ring=ring)
+        self.lens = torch.zeros(max_batch, dtype=torch.long, device=dev)  # [max_batch] tokens held per row
+        rope = model.cfg.rope
+        # Qwen v1 dynamic NTK: alpha is the sequence's, fixed from its prompt length at prefill
+        self.ntk_alpha = torch.ones(max_batch, dtype=torch.float64) if rope.type == "qwen_dynamic" else None
+        why = graph_blocker(model)
+        if graphs and why is not None:
+            raise ValueError(f"CUDA graphs are not available for this model: {why}")
+        self.runner = GraphRunner(self, compile=compile) if graphs is not False and why is None else None
+
+    # ---- the calls ----------------------------------------------------------------------------------
+
+    def prefill(self, ids: torch.Tensor, lens: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """Start sequences in rows [start, start + k): ids [k, S] right-padded, lens [k] real tokens
+        (default all S). Returns the logits at each row's last real token, [k, vocab]."""
+        k, S = ids.shape
+        lens = torch.full((k,), S, dtype=torch.long, device=ids.device) if lens is None else lens.to(ids.device)
+        self.lens[start : start + k] = 0
+        if self.ntk_alpha is not None:
+            self.ntk_alpha[start : start + k] = ntk_alphas(lens.tolist(), self.model.cfg.rope.seq_length)
+        return self.extend(ids, lens, start)
+
+    def extend(
+        self, ids: torch.Tensor, n_new: torch.Tensor | None = None, start: int = 0, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Append ids [k, S] (right-padded; n_new [k] real tokens, default S) to rows [start, start + k).
+        Returns the logits at each row's last new token [k, vocab], or at every new token [k, S, vocab]."""
+        k, S = ids.shape
+        dev = ids.device
+        rows = slice(start, start + k)
+        n_new = torch.full((k,), S, dtype=torch.long, device=dev) if n_new is None else n_new.to(dev)
+        positions = self.lens[rows, None] + torch.arange(S, device=dev)  # [k, S]
+        n_keys = int(positions.max()) + 1  # the one host sync of the call
+        self.cache.check(n_keys)
+        padded = bool((n_new < S).any()) if k > 1 else int(n_new[0]) < S
+        batch = self.model.batch(
+            positions,
+            kv=self.cache.rows(start, start + k),
+            n_keys=n_keys,
+            new_valid=(torch.arange(S, device=dev)[None, :] < n_new[:, None]) if padded else None,
+            # max position S - 1 means every row starts at 0: the keys are exactly the new tokens (right
+            # padding only, so pads come last and no real token sees them)
+            causal=n_keys == S and S > 1,
+            ntk_alpha=None if self.ntk_alpha is None else self.ntk_alpha[rows],
+        )
+        logits = self.model(ids, batch=batch, keep=None if all_logits else n_new - 1)
+        self.lens[rows] += n_new
+        return logits if all_logits else logits[:, 0]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One new token per row for rows [0, n): tokens [n] -> logits [n, vocab]. From a CUDA graph the
+        returned tensor is overwritten by the next step: sample from it first."""
+        n = tokens.shape[0]
+        if self.runner is not None:
+            logits = self.runner.decode(tokens, n)
+        else:
+            counts = (self.lens[:n] + 1).tolist()  # keys each row sees: the one host sync of a step
+            n_keys = max(counts)
+            self.cache.check(n_keys)
+            batch = self.model.batch(
+                self.lens[:n, None],
+                kv=self.cache.rows(0, n),
+                n_keys=n_keys,
+                key_counts=counts,
+                ntk_alpha=None if self.ntk_alpha is None else self.ntk_alpha[:n],
+            )
+            logits = self.model(tokens[:, None], batch=batch)[:, 0]
+        self.lens[:n] += 1
+        return logits
+
+    # ---- row bookkeeping ----------------------------------------------------------------------------
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Move the sequence in row `src` into row `dst` (the engine keeps its live rows packed)."""
+        self.cache.copy_row(src, dst, int(self.lens[src]))
+        self.lens[dst] = self.lens[src]
+        if self.ntk_alpha is not None:
+            self.ntk_alpha[dst] = self.ntk_alpha[src]
+
+    def rewind(self, lens: torch.Tensor | int, start: int = 0) -> None:
+        """Set rows [start, start + len(lens)) back to holding `lens` tokens (keys past them are
+        forgotten). Only shortens; a sliding-window ring buffer can go back one token at most (one more
+        and the next query would need a key that the ring has already overwritten)."""
+        lens = torch.as_tensor(lens, dtype=torch.long, device=self.lens.device).reshape(-1)
+        rows = slice(start, start + lens.numel())
+        if bool((lens > self.lens[rows]).any()):
+            raise ValueError("rewind can only shorten sequences")
+        if self.cache.windows and bool((self.lens[rows] - lens > 1).any()):
+            raise ValueError("sliding-window layers keep a ring buffer: it can be rewound by one token at most")
+        self.lens[rows] = lens
+
+    def bytes_per_token(self) -> int:
+        return self.cache.bytes_per_token()
