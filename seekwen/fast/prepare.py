@@ -111,8 +111,8 @@ def plan(model: nn.Module) -> list[tuple[str, str]]:
     return [(kind, "; ".join(texts)) for kind, texts in rows.items()]
 
 
-def format_plan(model: nn.Module, extra: list[tuple[str, str]] | None = None) -> str:
-    """`plan(model)` (plus e.g. the runtime's decode rows) as aligned text lines."""
+def format_plan(model: nn.Module, extra: list[tuple[str, str]] | None = None, indent: int = 2) -> str:
+    """`plan(model)` (plus e.g. the runtime's rows) as aligned text lines."""
     rows = plan(model) + (extra or [])
     width = max(len(kind) for kind, _ in rows)
-    return "\n".join(f"  {kind:<{width}}  {text}" for kind, text in rows)
+    return "\n".join(f"{' ' * indent}{kind:<{width}}  {text}" for kind, text in rows)

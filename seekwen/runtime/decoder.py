@@ -131,3 +131,24 @@ class Decoder:
 
     def bytes_per_token(self) -> int:
         return self.cache.bytes_per_token()
+
+    def describe(self) -> list[tuple[str, str]]:
+        """The runtime's rows of the implementation plan (see `fast.plan` for the model's)."""
+        return runtime_plan(self.model, graphs=self.runner is not None and self.runner.graphed, cache=self.cache)
+
+
+def runtime_plan(model, graphs: bool | None = None, cache: KVCache | None = None) -> list[tuple[str, str]]:
+    """How the runtime will run `model`: the KV cache layout and the decode steps. graphs: as for `Decoder`."""
+    cfg = model.cfg
+    kind = "MLA latent (c_kv + k_pe)" if cfg.mla is not None else "k and v per KV head"
+    windows = sorted({w for w in cfg.sliding_window or [] if w})
+    ring = f"; sliding-window layers in ring buffers of {windows}" if windows else ""
+    rows = [("KV cache", f"slot = position rows, {kind}{ring}")]
+    why = graph_blocker(model)
+    if graphs is None:
+        graphs = why is None
+    if graphs:
+        rows.append(("decode steps", "CUDA graphs, one per batch bucket (static step over all cache slots)"))
+    else:
+        rows.append(("decode steps", f"eager, one forward per step ({why or 'graphs off'})"))
+    return rows

@@ -22,6 +22,7 @@ def right_align(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
     return input_ids.gather(1, order), mask.sum(-1)
 
 
+@torch.inference_mode()
 def generate(
     model,
     input_ids: torch.Tensor,

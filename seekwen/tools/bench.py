@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.decoder import Decoder
+from ..fast import format_plan
+from ..runtime.decoder import Decoder, runtime_plan
 
 BENCH_MODELS = {
     # Qwen2.5-0.5B's shape (494M parameters, tied embeddings)
@@ -347,6 +348,8 @@ def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
         else:
             mode += f", eager decode ({'--no-graphs' if args.no_graphs else blocker})"
     print(f"  {cfg.model_type}: {n_params / 1e6:.0f}M parameters, seekwen {mode}, on {device}")
+    print("  implementation plan:")
+    print(format_plan(model, runtime_plan(model, graphs=graphs), indent=4))
     what = "MLA (kv_lora_rank + qk_rope) x layers" if cfg.mla else "2 x kv_heads x head_dim x layers"
     print(f"  KV cache: {kv} bytes/token (formula {kv_formula(cfg, size)}: {what} x {size})"
           f"{'  OK' if kv == kv_formula(cfg, size) else '  MISMATCH'}")

@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quantize_arg(p)
     add_sampling_args(p, max_new_tokens=200, temperature=0.8)
     p.add_argument("--quiet", "-q", action="store_true", help="no speed report on stderr")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print the implementation plan (which kernels and paths run) on stderr first")
     p.set_defaults(func=run)
 
 
@@ -124,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"{model.path}: no tokenizer.json in the checkpoint")
+    if args.verbose:
+        print_plan(model)
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     ids = tok.encode(prompt)
     if not ids:
@@ -144,3 +148,12 @@ def report_speed(n_prompt: int, prefill_s: float, n_new: int, decode_s: float) -
     decode_rate = (n_new - 1) / decode_s if n_new > 1 and decode_s > 0 else float("nan")
     print(f"prompt: {n_prompt} tokens in {prefill_s:.2f}s ({n_prompt / max(prefill_s, 1e-9):.1f} tokens/s); "
           f"generated: {n_new} tokens, decode {decode_rate:.1f} tokens/s", file=sys.stderr)
+
+
+def print_plan(model) -> None:
+    """The implementation plan (fast.plan + the runtime's rows), on stderr: what runs where."""
+    from ..fast import format_plan
+    from ..runtime.decoder import runtime_plan
+
+    print("implementation plan:", file=sys.stderr)
+    print(format_plan(model, runtime_plan(model)), file=sys.stderr)
