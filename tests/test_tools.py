@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from seekwen.cli import main
-from seekwen.families import FAMILIES
+from seekwen.hf.families import FAMILIES
 from seekwen.tools.memory import build_report, parse_contexts
 from seekwen.tools.rope_lab import build as build_rope
 from seekwen.tools.see import count_params, hf_name, meta_model, read_model_config
@@ -200,7 +200,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def _logits(folder: Path, method: str, length: int, ids: torch.Tensor) -> torch.Tensor:
     import seekwen
-    from seekwen.loader import read_config
+    from seekwen.hf.loader import read_config
     from seekwen.tools.context import method_overrides
 
     _, _, cfg = read_config(folder)

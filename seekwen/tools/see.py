@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..families import FAMILIES, parse_config
-from ..loader import CheckpointError, read_config, resolve
+from ..hf.families import FAMILIES, parse_config
+from ..hf.loader import CheckpointError, read_config, resolve
 from .common import model_path
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "fp8": 1, "int8": 1}

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from ..config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
 
 # ----------------------------------------------------------------------------------------------------
 # config helpers

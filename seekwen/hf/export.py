@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig
+from ..model.transformer import Transformer
 from .families import FAMILIES, Rule, first_match, template_regex
-from .model.transformer import Transformer
 
 ARCHITECTURES = {name: fam.architectures[0] for name, fam in FAMILIES.items()}
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig
+from ..model.rope import RotaryEmbedding
+from ..model.transformer import Transformer
 from .families import IGNORED, Family, family_for, first_match, parse_config, template_regex
-from .model.rope import RotaryEmbedding
-from .model.transformer import Transformer
 
 
 class CheckpointError(RuntimeError):
@@ -273,7 +273,7 @@ def load(
 
     model.tokenizer = Tokenizer.from_folder(folder)
     if fast or quantize:
-        from .fast import prepare
+        from ..fast import prepare
 
         prepare(model, quantize=quantize)
     return model
