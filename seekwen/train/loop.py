@@ -287,10 +287,9 @@ class Trainer:
         return tensors
 
     def _restore(self, state: dict) -> None:
-        from ..hf.families import FAMILIES
         from ..hf.loader import load_state
 
-        load_state(self.model, self.out, FAMILIES[self.model_cfg.model_type])
+        load_state(self.model, self.out)
         tensors = load_file(str(self.out / OPTIM_FILE))
         torch.set_rng_state(tensors.pop("rng.cpu"))
         cuda_rng = tensors.pop("rng.cuda", None)
