@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
-    from .loader import CheckpointError
+    from .hf.loader import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)

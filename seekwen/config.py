@@ -1,6 +1,6 @@
 """The one normalized model description every family is parsed into.
 
-A family (see `families.py`) reads a Hugging Face `config.json` and fills a `ModelConfig`; the model
+A family (see `hf/families.py`) reads a Hugging Face `config.json` and fills a `ModelConfig`; the model
 modules under `seekwen/model/` only ever look at this class, never at the raw JSON.
 """
 

@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from seekwen.cli import main
-from seekwen.families import FAMILIES
+from seekwen.hf.families import name_map
+from seekwen.hf.names import Placement
 from seekwen.tools.memory import build_report, parse_contexts
 from seekwen.tools.rope_lab import build as build_rope
-from seekwen.tools.see import count_params, hf_name, meta_model, read_model_config
+from seekwen.tools.see import count_params, meta_model, read_model_config
 from seekwen.tools.trace import build_trace
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -81,18 +82,19 @@ def test_trace_shapes_and_collapsed_layers():
 
 @pytest.mark.parametrize("name", [p[0] for p in PUBLISHED])
 def test_hf_names_are_checkpoint_names(name):
-    """Every non-expert weight's HF name (module name + '.weight') is a tensor name the family loads."""
+    """Every non-expert weight's HF module name (as `trace` shows it) + '.weight' is the checkpoint tensor
+    the family loads into that weight."""
     src = read_model_config(str(CONFIGS / name))
     cfg = src.cfg
     cfg = cfg.replace(num_layers=4, mlp_layers=cfg.mlp_layers[:4], sliding_window=cfg.sliding_window[:4])
     model = meta_model(cfg)
-    patterns = [r.pattern() for r in FAMILIES[cfg.model_type].rules]
+    names = name_map(cfg)
     for pname, _ in model.named_parameters():
         module, _, leaf = pname.rpartition(".")
         if ".experts" in pname or leaf == "bias":
             continue
-        hf = hf_name(module, cfg) + "." + leaf
-        assert any(p.match(hf) for p in patterns), f"{pname} -> {hf} is not a {cfg.model_type} tensor name"
+        hf = names.hf_module(module) + "." + leaf
+        assert names.our_name(hf) == (Placement(pname),), f"{pname} -> {hf} is not a {cfg.model_type} tensor name"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,7 +202,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def _logits(folder: Path, method: str, length: int, ids: torch.Tensor) -> torch.Tensor:
     import seekwen
-    from seekwen.loader import read_config
+    from seekwen.hf.loader import read_config
     from seekwen.tools.context import method_overrides
 
     _, _, cfg = read_config(folder)

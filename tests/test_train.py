@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import seekwen
 from seekwen.config import ConfigError
-from seekwen.export import save_hf, to_hf_state_dict
-from seekwen.families import parse_config
+from seekwen.hf.export import save_hf, to_hf_state_dict
+from seekwen.hf.families import parse_config
 from seekwen.train import TrainConfig, Trainer, balance
 from seekwen.train.init import init_weights
 from seekwen.train.presets import preset

@@ -411,14 +411,14 @@ def bench_model(args, folder: Path, machine: tuple[float, float]) -> None:
 
 
 def _count_params(cfg) -> int:
-    from ..loader import build
+    from ..hf.loader import build
 
     return sum(p.numel() for p in build(cfg, device="meta").parameters())
 
 
 def decode_bytes_plain(cfg) -> int:
     """fp32 weight bytes a batch-1 decode step reads in the unquantized model."""
-    from ..loader import build
+    from ..hf.loader import build
 
     return decode_bytes(build(cfg, device="meta"))
 
@@ -487,7 +487,7 @@ def run(args) -> int:
     print(f"  {probe}")
     sections = args.sections.split(",")
     if args.model:
-        from ..loader import resolve
+        from ..hf.loader import resolve
         from .common import model_path
 
         folders = [resolve(model_path(args.model))]

@@ -61,7 +61,7 @@ class Streamer:
 
     def __init__(self, tokenizer, write: Callable[[str], None], eos_ids: list[int] | None = None,
                  clean: bool = False):
-        from ..tokenizer import StreamDecoder
+        from ..hf.tokenizer import StreamDecoder
 
         self.decoder = StreamDecoder(tokenizer)
         self.write = write

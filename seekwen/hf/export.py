@@ -1,8 +1,8 @@
-"""Save a seekwen `Transformer` as a standard Hugging Face checkpoint: the reverse of `families.py`.
+"""Save a seekwen `Transformer` as a standard Hugging Face checkpoint: the reverse of the loader.
 
-Each of our parameter names is mapped back through the family's weight rules to the name the Hub
-uses; stacked experts [E, ...] are split into one tensor per expert (`mlp.experts.{e}.gate_proj.weight`),
-as DeepSeek and Qwen publish them. The config.json written is the model's own (raw) HF config with the
+Each of our parameter names is mapped back through the family's `NameMap` to the name the Hub uses;
+stacked experts [E, ...] are split into one tensor per expert (`mlp.experts.{e}.gate_proj.weight`), as
+DeepSeek and Qwen publish them. The config.json written is the model's own (raw) HF config with the
 fields training may change (vocab size, dtype, special token ids) brought up to date.
 """
 
@@ -15,53 +15,33 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import ConfigError, ModelConfig
-from .families import FAMILIES, Rule, first_match, template_regex
-from .model.transformer import Transformer
+from ..config import ConfigError, ModelConfig
+from ..model.transformer import Transformer
+from .families import FAMILIES, name_map
 
 ARCHITECTURES = {name: fam.architectures[0] for name, fam in FAMILIES.items()}
 
 
-def _reverse_rules(cfg: ModelConfig) -> list[Rule]:
-    """The weight rules that apply when writing this config: one HF name per parameter."""
-    if cfg.model_type == "qwen":
-        raise ConfigError("exporting Qwen (v1) checkpoints is not supported; use a qwen2/qwen3 config to train")
-    rules = []
-    for rule in FAMILIES[cfg.model_type].rules:
-        if len(rule.ours) != 1 or rule.hf.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            continue  # fused layouts: we write the per-expert Hub layout
-        if cfg.mla is not None and rule.hf.endswith("self_attn.q_norm.weight"):
-            continue  # MLA's q_norm is q_a_layernorm
-        if cfg.mla is None and "q_a_" in rule.hf:
-            continue
-        qwen = cfg.model_type.startswith("qwen")
-        if ("shared_experts." in rule.hf and qwen) or ("shared_expert." in rule.hf and not qwen):
-            continue
-        rules.append(rule)
-    return rules
-
-
 def to_hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Our parameters under Hugging Face names (contiguous CPU tensors, optionally cast to `dtype`;
-    the router bias stays fp32)."""
+    the router bias stays fp32). Names come from the family's `NameMap`; stacked experts are written one
+    tensor per expert."""
     cfg = model.cfg
-    rules = [(r, template_regex(r.ours[0])) for r in _reverse_rules(cfg)]
+    if cfg.model_type == "qwen":
+        raise ConfigError("exporting Qwen (v1) checkpoints is not supported; use a qwen2/qwen3 config to train")
+    names = name_map(cfg)
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if name == "head.weight" and cfg.tie_word_embeddings:
             continue
-        hit = first_match(rules, name)
-        if hit is None:
-            raise ConfigError(f"no Hugging Face name for parameter '{name}' ({cfg.model_type})")
-        rule, groups = hit
         t = p.detach().to("cpu")
         if dtype is not None and not name.endswith("gate.bias"):
             t = t.to(dtype)
-        if "{e}" in rule.hf:
+        if names.stacked(name):
             for e in range(t.shape[0]):
-                out[rule.hf.format(e=e, **groups)] = t[e].contiguous()
+                out[names.hf_name(name, expert=e)] = t[e].contiguous()
         else:
-            out[rule.hf.format(**groups)] = t.contiguous()
+            out[names.hf_name(name)] = t.contiguous()
     return out
 
 
