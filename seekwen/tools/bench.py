@@ -480,7 +480,7 @@ def ppl_check(args) -> None:
 
 
 def run(args) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
 
     if args.threads:
         torch.set_num_threads(args.threads)
