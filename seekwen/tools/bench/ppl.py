@@ -20,13 +20,14 @@ def perplexity(model, chunks: torch.Tensor) -> float:
     return float(torch.exp(torch.tensor(total / count)))
 
 
-def held_out_chunks(model, text_path: str, seq_len: int = 256, val_every: int = 50, n: int = 16) -> torch.Tensor:
-    """The trainer's held-out chunks (every `val_every`-th chunk of seq_len + 1 tokens)."""
-    text = Path(text_path).read_text()
-    ids = torch.tensor(model.tokenizer.encode(text, add_special_tokens=False))
-    n_chunks = ids.numel() // (seq_len + 1)
-    chunks = ids[: n_chunks * (seq_len + 1)].view(n_chunks, seq_len + 1)
-    return chunks[(val_every // 2) % n_chunks :: val_every][:n]
+def held_out_text(model, text_path: str, seq_len: int = 256, val_every: int = 50, n: int = 16) -> torch.Tensor:
+    """The first `n` chunks of `text_path` that the trainer's hold-out rule (`train.data.held_out`: every
+    `val_every`-th chunk of seq_len + 1 tokens) keeps out of training, [n, seq_len + 1]. The text is
+    encoded whole with the model's tokenizer, without the BOS/EOS the trainer adds around each file."""
+    from ...train.data import held_out_chunks
+
+    ids = torch.tensor(model.tokenizer.encode(Path(text_path).read_text(), add_special_tokens=False))
+    return held_out_chunks(ids, seq_len, val_every)[:n]
 
 
 def ppl_check(args) -> None:
@@ -43,7 +44,7 @@ def ppl_check(args) -> None:
         return
     base = seekwen.load(path, dtype=torch.float32)
     seq = min(256, base.cfg.max_position_embeddings)
-    chunks = held_out_chunks(base, text, seq_len=seq)
+    chunks = held_out_text(base, text, seq_len=seq)
     q = prepare(copy.deepcopy(base), quantize=args.quantize or "int8", group_size=args.group_size)
     p0, p1 = perplexity(base, chunks), perplexity(q, chunks)
     print(f"\n== perplexity on {chunks.shape[0]} held-out chunks of {chunks.shape[1] - 1} tokens from {text} ({path})")

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .machine import peak_rss_gb
-from .roofline import kv_formula
 
 if TYPE_CHECKING:
     from .sections import Bench
@@ -48,11 +47,11 @@ def print_summary(b: Bench, n_params: int) -> None:
     """The model's size and run mode, its real KV-cache bytes per token checked against the formula, the
     bytes a decode step reads (-> the roofline), and the memory seekwen's model took."""
     args, cfg, size, bw = b.args, b.model.cfg, b.dtype_bytes, b.bw
-    kv = b.model.new_cache(1, 8).bytes_per_token()
+    kv, formula = b.model.new_cache(1, 8).bytes_per_token(), cfg.kv_bytes_per_token(size)
     print(f"  {cfg.model_type}: {n_params / 1e6:.0f}M parameters, seekwen {mode(b)}, on {b.device}")
     what = "MLA (kv_lora_rank + qk_rope) x layers" if cfg.mla else "2 x kv_heads x head_dim x layers"
-    print(f"  KV cache: {kv} bytes/token (formula {kv_formula(cfg, size)}: {what} x {size})"
-          f"{'  OK' if kv == kv_formula(cfg, size) else '  MISMATCH'}")
+    check = "  OK" if kv == formula else "  MISMATCH"
+    print(f"  KV cache: {kv} bytes/token (formula {formula}: {what} x {size}){check}")
     print(f"  weights read per batch-1 decode step: seekwen {b.step_bytes / 1e9:.3f} GB"
           f" -> roofline {bw * 1e9 / b.step_bytes:.1f} tok/s; {args.dtype} {b.hf_bytes / 1e9:.3f} GB"
           f" -> {bw * 1e9 / b.hf_bytes:.1f}")

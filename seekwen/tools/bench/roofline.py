@@ -1,5 +1,5 @@
 """What the roofline compares against: weight bytes one decode step reads, matmul work per prompt token,
-parameter counts and the KV-cache bytes per token a model should have."""
+parameter counts. (The KV-cache bytes per token a model should have: `ModelConfig.kv_bytes_per_token`.)"""
 
 from __future__ import annotations
 
@@ -28,14 +28,6 @@ def matmul_params_per_token(model) -> int:
         per_expert = 3 * cfg.hidden_size * cfg.moe.intermediate_size
         n -= sum(cfg.mlp_layers) * per_expert * (cfg.moe.n_routed_experts - cfg.moe.top_k)
     return n
-
-
-def kv_formula(cfg, size: int = 4) -> int:
-    """KV-cache bytes per token (`size` bytes per number): MLA (kv_lora_rank + qk_rope_head_dim) x layers x
-    size; GQA 2 x kv_heads x head_dim x layers x size."""
-    if cfg.mla is not None:
-        return (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * cfg.num_layers * size
-    return 2 * cfg.num_kv_heads * cfg.head_dim * cfg.num_layers * size
 
 
 def count_params(cfg) -> int:
