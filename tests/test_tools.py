@@ -112,7 +112,9 @@ KV_BY_HAND = {  # bf16 bytes per token, all layers
 
 @pytest.mark.parametrize("name,per_token", KV_BY_HAND.items())
 def test_kv_bytes_per_token(name, per_token):
-    rep = build_report(read_model_config(str(CONFIGS / name)), [4096, 32768], batch=2, dtype=None)
+    src = read_model_config(str(CONFIGS / name))
+    assert src.cfg.kv_bytes_per_token(2) == per_token  # the one formula (bench checks real caches against it)
+    rep = build_report(src, [4096, 32768], batch=2, dtype=None)
     assert rep.kv_per_token == per_token
     assert rep.rows[0].kv_cache == 2 * 4096 * per_token
     assert rep.rows[1].kv_cache == 2 * 32768 * per_token

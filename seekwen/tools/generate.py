@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from .common import add_model_arg, add_quantize_arg, add_runtime_args, load_model
 
 DEFAULT_PROMPT = "In the beginning"

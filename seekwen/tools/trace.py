@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import UserError
 from ..hf.families import name_map
 from ..hf.names import NameMap
 from .see import (
@@ -294,8 +295,6 @@ def print_trace(t: Trace) -> None:
 
 @one_line_errors
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
-
     if args.seq_len < 1 or args.batch < 1:
         raise UserError("--seq-len and --batch must be positive")
     t = build_trace(read_model_config(args.model), args.batch, args.seq_len, args.depth)
