@@ -58,7 +58,7 @@ def _decode_both(model, steps: int = 6, rows: int = 5):
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_static_step_equals_dynamic(folder, fast):
-    model = seekwen.load(folder, dtype=torch.float32)
+    model = seekwen.load(folder, dtype=torch.float32, fast=False)
     if fast:
         prepare(model)
     with torch.inference_mode():
@@ -68,7 +68,7 @@ def test_static_step_equals_dynamic(folder, fast):
 
 
 def test_engine_with_runner_equals_plain_engine(folder):
-    model = seekwen.load(folder, dtype=torch.float32)
+    model = seekwen.load(folder, dtype=torch.float32, fast=False)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist() for n in [5, 17, 9, 3, 12]]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in [6, 10, 3, 12, 8]]
@@ -117,7 +117,7 @@ def test_grouped_dispatch_equals_loop():
 
 
 def _cuda_model(folder, dtype, fast):
-    model = seekwen.load(folder, dtype=dtype, device="cuda")
+    model = seekwen.load(folder, dtype=dtype, device="cuda", fast=False)
     if fast:
         prepare(model)
     why = graph_blocker(model)
@@ -176,8 +176,8 @@ def test_cuda_compiled_step_close_to_eager(folder):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_fp32_engine_equals_cpu(folder):
-    cpu = seekwen.load(folder, dtype=torch.float32)
-    gpu = seekwen.load(folder, dtype=torch.float32, device="cuda")
+    cpu = seekwen.load(folder, dtype=torch.float32, fast=False)
+    gpu = seekwen.load(folder, dtype=torch.float32, device="cuda", fast=False)
     prepare(gpu)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, cpu.cfg.vocab_size, (n,), generator=g).tolist() for n in [5, 17, 9]]
@@ -188,8 +188,8 @@ def test_cuda_fp32_engine_equals_cpu(folder):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_bf16_fast_path_close_to_fp32(folder):
-    ref = seekwen.load(folder, dtype=torch.float32)
-    gpu = prepare(seekwen.load(folder, dtype=torch.bfloat16, device="cuda"))
+    ref = seekwen.load(folder, dtype=torch.float32, fast=False)
+    gpu = prepare(seekwen.load(folder, dtype=torch.bfloat16, device="cuda", fast=False))
     ids = torch.randint(3, ref.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         a, b = ref(ids), gpu(ids.cuda()).float().cpu()

@@ -82,8 +82,9 @@ class FastMLA(FromReference, MLA):
         w = ref.wkv_b.weight.detach().view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         self.w_uk = w[:, : self.nope].contiguous()  # [H, d_nope, r]
         self.w_uv = w[:, self.nope :].transpose(1, 2).contiguous()  # W_UV^T [H, r, d_v]
-        self.kernel = kernels.get() if w.dtype == torch.float32 and w.device.type == "cpu" else None
-        if self.kernel is not None:  # the per-head kernel's layout
+        # decided once, here: the C++ kernels serve fp32 weights on CPU (kept as a flag, so the module copies)
+        self.use_kernels = w.dtype == torch.float32 and w.device.type == "cpu" and kernels.get() is not None
+        if self.use_kernels:  # the per-head kernel's layout
             self.w_uk_t = self.w_uk.transpose(1, 2).contiguous()  # [H, r, d_nope]
             self.w_uv_t = w[:, self.nope :].contiguous()  # [H, d_v, r]
         first = ref.wq if ref.q_lora_rank is None else ref.wq_a
@@ -105,9 +106,9 @@ class FastMLA(FromReference, MLA):
 
     def mla_kernel(self, n_rows: int, dtype: torch.dtype):
         """The C++ kernels when they serve this call: CPU fp32 weights, fp32 activations, few rows."""
-        if self.kernel is None or dtype != torch.float32 or not 0 < n_rows <= kernels.MAX_ROWS:
+        if not self.use_kernels or dtype != torch.float32 or not 0 < n_rows <= kernels.MAX_ROWS:
             return None
-        return self.kernel
+        return kernels.get()
 
     def absorbed(self, q_nope, q_pe, kv, k_pe, mask, counts: list[int] | None = None) -> torch.Tensor:
         B, S, H, _ = q_nope.shape
@@ -141,9 +142,9 @@ class FastMLA(FromReference, MLA):
         return n_new == 1 and counts is not None and dtype == torch.float32 and self.kv_lora_rank % 16 == 0
 
     def describe(self) -> str:
-        if self.kernel is not None and self.kv_lora_rank % 16 == 0:
+        if self.use_kernels and self.kv_lora_rank % 16 == 0:
             decode = f"absorbed, one mla_decode kernel call per layer ({isa_name()})"
-        elif self.kernel is not None:
+        elif self.use_kernels:
             decode = f"absorbed, per-head f32_bmm kernels ({isa_name()}), bmm attention"
         else:
             decode = "absorbed, bmm over the cached latents"
@@ -185,7 +186,7 @@ class GroupedExperts(FromReference, nn.Module):
         )
         self.w2 = nn.ModuleList(make_linear(experts.w2[e].detach(), None, quantize, group_size) for e in range(E))
         cpu_fp32 = quantize is None and experts.w1.dtype == torch.float32 and experts.w1.device.type == "cpu"
-        self.kernel = kernels.get() if cpu_fp32 else None  # moe_experts' case
+        self.use_kernels = cpu_fp32 and kernels.get() is not None  # moe_experts' case, decided once
 
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
@@ -195,8 +196,8 @@ class GroupedExperts(FromReference, nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
         N, k = indices.shape
-        if self.kernel is not None and kernels.usable(x, self.w13[0].weight):
-            return self._fused_forward(self.kernel, x, weights, indices)
+        if self.use_kernels and kernels.usable(x, self.w13[0].weight):
+            return self._fused_forward(kernels.get(), x, weights, indices)
         if N == 1:  # decode, one token: k experts, no grouping needed
             out = torch.zeros_like(x)
             for j, e in enumerate(indices[0].tolist()):
@@ -220,7 +221,7 @@ class GroupedExperts(FromReference, nn.Module):
         return dispatch_sorted(x, weights, indices, self.n_experts, run)
 
     def describe(self) -> str:
-        if self.kernel is not None:
+        if self.use_kernels:
             return (f"{self.n_experts} experts, chosen ones in one moe_experts kernel call "
                     f"({isa_name()}, <= {kernels.MAX_ROWS} tokens), else grouped per expert")
         return f"{self.n_experts} experts grouped by expert, one fused product each ({describe_linear(self.w13[0])})"

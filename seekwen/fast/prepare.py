@@ -41,7 +41,11 @@ def prepare(model: nn.Module, quantize: str | None = None, group_size: int = 64)
     (per-output-channel) or "int4" (groups of `group_size` input channels). Idempotent."""
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantization {quantize!r} (use int8 or int4)")
-    if getattr(model, "prepared", None) is not None:
+    done = getattr(model, "prepared", None)
+    if done is not None:
+        if done != (quantize or "fp"):
+            raise ValueError(f"model already runs the fast path as {done!r}; load it with fast=False to "
+                             f"prepare it as {quantize or 'fp'!r}")
         return model
     for block in model.layers:
         fast_attn = FastMLA if isinstance(block.attn, MLA) else FastAttention

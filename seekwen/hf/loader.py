@@ -246,14 +246,16 @@ def load(
     device: str | torch.device = "cpu",
     config_overrides: dict | None = None,
     quantize: str | None = None,
-    fast: bool = False,
+    fast: bool = True,
 ) -> Transformer:
     """Load a checkpoint: `seekwen.load("Qwen/Qwen2.5-0.5B-Instruct", dtype=torch.float32)`.
 
     dtype: torch dtype or "float32"/"bfloat16"/"float16"; default: the checkpoint's `torch_dtype`.
     config_overrides: config.json fields to change before building (e.g. a `rope_scaling`).
-    fast: swap in the inference fast path (`seekwen.fast.prepare`); quantize: "int8" or "int4"
-    weight-only quantization of the linear layers and experts (implies fast)."""
+    fast: run the inference fast path (`seekwen.fast.prepare`: fused, re-laid-out layers and CPU kernels,
+    tested equal to the reference), the default, as in the CLI; False keeps the plain reference modules
+    (what training, hooks on the reference layers and the explanation tools want). quantize: "int8" or
+    "int4" weight-only quantization of the linear layers and experts (implies fast)."""
     folder = resolve(path_or_id)
     raw, _, cfg = read_config(folder)
     if config_overrides:

@@ -191,7 +191,8 @@ def run_lab(args: argparse.Namespace, progress: bool = True) -> Result:
             key = json.dumps(over, sort_keys=True)
             if key not in loaded:
                 loaded.clear()  # one model in memory at a time
-                loaded[key] = seekwen.load(folder, dtype="float32", device="cpu", config_overrides=over or None)
+                loaded[key] = seekwen.load(folder, dtype="float32", device="cpu", config_overrides=over or None,
+                                           fast=False)
             nll = evaluate(loaded[key], ids, L)
         scored[(m, L)] = nll
         if m in methods and L in lengths:

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     from .common import load_model
     from .context import read_tokens
 
-    model = load_model(args.model, args.dtype, args.device)
+    model = load_model(args.model, args.dtype, args.device, fast=False)
     cfg = model.cfg
     if not cfg.is_moe:
         raise ValueError(f"{model.path}: not a mixture-of-experts model ({cfg.model_type}, no routed experts)")

@@ -42,7 +42,7 @@ def ppl_check(args) -> None:
     if not Path(path).exists() or not Path(text).exists():
         print(f"\n== perplexity: skipped ({path if not Path(path).exists() else text} not found)")
         return
-    base = seekwen.load(path, dtype=torch.float32)
+    base = seekwen.load(path, dtype=torch.float32, fast=False)
     seq = min(256, base.cfg.max_position_embeddings)
     chunks = held_out_text(base, text, seq_len=seq)
     q = prepare(copy.deepcopy(base), quantize=args.quantize or "int8", group_size=args.group_size)

@@ -51,7 +51,7 @@ def load(args: argparse.Namespace, folder: Path, machine: tuple[float, float]) -
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     size = torch.tensor([], dtype=dtype).element_size()
     mem0 = mem_gb(device)
-    model = seekwen.load(folder, dtype=dtype, device=device)
+    model = seekwen.load(folder, dtype=dtype, device=device, fast=False)
     if not args.no_fast:
         prepare(model, quantize=args.quantize, group_size=args.group_size)
     blocker = graph_blocker(model)
