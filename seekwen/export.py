@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
-from .families import FAMILIES, Rule, first_match, template_regex
+from .families import FAMILIES, MTP_OWN, Rule, first_match, template_regex
 from .model.transformer import Transformer
 
 ARCHITECTURES = {name: fam.architectures[0] for name, fam in FAMILIES.items()}
@@ -47,22 +47,43 @@ def to_hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> di
     cfg = model.cfg
     rules = [(r, template_regex(r.ours[0])) for r in _reverse_rules(cfg)]
     out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
+    # remove_duplicate=False: MTP layers trained with the main embedding and head tied are written as
+    # the copies the Hub layout has (model.layers.{L}.embed_tokens, shared_head.head)
+    for name, p in model.named_parameters(remove_duplicate=False):
         if name == "head.weight" and cfg.tie_word_embeddings:
             continue
-        hit = first_match(rules, name)
-        if hit is None:
-            raise ConfigError(f"no Hugging Face name for parameter '{name}' ({cfg.model_type})")
-        rule, groups = hit
         t = p.detach().to("cpu")
         if dtype is not None and not name.endswith("gate.bias"):
             t = t.to(dtype)
-        if "{e}" in rule.hf:
-            for e in range(t.shape[0]):
-                out[rule.hf.format(e=e, **groups)] = t[e].contiguous()
-        else:
-            out[rule.hf.format(**groups)] = t.contiguous()
+        for hf_name, tensor in _hf_tensors(name, t, rules, cfg):
+            out[hf_name] = tensor.contiguous()
     return out
+
+
+def _hf_tensors(name: str, t: torch.Tensor, rules: list, cfg: ModelConfig):
+    """(Hub name, tensor) pairs for our parameter `name`: stacked experts split per expert; MTP layer k
+    (`mtp.{k}.*`) written as decoder layer L + k, as DeepSeek-V3 ships it."""
+    prefix = ""
+    if name.startswith("mtp."):
+        k, rest = name.split(".", 2)[1:]
+        prefix = f"model.layers.{cfg.num_layers + int(k)}."
+        own = {ours: hf for hf, ours in MTP_OWN.items()}
+        if rest in own:
+            return [(prefix + own[rest], t)]
+        if not rest.startswith("block."):
+            raise ConfigError(f"no Hugging Face name for parameter '{name}' ({cfg.model_type})")
+        name = "layers.0." + rest.removeprefix("block.")
+    hit = first_match(rules, name)
+    if hit is None:
+        raise ConfigError(f"no Hugging Face name for parameter '{name}' ({cfg.model_type})")
+    rule, groups = hit
+    if "{e}" in rule.hf:
+        names, tensors = [rule.hf.format(e=e, **groups) for e in range(t.shape[0])], list(t)
+    else:
+        names, tensors = [rule.hf.format(**groups)], [t]
+    if prefix:
+        names = [prefix + n.removeprefix("model.layers.0.") for n in names]
+    return list(zip(names, tensors, strict=True))
 
 
 def to_hf_config(cfg: ModelConfig, dtype: torch.dtype | None = None, **updates) -> dict:
@@ -71,6 +92,8 @@ def to_hf_config(cfg: ModelConfig, dtype: torch.dtype | None = None, **updates) 
     raw["model_type"] = cfg.model_type
     raw["architectures"] = [ARCHITECTURES[cfg.model_type]]
     raw["vocab_size"] = cfg.vocab_size
+    if cfg.model_type == "deepseek_v3":
+        raw["num_nextn_predict_layers"] = cfg.num_mtp_layers
     name = str(dtype or cfg.dtype).replace("torch.", "")
     raw["torch_dtype"] = name
     raw.pop("dtype", None)

@@ -263,6 +263,8 @@ def parse_deepseek(raw: dict, where: str) -> ModelConfig:
         first_dense = int(raw.get("first_k_dense_replace") or 0)
         freq = int(raw.get("moe_layer_freq") or 1)
         mlp_layers = [i >= first_dense and i % freq == 0 for i in range(n)]
+    # DeepSeek-V3/R1 ship num_nextn_predict_layers multi-token-prediction layers after the decoder
+    mtp = _int(raw, "num_nextn_predict_layers", where, default=0, positive=False) if mt == "deepseek_v3" else 0
     if mla is not None:
         # transformers' DeepSeek-V2 port always uses interleaved pairs; V3 follows `rope_interleave`
         interleaved = True if mt == "deepseek_v2" else bool(raw.get("rope_interleave", True))
@@ -288,6 +290,7 @@ def parse_deepseek(raw: dict, where: str) -> ModelConfig:
         sliding_window=_layer_types_windows(raw, n, lambda i: i >= int(raw.get("max_window_layers") or 0), where),
         rope=rope,
         softmax_scale=scale,
+        num_mtp_layers=mtp,
     )
 
 
@@ -429,6 +432,27 @@ QWEN_V1 = [
     _r(_H + "mlp.w1.weight", _O + "ffn.w3.weight"),
     _r(_H + "mlp.c_proj.weight", _O + "ffn.w2.weight"),
 ]
+
+# DeepSeek-V3/R1 multi-token-prediction layer k is stored as decoder layer L + k (L = num_hidden_layers):
+# its decoder block under the usual layer names, plus these tensors of its own (ours: under mtp.{k}.)
+MTP_OWN = {
+    "embed_tokens.weight": "embed.weight",
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
+    "shared_head.norm.weight": "norm.weight",
+    "shared_head.head.weight": "head.weight",
+}
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def mtp_split(name: str, num_layers: int) -> tuple[int, str] | None:
+    """A checkpoint name of an MTP layer, `model.layers.{L + k}.rest` -> (k, rest); else None."""
+    m = _LAYER_NAME.match(name)
+    if m is None or int(m.group(1)) < num_layers:
+        return None
+    return int(m.group(1)) - num_layers, m.group(2)
+
 
 # checkpoint tensors that carry no weights we need
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.|_scale_inv$|^model\.mtp\.)")

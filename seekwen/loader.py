@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ConfigError, ModelConfig
-from .families import IGNORED, Family, family_for, first_match, parse_config, template_regex
+from .families import IGNORED, MTP_OWN, Family, Rule, family_for, first_match, mtp_split, parse_config, template_regex
 from .model.rope import RotaryEmbedding
 from .model.transformer import Transformer
 
@@ -157,6 +157,29 @@ def _hf_name(family: Family, ours: str, e: int | None = None) -> str:
     return label
 
 
+def _targets(name: str, rules: list, cfg: ModelConfig):
+    """Our parameter names for checkpoint tensor `name`, with its rule and template fields; None if
+    nothing matches; "skip" for an MTP layer (`model.layers.{L + k}.*`) the model does not have."""
+    mtp = mtp_split(name, cfg.num_layers)
+    if mtp is not None:
+        k, rest = mtp
+        if k >= cfg.num_mtp_layers:
+            return "skip"
+        if rest in MTP_OWN:
+            return [f"mtp.{k}.{MTP_OWN[rest]}"], Rule(name, (MTP_OWN[rest],)), {}
+        hit = first_match(rules, "model.layers.0." + rest)  # its decoder block: ordinary layer names
+        if hit is None:
+            return None
+        rule, groups = hit
+        block = f"mtp.{k}.block."
+        return [block + t.format(**groups).removeprefix("layers.0.") for t in rule.ours], rule, groups
+    hit = first_match(rules, name)
+    if hit is None:
+        return None
+    rule, groups = hit
+    return [t.format(**groups) for t in rule.ours], rule, groups
+
+
 def load_state(model: Transformer, folder: Path, family: Family) -> None:
     """Copy every checkpoint tensor into the model's parameters; error on anything missing or odd."""
     cfg = model.cfg
@@ -168,14 +191,13 @@ def load_state(model: Transformer, folder: Path, family: Family) -> None:
     for name in shards.where:
         if IGNORED.search(name):
             continue
-        hit = first_match(rules, name)
-        if hit is None:
+        found = _targets(name, rules, cfg)
+        if found == "skip":
+            continue  # an MTP layer the model was built without (mtp=False)
+        if found is None:
             unexpected.append(name)
             continue
-        rule, groups = hit
-        if "i" in groups and int(groups["i"]) >= cfg.num_layers:
-            continue  # e.g. DeepSeek-V3's multi-token-prediction layer 61: not part of the decoder
-        targets = [t.format(**groups) for t in rule.ours]
+        targets, rule, groups = found
         missing_targets = [t for t in targets if t not in params]
         if missing_targets:
             unexpected.append(name)
@@ -222,13 +244,25 @@ def load_state(model: Transformer, folder: Path, family: Family) -> None:
         raise CheckpointError(f"{folder}: missing weight(s): {', '.join(missing[:5])}{more}")
 
 
+def _has_mtp_weights(folder: Path, cfg: ModelConfig) -> bool:
+    """Whether the checkpoint holds the first MTP layer's own tensors (`model.layers.{L}.eh_proj`)."""
+    name = f"model.layers.{cfg.num_layers}.eh_proj.weight"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return name in json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False
+    return any(name in _Shards([f]).where for f in weight_files(folder))
+
+
 def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
     """An uninitialised model (no memory touched until here, then one allocation per parameter)."""
     dtype = dtype or cfg.dtype
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to(dtype)
-    for layer in model.layers:  # the router bias stays fp32 (as in the reference)
+    for layer in model.blocks():  # the router bias stays fp32 (as in the reference)
         gate = getattr(layer.ffn, "gate", None)
         if getattr(gate, "bias", None) is not None:
             gate.bias.data = gate.bias.data.float()
@@ -246,13 +280,16 @@ def load(
     config_overrides: dict | None = None,
     quantize: str | None = None,
     fast: bool = False,
+    mtp: bool = True,
 ) -> Transformer:
     """Load a checkpoint: `seekwen.load("Qwen/Qwen2.5-0.5B-Instruct", dtype=torch.float32)`.
 
     dtype: torch dtype or "float32"/"bfloat16"/"float16"; default: the checkpoint's `torch_dtype`.
     config_overrides: config.json fields to change before building (e.g. a `rope_scaling`).
     fast: swap in the inference fast path (`seekwen.fast.prepare`); quantize: "int8" or "int4"
-    weight-only quantization of the linear layers and experts (implies fast)."""
+    weight-only quantization of the linear layers and experts (implies fast). mtp: load DeepSeek-V3's
+    multi-token-prediction layers (`model.mtp`, for speculative decoding) when the checkpoint has them;
+    False skips reading them. The main model's logits are the same either way."""
     folder = resolve(path_or_id)
     raw, fam, cfg = read_config(folder)
     if config_overrides:
@@ -265,6 +302,8 @@ def load(
             raise ValueError(f"unknown dtype '{dtype}' (use float32, bfloat16 or float16)")
         dtype = names[dtype]
     merge_generation_eos(folder, cfg)
+    if cfg.num_mtp_layers and (not mtp or not _has_mtp_weights(folder, cfg)):
+        cfg = cfg.replace(num_mtp_layers=0)  # (checkpoints re-packed without layer L are common)
     model = build(cfg, dtype, device)
     load_state(model, folder, fam)
     model.eval()
