@@ -1,4 +1,4 @@
-"""Microbenchmark of the few-row decode kernels (seekwen/model/kernels.py) against the BLAS.
+"""Microbenchmark of the few-row decode kernels (seekwen/fast/kernels.py, C++ in seekwen/fast/csrc/) against the BLAS.
 
 y[M, 896] x [896, 4864] (the dense bench model's MLP gate/up shape) for M = 1, 2, 4, 8, weights from
 RAM (64 copies rotated, > L3): GB/s of weights streamed. Compared: `torch.mm(x, W)` with W stored

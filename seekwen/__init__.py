@@ -7,7 +7,7 @@
 """
 
 from .config import ConfigError, ModelConfig
-from .loader import CheckpointError, build, load, resolve
+from .hf.loader import CheckpointError, build, load, resolve
 from .model import Transformer
 from .runtime.generate import generate
 

@@ -8,6 +8,8 @@ import importlib
 import importlib.util
 import sys
 
+from .errors import UserError
+
 COMMANDS = {
     "generate": "seekwen.tools.generate",
     "chat": "seekwen.tools.chat",
@@ -19,10 +21,6 @@ COMMANDS = {
     "routes": "seekwen.tools.routes",
     "context": "seekwen.tools.context",
 }
-
-
-class UserError(Exception):
-    """Bad input from the command line: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
-    from .loader import CheckpointError
+    from .hf.loader import CheckpointError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """The one normalized model description every family is parsed into.
 
-A family (see `families.py`) reads a Hugging Face `config.json` and fills a `ModelConfig`; the model
+A family (see `hf/families.py`) reads a Hugging Face `config.json` and fills a `ModelConfig`; the model
 modules under `seekwen/model/` only ever look at this class, never at the raw JSON.
 """
 
@@ -123,11 +123,23 @@ class ModelConfig:
             self.torch_dtype, torch.float32
         )
 
-    def kv_values_per_token(self) -> int:
-        """Numbers the KV cache stores per token, summed over layers (MLA: the latent plus the rope key)."""
+    def kv_values_per_token_layer(self) -> int:
+        """Numbers one layer's KV cache stores per token: MLA the latent c_kv plus the shared rotated key
+        (kv_lora_rank + qk_rope_head_dim); MHA/GQA a k and a v per KV head (2 x num_kv_heads x head_dim)."""
         if self.mla is not None:
-            return (self.mla.kv_lora_rank + self.mla.qk_rope_head_dim) * self.num_layers
-        return 2 * self.num_kv_heads * self.head_dim * self.num_layers
+            return self.mla.kv_lora_rank + self.mla.qk_rope_head_dim
+        return 2 * self.num_kv_heads * self.head_dim
+
+    def kv_values_per_token(self) -> int:
+        """Numbers the KV cache stores per token, summed over layers."""
+        return self.kv_values_per_token_layer() * self.num_layers
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """KV-cache bytes one token adds across all layers, `dtype_bytes` per number (2 for bf16). The one
+        home of this formula: the memory report, the bench's check of the real cache, and the cache itself
+        agree with it. Counts every layer at full length; a sliding-window layer's cache stops growing at
+        its window, which only callers that know the context length can apply."""
+        return self.kv_values_per_token() * dtype_bytes
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

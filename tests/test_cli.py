@@ -121,3 +121,18 @@ def test_bench_on_a_checkpoint_against_transformers(tmp_path, spec):
     for label in ("prefill 12 tokens", "decode batch 1, 6-token prompt", "decode batch 2", "context     8"):
         assert label in out, out
     assert out.count("x transformers") >= 4
+
+
+@needs_bundled
+def test_generate_imports_no_plotting_or_table_libraries():
+    """matplotlib and rich are imported only inside the functions that plot or print tables: neither
+    `import seekwen`, nor building every command's parser, nor a whole `seekwen generate` loads them."""
+    code = (
+        "import sys\nfrom seekwen.cli import main\n"
+        "assert main(['generate', '--quiet', '-n', '2', 'In the beginning']) == 0\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'rich'}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]", r.stdout

@@ -118,6 +118,23 @@ def test_isa_selection():
             K_.set_isa("avx512")
 
 
+def test_describe_names_the_isa_or_why_not(monkeypatch):
+    """describe() is the instruction set in use, or "unavailable: <reason>" where get() gives None."""
+    assert kernels.describe() == K_.isa()
+    for name in ("_tried", "_module", "_unavailable"):  # restored after the test
+        monkeypatch.setattr(kernels, name, getattr(kernels, name))
+
+    def fresh() -> str:
+        kernels._tried, kernels._module = False, None
+        return kernels.describe()
+
+    monkeypatch.setenv("SEEKWEN_NO_KERNELS", "1")
+    assert fresh() == "unavailable: disabled (SEEKWEN_NO_KERNELS is set)" and kernels.get() is None
+    monkeypatch.delenv("SEEKWEN_NO_KERNELS")
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    assert fresh() == "unavailable: not x86 (aarch64)"
+
+
 @torch.inference_mode()
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])  # kernel up to 8 rows, BLAS beyond
 def test_layers_use_kernel_and_match_reference(rows):

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import seekwen
 from seekwen.config import MoEConfig, RopeConfig
-from seekwen.families import parse_config
+from seekwen.hf.families import parse_config
 from seekwen.model.moe import Gate
 from seekwen.model.norm import RMSNorm
 from seekwen.model.rope import RotaryEmbedding, apply_rope, compute_inv_freq, logn_scale, qwen_ntk_alpha

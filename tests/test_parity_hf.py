@@ -18,7 +18,7 @@ import transformers
 from hf_models import PINNED_TRANSFORMERS, SPECS, hf_greedy, hf_positions, make_checkpoint
 
 import seekwen
-from seekwen.families import parse_config
+from seekwen.hf.families import parse_config
 
 TOL = 1e-4
 N_NEW = 8

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import regex
 
-from seekwen.qwen_tiktoken import QWEN_PATTERN, build_tokenizer, load_qwen_tiktoken, read_ranks
-from seekwen.tokenizer import Tokenizer
+from seekwen.hf.qwen_tiktoken import QWEN_PATTERN, build_tokenizer, load_qwen_tiktoken, read_ranks
+from seekwen.hf.tokenizer import Tokenizer
 
 TEXT = (
     "In the beginning God created the heaven and the earth. And the earth was without form, and void; "

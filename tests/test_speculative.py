@@ -16,8 +16,8 @@ from hf_models import SPECS, Spec, make_checkpoint
 from safetensors.torch import load_file, save_file
 
 import seekwen
-from seekwen.export import save_hf
-from seekwen.families import parse_config
+from seekwen.hf.export import save_hf
+from seekwen.hf.families import parse_config
 from seekwen.runtime.decoder import Decoder
 from seekwen.runtime.speculative import Draft, MTPProposer, Sampling, SpecStats, verify
 from seekwen.train.init import init_weights

@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from seekwen.cli import main
-from seekwen.families import FAMILIES
+from seekwen.hf.families import name_map
+from seekwen.hf.names import Placement
 from seekwen.tools.memory import build_report, parse_contexts
 from seekwen.tools.rope_lab import build as build_rope
-from seekwen.tools.see import count_params, hf_name, meta_model, read_model_config
+from seekwen.tools.see import count_params, meta_model, read_model_config
 from seekwen.tools.trace import build_trace
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
@@ -81,18 +82,19 @@ def test_trace_shapes_and_collapsed_layers():
 
 @pytest.mark.parametrize("name", [p[0] for p in PUBLISHED])
 def test_hf_names_are_checkpoint_names(name):
-    """Every non-expert weight's HF name (module name + '.weight') is a tensor name the family loads."""
+    """Every non-expert weight's HF module name (as `trace` shows it) + '.weight' is the checkpoint tensor
+    the family loads into that weight."""
     src = read_model_config(str(CONFIGS / name))
     cfg = src.cfg
     cfg = cfg.replace(num_layers=4, mlp_layers=cfg.mlp_layers[:4], sliding_window=cfg.sliding_window[:4])
     model = meta_model(cfg)
-    patterns = [r.pattern() for r in FAMILIES[cfg.model_type].rules]
+    names = name_map(cfg)
     for pname, _ in model.named_parameters():
         module, _, leaf = pname.rpartition(".")
         if ".experts" in pname or leaf == "bias":
             continue
-        hf = hf_name(module, cfg) + "." + leaf
-        assert any(p.match(hf) for p in patterns), f"{pname} -> {hf} is not a {cfg.model_type} tensor name"
+        hf = names.hf_module(module) + "." + leaf
+        assert names.our_name(hf) == (Placement(pname),), f"{pname} -> {hf} is not a {cfg.model_type} tensor name"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,7 +112,9 @@ KV_BY_HAND = {  # bf16 bytes per token, all layers
 
 @pytest.mark.parametrize("name,per_token", KV_BY_HAND.items())
 def test_kv_bytes_per_token(name, per_token):
-    rep = build_report(read_model_config(str(CONFIGS / name)), [4096, 32768], batch=2, dtype=None)
+    src = read_model_config(str(CONFIGS / name))
+    assert src.cfg.kv_bytes_per_token(2) == per_token  # the one formula (bench checks real caches against it)
+    rep = build_report(src, [4096, 32768], batch=2, dtype=None)
     assert rep.kv_per_token == per_token
     assert rep.rows[0].kv_cache == 2 * 4096 * per_token
     assert rep.rows[1].kv_cache == 2 * 32768 * per_token
@@ -200,7 +204,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def _logits(folder: Path, method: str, length: int, ids: torch.Tensor) -> torch.Tensor:
     import seekwen
-    from seekwen.loader import read_config
+    from seekwen.hf.loader import read_config
     from seekwen.tools.context import method_overrides
 
     _, _, cfg = read_config(folder)

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import seekwen
 from seekwen.config import ConfigError
-from seekwen.export import save_hf, to_hf_state_dict
-from seekwen.families import parse_config
+from seekwen.hf.export import save_hf, to_hf_state_dict
+from seekwen.hf.families import parse_config
 from seekwen.train import TrainConfig, Trainer, balance
 from seekwen.train.init import init_weights
 from seekwen.train.presets import preset
@@ -144,3 +144,15 @@ def test_export_refuses_qwen_v1():
     model = seekwen.build(parse_config(raw), torch.float32)
     with pytest.raises(ConfigError, match="Qwen"):
         to_hf_state_dict(model)
+
+
+def test_hold_out_rule_is_one_function():
+    """split's validation chunks are held_out_chunks' (what bench scores): every val_every-th chunk of
+    seq_len + 1 tokens, starting at val_every // 2; val_every 0 holds nothing out."""
+    from seekwen.train.data import held_out, held_out_chunks, split
+
+    ids = torch.arange(10 * 8 + 3, dtype=torch.int32)  # 10 chunks of 8 tokens (seq_len 7) and a tail of 3
+    assert held_out(10, 4).nonzero().flatten().tolist() == [2, 6] and not held_out(10, 0).any()
+    s = split(ids, 7, 4)
+    assert torch.equal(s.val, held_out_chunks(ids, 7, 4)) and s.val[:, 0].tolist() == [16, 48]
+    assert len(s.train) == 8 * 8 + 3

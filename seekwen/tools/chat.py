@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import UserError
+from ..errors import UserError
 from .common import add_model_arg, add_quantize_arg, add_runtime_args, load_model
 from .generate import Streamer, add_sampling_args, check_sampling_args, context_limit, eos_ids
 

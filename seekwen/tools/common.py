@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 BUNDLED_NAME = "seekwen-kjv-v3"
 
 
@@ -43,8 +45,6 @@ def add_quantize_arg(p: argparse.ArgumentParser) -> None:
 def pick_device(name: str | None) -> str:
     if name:
         if name.startswith("cuda") and not torch.cuda.is_available():
-            from ..cli import UserError
-
             raise UserError(f"device '{name}' requested but CUDA is not available")
         return name
     return "cuda" if torch.cuda.is_available() else "cpu"

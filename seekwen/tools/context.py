@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..loader import read_config, resolve
+from ..hf.loader import read_config, resolve
 from .see import emit, one_line_errors, training_length
 
 METHODS = ("none", "linear", "ntk", "dynamic", "yarn", "logn", "window")
@@ -136,7 +136,7 @@ def by_position(nll: torch.Tensor, length: int, spans: list[tuple[int, int]],
 
 
 def read_tokens(folder: Path, text_file: str, n_tokens: int) -> torch.Tensor:
-    from ..tokenizer import Tokenizer
+    from ..hf.tokenizer import Tokenizer
 
     path = Path(text_file)
     if not path.is_file():

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from .common import add_model_arg, add_quantize_arg, add_runtime_args, load_model
 
 DEFAULT_PROMPT = "In the beginning"
@@ -86,7 +86,7 @@ class Streamer:
 
     def __init__(self, tokenizer, write: Callable[[str], None], eos_ids: list[int] | None = None,
                  clean: bool = False):
-        from ..tokenizer import StreamDecoder
+        from ..hf.tokenizer import StreamDecoder
 
         self.decoder = StreamDecoder(tokenizer)
         self.write = write

@@ -32,13 +32,6 @@ SEED_TABLE = [(4096, "16M elements", "32 MB", "1×"), (32768, "1B elements", "2 
               (131072, "16B elements", "32 GB", "1024×")]
 
 
-def kv_values_per_token_layer(cfg: ModelConfig) -> int:
-    """Numbers cached per token in one layer."""
-    if cfg.mla is not None:
-        return cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
-    return 2 * cfg.num_kv_heads * cfg.head_dim
-
-
 def mha_values_per_token_layer(cfg: ModelConfig) -> int:
     """The same model with a plain multi-head cache: every query head keeps its own k and v
     (MLA decompressed: heads × (qk_nope + qk_rope + v) per layer)."""
@@ -98,7 +91,7 @@ def build_report(src: Source, contexts: list[int], batch: int, dtype: str | None
     for S in contexts:
         rows.append(ContextRow(
             context=S,
-            kv_cache=batch * kv_tokens(cfg, S) * kv_values_per_token_layer(cfg) * nb,
+            kv_cache=batch * kv_tokens(cfg, S) * cfg.kv_values_per_token_layer() * nb,
             kv_cache_mha=batch * S * L * mha_values_per_token_layer(cfg) * nb,
             scores_head_fp32=S * S * 4,
             scores_head_dtype=S * S * nb,
@@ -108,7 +101,7 @@ def build_report(src: Source, contexts: list[int], batch: int, dtype: str | None
     return MemoryReport(
         model=src.where, dtype=dtype, batch=batch, params=params, weights=params * nb,
         attention=attention_kind(cfg),
-        kv_per_token=kv_values_per_token_layer(cfg) * L * nb,
+        kv_per_token=cfg.kv_bytes_per_token(nb),
         kv_per_token_mha=mha_values_per_token_layer(cfg) * L * nb,
         training_length=training_length(cfg), rows=rows, tile=tile,
     )

@@ -1,6 +1,6 @@
 """Shared helpers for the "see inside" tools (trace, memory, rope, routes, context): read a config
-without weights, build a model on the meta device, name modules the way Hugging Face does, and count
-parameters (total and active per token)."""
+without weights, build a model on the meta device, and count parameters (total and active per token).
+Hugging Face module names come from the family's name map (`seekwen.hf.families.name_map`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..families import FAMILIES, parse_config
-from ..loader import CheckpointError, read_config, resolve
+from ..hf.families import FAMILIES, parse_config
+from ..hf.loader import CheckpointError, read_config, resolve
 from .common import model_path
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "fp8": 1, "int8": 1}
@@ -118,37 +118,6 @@ def meta_model(cfg: ModelConfig) -> nn.Module:
     with torch.device("meta"):
         model = Transformer(cfg)
     return model
-
-
-# ----------------------------------------------------------------------------------------------------
-# Hugging Face module names
-
-
-def _segment_names(cfg: ModelConfig) -> dict[str, str]:
-    """Our module-name segment -> the family's HF name for the same module."""
-    if cfg.model_type == "qwen":
-        return {"embed": "transformer.wte", "layers": "transformer.h", "attn_norm": "ln_1", "attn": "attn",
-                "wq": "c_attn[q]", "wk": "c_attn[k]", "wv": "c_attn[v]", "wo": "c_proj", "ffn_norm": "ln_2",
-                "ffn": "mlp", "w1": "w2", "w3": "w1", "w2": "c_proj", "norm": "transformer.ln_f", "head": "lm_head"}
-    names = {"embed": "model.embed_tokens", "layers": "model.layers", "attn_norm": "input_layernorm",
-             "attn": "self_attn", "wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-             "q_norm": "q_norm", "k_norm": "k_norm", "ffn_norm": "post_attention_layernorm", "ffn": "mlp",
-             "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj", "gate": "gate", "experts": "experts",
-             "shared": "shared_expert" if cfg.model_type.startswith("qwen") else "shared_experts",
-             "shared_gate": "shared_expert_gate", "norm": "model.norm", "head": "lm_head"}
-    if cfg.mla is not None:
-        names.update(wq_a="q_a_proj", q_norm="q_a_layernorm", wq_b="q_b_proj", wkv_a="kv_a_proj_with_mqa",
-                     kv_norm="kv_a_layernorm", wkv_b="kv_b_proj")
-    return names
-
-
-def hf_name(ours: str, cfg: ModelConfig) -> str:
-    """'layers.3.attn.wkv_a' -> 'model.layers.3.self_attn.kv_a_proj_with_mqa' (and so on per family)."""
-    names = _segment_names(cfg)
-    out = []
-    for part in ours.split(".") if ours else []:
-        out.append(part if part.isdigit() or part.startswith("{") else names.get(part, part))
-    return ".".join(out)
 
 
 # ----------------------------------------------------------------------------------------------------

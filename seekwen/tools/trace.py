@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import UserError
+from ..hf.families import name_map
+from ..hf.names import NameMap
 from .see import (
     Source,
     architecture,
     count_params,
     emit,
-    hf_name,
     human,
     meta_model,
     n_params,
@@ -160,14 +162,23 @@ def _children(mod: nn.Module, prefix: str, depth: int, max_depth: int):
             yield from _children(child, full, depth + 1, max_depth)
 
 
-def _layer_rows(i: int, layer: nn.Module, cfg: ModelConfig, seen: dict, max_depth: int) -> list[Row]:
+def _layer_rows(i: int, layer: nn.Module, cfg: ModelConfig, names: NameMap, seen: dict, max_depth: int) -> list[Row]:
     base = f"layers.{i}"
-    rows = [Row(base, hf_name(base, cfg), describe(layer, cfg), *seen.get(base, ("", "")), n_params(layer), 1)]
+    rows = [Row(base, names.hf_module(base), describe(layer, cfg), *seen.get(base, ("", "")), n_params(layer), 1)]
     for name, mod, depth in _children(layer, base, 2, max_depth):
         if isinstance(mod, nn.ModuleList):
             continue
-        rows.append(Row(name, hf_name(name, cfg), describe(mod, cfg), *seen.get(name, ("", "")), n_params(mod), depth))
+        rows.append(Row(name, names.hf_module(name), describe(mod, cfg), *seen.get(name, ("", "")), n_params(mod),
+                        depth))
     return rows
+
+
+def _span_hf_name(names: NameMap, first: int, span: str, suffix: str) -> str:
+    """The HF name of a module in a group of layers: layer `first`'s, with the layer index written as `span`."""
+    hf, layer = names.hf_module(f"layers.{first}{suffix}"), names.hf_module(f"layers.{first}")
+    if not hf.startswith(layer):
+        return hf
+    return f"{names.hf_module('layers')}.{span}{hf[len(layer):]}"
 
 
 def _signature(rows: list[Row]) -> tuple:
@@ -176,9 +187,10 @@ def _signature(rows: list[Row]) -> tuple:
 
 def collapse_layers(model: nn.Module, cfg: ModelConfig, seen: dict, max_depth: int) -> list[Row]:
     """Consecutive identical layers become one group, named 'layers.3–60 ×58'."""
+    names = name_map(cfg)
     groups: list[tuple[int, int, list[Row]]] = []
     for i, layer in enumerate(model.layers):
-        rows = _layer_rows(i, layer, cfg, seen, max_depth)
+        rows = _layer_rows(i, layer, cfg, names, seen, max_depth)
         if groups and _signature(groups[-1][2][1:]) == _signature(rows[1:]) and groups[-1][2][0].what == rows[0].what:
             first, _, grows = groups[-1]
             groups[-1] = (first, i, grows)
@@ -191,7 +203,7 @@ def collapse_layers(model: nn.Module, cfg: ModelConfig, seen: dict, max_depth: i
         for r in rows:
             suffix = r.name[len(f"layers.{first}"):]
             r.name = f"layers.{span}{suffix}"
-            r.hf = hf_name(f"layers.{span}{suffix}", cfg)
+            r.hf = _span_hf_name(names, first, span, suffix)
             r.count = count
             out.append(r)
     return out
@@ -200,16 +212,17 @@ def collapse_layers(model: nn.Module, cfg: ModelConfig, seen: dict, max_depth: i
 def build_trace(src: Source, batch: int, seq_len: int, max_depth: int = 4) -> Trace:
     cfg = src.cfg
     model, seen = record_shapes(cfg, batch, seq_len)
+    names = name_map(cfg)
     arch = architecture(src)
     rows = [Row("", arch, describe(model, cfg), *seen.get("", ("", "")), n_params(model), 0)]
-    rows.append(Row("embed", hf_name("embed", cfg), describe(model.embed, cfg), *seen["embed"],
+    rows.append(Row("embed", names.hf_module("embed"), describe(model.embed, cfg), *seen["embed"],
                     n_params(model.embed), 1))
-    rows.append(Row("layers", hf_name("layers", cfg), f"{cfg.num_layers} × decoder layer", "", "",
+    rows.append(Row("layers", names.hf_module("layers"), f"{cfg.num_layers} × decoder layer", "", "",
                     n_params(model.layers), 1))
     rows += collapse_layers(model, cfg, seen, max_depth)
-    rows.append(Row("norm", hf_name("norm", cfg), describe(model.norm, cfg), *seen["norm"], n_params(model.norm), 1))
+    rows.append(Row("norm", names.hf_module("norm"), describe(model.norm, cfg), *seen["norm"], n_params(model.norm), 1))
     tied = " (tied to embed)" if cfg.tie_word_embeddings else ""
-    rows.append(Row("head", hf_name("head", cfg), describe(model.head, cfg) + tied, *seen["head"],
+    rows.append(Row("head", names.hf_module("head"), describe(model.head, cfg) + tied, *seen["head"],
                     0 if tied else n_params(model.head), 1))
     counts = count_params(model)
     return Trace(src.where, arch, batch, seq_len, rows, counts.total, counts.active, counts.active_with_embedding,
@@ -282,8 +295,6 @@ def print_trace(t: Trace) -> None:
 
 @one_line_errors
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
-
     if args.seq_len < 1 or args.batch < 1:
         raise UserError("--seq-len and --batch must be positive")
     t = build_trace(read_model_config(args.model), args.batch, args.seq_len, args.depth)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -64,18 +64,39 @@ class Split:
     val: torch.Tensor  # [n_val, seq_len + 1] held-out chunks
 
 
-def split(ids: torch.Tensor, seq_len: int, val_every: int) -> Split:
-    """Cut `ids` into chunks of seq_len + 1; every `val_every`-th one (starting at the middle of the
-    first period) is validation, the rest (and the tail) is concatenated into the training stream."""
+def chunked(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """`ids` cut into consecutive chunks of seq_len + 1 tokens, [n_chunks, seq_len + 1] (a view; the tail
+    shorter than a chunk is left out)."""
     n = seq_len + 1
     n_chunks = len(ids) // n
-    if n_chunks < 2:
-        raise ValueError(f"text too short: {len(ids)} tokens, need at least {2 * n} for seq_len {seq_len}")
-    chunks = ids[: n_chunks * n].view(n_chunks, n)
+    return ids[: n_chunks * n].view(n_chunks, n)
+
+
+def held_out(n_chunks: int, val_every: int) -> torch.Tensor:
+    """The hold-out rule, bool [n_chunks]: which chunks are validation. Every `val_every`-th chunk, starting
+    in the middle of the first period (chunk val_every // 2), so held-out text is spread evenly through the
+    stream and does not start at its very beginning; none when val_every <= 0. Training (`split`) and
+    everything that scores "the text training never saw" use this one rule."""
     is_val = torch.zeros(n_chunks, dtype=torch.bool)
-    if val_every > 0:
+    if val_every > 0 and n_chunks > 0:
         is_val[(val_every // 2) % n_chunks :: val_every] = True
-    train = torch.cat([chunks[~is_val].reshape(-1), ids[n_chunks * n :]])
+    return is_val
+
+
+def held_out_chunks(ids: torch.Tensor, seq_len: int, val_every: int) -> torch.Tensor:
+    """The validation chunks of a token stream, [n_val, seq_len + 1], in stream order."""
+    chunks = chunked(ids, seq_len)
+    return chunks[held_out(len(chunks), val_every)]
+
+
+def split(ids: torch.Tensor, seq_len: int, val_every: int) -> Split:
+    """Cut `ids` into chunks of seq_len + 1; the `held_out` ones are validation, the rest (and the tail)
+    is concatenated into the training stream."""
+    chunks = chunked(ids, seq_len)
+    if len(chunks) < 2:
+        raise ValueError(f"text too short: {len(ids)} tokens, need at least {2 * (seq_len + 1)} for seq_len {seq_len}")
+    is_val = held_out(len(chunks), val_every)
+    train = torch.cat([chunks[~is_val].reshape(-1), ids[chunks.numel() :]])
     return Split(train=train, val=chunks[is_val])
 
 

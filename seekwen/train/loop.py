@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from ..export import save_hf
-from ..families import parse_config
-from ..loader import build
+from ..hf.export import save_hf
+from ..hf.families import parse_config
+from ..hf.loader import build
 from . import balance
 from .bpe import save_tokenizer, special_ids, train_bpe
 from .data import Batches, Split, read_texts, split, stream_hash, text_lines, tokenize
@@ -287,10 +287,9 @@ class Trainer:
         return tensors
 
     def _restore(self, state: dict) -> None:
-        from ..families import FAMILIES
-        from ..loader import load_state
+        from ..hf.loader import load_state
 
-        load_state(self.model, self.out, FAMILIES[self.model_cfg.model_type])
+        load_state(self.model, self.out)
         tensors = load_file(str(self.out / OPTIM_FILE))
         torch.set_rng_state(tensors.pop("rng.cpu"))
         cuda_rng = tensors.pop("rng.cuda", None)

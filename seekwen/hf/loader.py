@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ConfigError, ModelConfig
-from .families import IGNORED, MTP_OWN, Family, Rule, family_for, first_match, mtp_split, parse_config, template_regex
-from .model.rope import RotaryEmbedding
-from .model.transformer import Transformer
+from ..config import ConfigError, ModelConfig
+from ..model.rope import RotaryEmbedding
+from ..model.transformer import Transformer
+from .families import Family, family_for, name_map, parse_config
+from .names import NameMap, Placement
 
 
 class CheckpointError(RuntimeError):
@@ -144,104 +145,82 @@ class _Shards:
             raise CheckpointError(f"{f}: tensor '{name}' could not be read ({e})") from e
 
 
-def _hf_name(family: Family, ours: str, e: int | None = None) -> str:
-    """The checkpoint tensor name that fills our parameter `ours` (row `e` of stacked experts), for messages."""
-    label = ours if e is None else f"{ours}[{e}]"
-    for rule in family.rules:
-        if ("{e}" in rule.hf) != (e is not None):
-            continue
-        for target in rule.ours:
-            m = template_regex(target).match(ours)
-            if m:
-                return f"{rule.hf.format(**m.groupdict(), e=e)} (for {label})"
-    return label
+def _missing_label(names: NameMap, param: str, expert: int | None = None) -> str:
+    """'model.layers.0.mlp.up_proj.weight (for layers.0.ffn.w3.weight)': the checkpoint name first."""
+    label = param if expert is None else f"{param}[{expert}]"
+    try:
+        return f"{names.hf_name(param, expert)} (for {label})"
+    except (ConfigError, ValueError):
+        return label
 
 
-def _targets(name: str, rules: list, cfg: ModelConfig):
-    """Our parameter names for checkpoint tensor `name`, with its rule and template fields; None if
-    nothing matches; "skip" for an MTP layer (`model.layers.{L + k}.*`) the model does not have."""
-    mtp = mtp_split(name, cfg.num_layers)
-    if mtp is not None:
-        k, rest = mtp
-        if k >= cfg.num_mtp_layers:
-            return "skip"
-        if rest in MTP_OWN:
-            return [f"mtp.{k}.{MTP_OWN[rest]}"], Rule(name, (MTP_OWN[rest],)), {}
-        hit = first_match(rules, "model.layers.0." + rest)  # its decoder block: ordinary layer names
-        if hit is None:
-            return None
-        rule, groups = hit
-        block = f"mtp.{k}.block."
-        return [block + t.format(**groups).removeprefix("layers.0.") for t in rule.ours], rule, groups
-    hit = first_match(rules, name)
-    if hit is None:
-        return None
-    rule, groups = hit
-    return [t.format(**groups) for t in rule.ours], rule, groups
+def _more(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
 
-def load_state(model: Transformer, folder: Path, family: Family) -> None:
-    """Copy every checkpoint tensor into the model's parameters; error on anything missing or odd."""
+def load_state(model: Transformer, folder: Path) -> None:
+    """Copy every checkpoint tensor into the model's parameters (named through the family's `NameMap`);
+    error on anything missing, unexpected or of the wrong shape."""
     cfg = model.cfg
+    names = name_map(cfg)
     shards = _Shards(weight_files(folder))
     params = dict(model.named_parameters(remove_duplicate=False))
-    rules = [(r, r.pattern()) for r in family.rules]
     filled: set[tuple[str, int | None]] = set()
     unexpected = []
     for name in shards.where:
-        if IGNORED.search(name):
+        if names.skip(name):
             continue
-        found = _targets(name, rules, cfg)
-        if found == "skip":
-            continue  # an MTP layer the model was built without (mtp=False)
-        if found is None:
+        placements = names.our_name(name)
+        if placements is None or any(pl.param not in params for pl in placements):
             unexpected.append(name)
             continue
-        targets, rule, groups = found
-        missing_targets = [t for t in targets if t not in params]
-        if missing_targets:
-            unexpected.append(name)
-            continue
-        t = shards.get(name)
-        if t.dtype == torch.float8_e4m3fn:
-            scale_name = name + "_scale_inv"
-            if scale_name not in shards.where:
-                raise CheckpointError(f"{shards.where[name]}: fp8 tensor '{name}' has no '{scale_name}'")
-            t = dequant_fp8(t, shards.get(scale_name))
-        chunks = t.chunk(len(targets), dim=rule.dim) if len(targets) > 1 else (t,)
-        if len(targets) > 1 and t.shape[rule.dim] % len(targets):
-            raise CheckpointError(f"{shards.where[name]}: tensor '{name}' of shape {tuple(t.shape)} cannot be split")
-        e = int(groups["e"]) if "e" in groups else None
-        for target, chunk in zip(targets, chunks, strict=True):
-            p = params[target]
-            if e is not None:
-                if e >= p.shape[0]:
-                    raise CheckpointError(f"{shards.where[name]}: '{name}' names expert {e}, config has {p.shape[0]}")
-                dest = p.data[e]
-            else:
-                dest = p.data
-            if tuple(chunk.shape) != tuple(dest.shape):
-                raise CheckpointError(
-                    f"{shards.where[name]}: tensor '{name}' has shape {tuple(chunk.shape)}, "
-                    f"expected {tuple(dest.shape)} (for {target}) from config.json"
-                )
-            with torch.no_grad():
-                dest.copy_(chunk)
-            filled.add((target, e))
+        t = _read(shards, name)
+        for pl in placements:
+            _copy_into(params[pl.param], pl, t, name, shards.where[name])
+            filled.add((pl.param, pl.expert))
     if unexpected:
-        more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(f"{folder}: unexpected weight(s) for {cfg.model_type}: {', '.join(unexpected[:5])}{more}")
+        raise CheckpointError(f"{folder}: unexpected weight(s) for {cfg.model_type}: {_more(unexpected)}")
     missing = []
     for pname, p in params.items():
         if pname == "head.weight" and cfg.tie_word_embeddings:
             continue
-        if pname.endswith(("experts.w1", "experts.w2", "experts.w3")):
-            missing += [_hf_name(family, pname, e) for e in range(p.shape[0]) if (pname, e) not in filled]
+        if names.stacked(pname):
+            missing += [_missing_label(names, pname, e) for e in range(p.shape[0]) if (pname, e) not in filled]
         elif (pname, None) not in filled:
-            missing.append(_hf_name(family, pname))
+            missing.append(_missing_label(names, pname))
     if missing:
-        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{folder}: missing weight(s): {', '.join(missing[:5])}{more}")
+        raise CheckpointError(f"{folder}: missing weight(s): {_more(missing)}")
+
+
+def _read(shards: _Shards, name: str) -> torch.Tensor:
+    """One checkpoint tensor, fp8 e4m3 weights dequantized with their `_scale_inv`."""
+    t = shards.get(name)
+    if t.dtype == torch.float8_e4m3fn:
+        scale_name = name + "_scale_inv"
+        if scale_name not in shards.where:
+            raise CheckpointError(f"{shards.where[name]}: fp8 tensor '{name}' has no '{scale_name}'")
+        t = dequant_fp8(t, shards.get(scale_name))
+    return t
+
+
+def _copy_into(p: torch.Tensor, pl: Placement, t: torch.Tensor, name: str, file: Path) -> None:
+    """Copy checkpoint tensor `name` (or its chunk `pl.part`) into parameter `p` (or its expert row)."""
+    if pl.parts > 1 and t.shape[pl.dim] % pl.parts:
+        raise CheckpointError(f"{file}: tensor '{name}' of shape {tuple(t.shape)} cannot be split")
+    chunk = pl.take(t)
+    if pl.expert is not None:
+        if pl.expert >= p.shape[0]:
+            raise CheckpointError(f"{file}: '{name}' names expert {pl.expert}, config has {p.shape[0]}")
+        dest = p.data[pl.expert]
+    else:
+        dest = p.data
+    if tuple(chunk.shape) != tuple(dest.shape):
+        raise CheckpointError(
+            f"{file}: tensor '{name}' has shape {tuple(chunk.shape)}, "
+            f"expected {tuple(dest.shape)} (for {pl.param}) from config.json"
+        )
+    with torch.no_grad():
+        dest.copy_(chunk)
 
 
 def _has_mtp_weights(folder: Path, cfg: ModelConfig) -> bool:
@@ -253,7 +232,7 @@ def _has_mtp_weights(folder: Path, cfg: ModelConfig) -> bool:
             return name in json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
             return False
-    return any(name in _Shards([f]).where for f in weight_files(folder))
+    return name in _Shards(weight_files(folder)).where
 
 
 def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
@@ -291,7 +270,7 @@ def load(
     multi-token-prediction layers (`model.mtp`, for speculative decoding) when the checkpoint has them;
     False skips reading them. The main model's logits are the same either way."""
     folder = resolve(path_or_id)
-    raw, fam, cfg = read_config(folder)
+    raw, _, cfg = read_config(folder)
     if config_overrides:
         raw = {**raw, **config_overrides}
         cfg = parse_config(raw, str(folder / "config.json") + " (with overrides)")
@@ -305,14 +284,14 @@ def load(
     if cfg.num_mtp_layers and (not mtp or not _has_mtp_weights(folder, cfg)):
         cfg = cfg.replace(num_mtp_layers=0)  # (checkpoints re-packed without layer L are common)
     model = build(cfg, dtype, device)
-    load_state(model, folder, fam)
+    load_state(model, folder)
     model.eval()
     model.path = folder
     from .tokenizer import Tokenizer
 
     model.tokenizer = Tokenizer.from_folder(folder)
     if fast or quantize:
-        from .fast import prepare
+        from ..fast import prepare
 
         prepare(model, quantize=quantize)
     return model

@@ -1,24 +1,34 @@
-"""The one place that knows Hugging Face: each `model_type` is a config parser plus a weight-name map.
+"""The registry of families: per `model_type` a config.json parser and a weight-rule list.
 
 Every family runs on the same modules (`seekwen/model/`); what differs is how its config.json spells
-things and what its tensors are called. Parsers turn a config.json dict into a `ModelConfig`;
-weight maps are lists of `Rule(hf_name_template, our_name_templates, split_dim)`.
-
-Our own parameter names follow DeepSeek-V3's reference `inference/model.py`:
-`embed`, `layers.{i}.attn_norm`, `attn.{wq,wk,wv,wo}` (MLA: `wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b`),
-`ffn_norm`, `ffn.{w1,w2,w3}` (gate, down, up), `ffn.gate`, `ffn.experts.{w1,w2,w3}` (stacked over
-experts), `ffn.shared`, `norm`, `head`.
+things and what its tensors are called. A parser turns a config.json dict into a `ModelConfig` (with
+errors that name the field); a family's rules are composed from the shared groups in `names.py`, and
+`name_map(cfg)` gives the two-way name map for one parsed config.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from ..config import ConfigError, MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from ..model.rope import yarn_get_mscale
+from .names import (
+    DEEPSEEK_SHARED_EXPERTS,
+    DENSE_MLP,
+    GQA_ATTENTION,
+    LLAMA_SKELETON,
+    MLA,
+    QK_NORM,
+    QWEN_SHARED_EXPERT,
+    QWEN_V1,
+    ROUTED_EXPERTS,
+    ROUTER,
+    ROUTER_CORRECTION_BIAS,
+    NameMap,
+    Rule,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # config helpers
@@ -92,11 +102,6 @@ def parse_hf_rope(raw: dict, rope_dim: int, where: str, interleaved: bool = Fals
     if rtype == "longrope" and (not rope.short_factor or not rope.long_factor):
         raise ConfigError(f"{where}: rope type 'longrope' needs 'short_factor' and 'long_factor'")
     return rope
-
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's attention temperature: 0.1 * mscale * ln(s) + 1 (1 when s <= 1)."""
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _common(raw: dict, where: str, head_dim: int | None = None) -> dict:
@@ -275,7 +280,7 @@ def parse_deepseek(raw: dict, where: str) -> ModelConfig:
     if mla is not None:
         scale = head_dim ** -0.5
         if rope.type != "default" and rope.mscale_all_dim:
-            scale *= yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
+            scale *= yarn_get_mscale(rope.factor, rope.mscale_all_dim) ** 2
     bias = bool(raw.get("attention_bias", False))
     return ModelConfig(
         model_type=mt,
@@ -290,7 +295,7 @@ def parse_deepseek(raw: dict, where: str) -> ModelConfig:
         sliding_window=_layer_types_windows(raw, n, lambda i: i >= int(raw.get("max_window_layers") or 0), where),
         rope=rope,
         softmax_scale=scale,
-        num_mtp_layers=mtp,
+        num_mtp_layers=max(mtp, 0),
     )
 
 
@@ -337,144 +342,40 @@ def parse_qwen_v1(raw: dict, where: str) -> ModelConfig:
     )
 
 
-# ----------------------------------------------------------------------------------------------------
-# weight maps
-
-
-@dataclass(frozen=True)
-class Rule:
-    """`hf` names one checkpoint tensor (templates: {i} layer, {e} expert, {w} weight|bias).
-    `ours` names the parameter(s) it fills; several targets split the tensor in equal chunks along
-    `dim`. An {e} in `hf` selects row e of a stacked expert parameter."""
-
-    hf: str
-    ours: tuple[str, ...]
-    dim: int = 0
-
-    def pattern(self) -> re.Pattern:
-        return template_regex(self.hf)
-
-
-def template_regex(template: str) -> re.Pattern:
-    """A name template as a regex: {i} layer and {e} expert match digits, {w} matches weight|bias."""
-    rx = re.escape(template)
-    for key, sub in (("i", r"\d+"), ("e", r"\d+"), ("w", "weight|bias")):
-        rx = rx.replace(re.escape("{" + key + "}"), f"(?P<{key}>{sub})")
-    return re.compile(rx + "$")
-
-
-def first_match(rules: list[tuple[Rule, re.Pattern]], name: str) -> tuple[Rule, dict[str, str]] | None:
-    """The first (rule, compiled pattern) pair whose pattern matches `name`, with its fields."""
-    for rule, pat in rules:
-        m = pat.match(name)
-        if m:
-            return rule, m.groupdict()
-    return None
-
-
-def _r(hf: str, *ours: str, dim: int = 0) -> Rule:
-    return Rule(hf, tuple(ours), dim)
-
-
-_L = "model.layers.{i}."
-_O = "layers.{i}."
-LLAMA_LIKE = [
-    _r("model.embed_tokens.weight", "embed.weight"),
-    _r("model.norm.weight", "norm.weight"),
-    _r("lm_head.weight", "head.weight"),
-    _r(_L + "input_layernorm.weight", _O + "attn_norm.weight"),
-    _r(_L + "post_attention_layernorm.weight", _O + "ffn_norm.weight"),
-    _r(_L + "self_attn.q_proj.{w}", _O + "attn.wq.{w}"),
-    _r(_L + "self_attn.k_proj.{w}", _O + "attn.wk.{w}"),
-    _r(_L + "self_attn.v_proj.{w}", _O + "attn.wv.{w}"),
-    _r(_L + "self_attn.o_proj.{w}", _O + "attn.wo.{w}"),
-    _r(_L + "self_attn.q_norm.weight", _O + "attn.q_norm.weight"),
-    _r(_L + "self_attn.k_norm.weight", _O + "attn.k_norm.weight"),
-    # Multi-head Latent Attention
-    _r(_L + "self_attn.q_a_proj.{w}", _O + "attn.wq_a.{w}"),
-    _r(_L + "self_attn.q_a_layernorm.weight", _O + "attn.q_norm.weight"),
-    _r(_L + "self_attn.q_b_proj.weight", _O + "attn.wq_b.weight"),
-    _r(_L + "self_attn.kv_a_proj_with_mqa.{w}", _O + "attn.wkv_a.{w}"),
-    _r(_L + "self_attn.kv_a_layernorm.weight", _O + "attn.kv_norm.weight"),
-    _r(_L + "self_attn.kv_b_proj.weight", _O + "attn.wkv_b.weight"),
-    # dense SwiGLU MLP
-    _r(_L + "mlp.gate_proj.weight", _O + "ffn.w1.weight"),
-    _r(_L + "mlp.up_proj.weight", _O + "ffn.w3.weight"),
-    _r(_L + "mlp.down_proj.weight", _O + "ffn.w2.weight"),
-    # MoE: router, routed experts (per expert, as on the Hub; or fused 3D as transformers 5 may save)
-    _r(_L + "mlp.gate.weight", _O + "ffn.gate.weight"),
-    _r(_L + "mlp.gate.e_score_correction_bias", _O + "ffn.gate.bias"),
-    _r(_L + "mlp.experts.{e}.gate_proj.weight", _O + "ffn.experts.w1"),
-    _r(_L + "mlp.experts.{e}.up_proj.weight", _O + "ffn.experts.w3"),
-    _r(_L + "mlp.experts.{e}.down_proj.weight", _O + "ffn.experts.w2"),
-    _r(_L + "mlp.experts.gate_up_proj", _O + "ffn.experts.w1", _O + "ffn.experts.w3", dim=1),
-    _r(_L + "mlp.experts.down_proj", _O + "ffn.experts.w2"),
-    # shared experts: DeepSeek's `shared_experts`, Qwen2-MoE's `shared_expert` + its sigmoid gate
-    _r(_L + "mlp.shared_experts.gate_proj.weight", _O + "ffn.shared.w1.weight"),
-    _r(_L + "mlp.shared_experts.up_proj.weight", _O + "ffn.shared.w3.weight"),
-    _r(_L + "mlp.shared_experts.down_proj.weight", _O + "ffn.shared.w2.weight"),
-    _r(_L + "mlp.shared_expert.gate_proj.weight", _O + "ffn.shared.w1.weight"),
-    _r(_L + "mlp.shared_expert.up_proj.weight", _O + "ffn.shared.w3.weight"),
-    _r(_L + "mlp.shared_expert.down_proj.weight", _O + "ffn.shared.w2.weight"),
-    _r(_L + "mlp.shared_expert_gate.weight", _O + "ffn.shared_gate.weight"),
-]
-
-_H = "transformer.h.{i}."
-QWEN_V1 = [
-    _r("transformer.wte.weight", "embed.weight"),
-    _r("transformer.ln_f.weight", "norm.weight"),
-    _r("lm_head.weight", "head.weight"),
-    _r(_H + "ln_1.weight", _O + "attn_norm.weight"),
-    _r(_H + "ln_2.weight", _O + "ffn_norm.weight"),
-    _r(_H + "attn.c_attn.{w}", _O + "attn.wq.{w}", _O + "attn.wk.{w}", _O + "attn.wv.{w}"),
-    _r(_H + "attn.c_proj.{w}", _O + "attn.wo.{w}"),
-    _r(_H + "mlp.w2.weight", _O + "ffn.w1.weight"),  # Qwen v1: c_proj(w1(x) * silu(w2(x)))
-    _r(_H + "mlp.w1.weight", _O + "ffn.w3.weight"),
-    _r(_H + "mlp.c_proj.weight", _O + "ffn.w2.weight"),
-]
-
-# DeepSeek-V3/R1 multi-token-prediction layer k is stored as decoder layer L + k (L = num_hidden_layers):
-# its decoder block under the usual layer names, plus these tensors of its own (ours: under mtp.{k}.)
-MTP_OWN = {
-    "embed_tokens.weight": "embed.weight",
-    "enorm.weight": "enorm.weight",
-    "hnorm.weight": "hnorm.weight",
-    "eh_proj.weight": "eh_proj.weight",
-    "shared_head.norm.weight": "norm.weight",
-    "shared_head.head.weight": "head.weight",
-}
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-def mtp_split(name: str, num_layers: int) -> tuple[int, str] | None:
-    """A checkpoint name of an MTP layer, `model.layers.{L + k}.rest` -> (k, rest); else None."""
-    m = _LAYER_NAME.match(name)
-    if m is None or int(m.group(1)) < num_layers:
-        return None
-    return int(m.group(1)) - num_layers, m.group(2)
-
-
-# checkpoint tensors that carry no weights we need
-IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.|_scale_inv$|^model\.mtp\.)")
-
-
 @dataclass(frozen=True)
 class Family:
+    """One `model_type`: the architecture name(s) it is saved under, its config parser, and its weight rules,
+    composed from the shared groups in `names.py`."""
+
     name: str
     architectures: tuple[str, ...]
     parse: Callable[[dict, str], ModelConfig]
-    rules: list[Rule]
+    rules: tuple[Rule, ...]
 
+    def names(self, cfg: ModelConfig) -> NameMap:
+        """The two-way name map of this family's checkpoints for `cfg`."""
+        return NameMap(self.name, self.rules, cfg)
+
+
+_QWEN2 = (*LLAMA_SKELETON, *GQA_ATTENTION, *DENSE_MLP)
+_QWEN3 = (*LLAMA_SKELETON, *GQA_ATTENTION, *QK_NORM, *DENSE_MLP)
+_DEEPSEEK_MOE = (*ROUTER, *ROUTED_EXPERTS, *DEEPSEEK_SHARED_EXPERTS)
+_DEEPSEEK_V2 = (*LLAMA_SKELETON, *MLA, *DENSE_MLP, *_DEEPSEEK_MOE)
 
 FAMILIES: dict[str, Family] = {
-    "qwen": Family("qwen", ("QWenLMHeadModel",), parse_qwen_v1, QWEN_V1),
-    "qwen2": Family("qwen2", ("Qwen2ForCausalLM",), parse_qwen2, LLAMA_LIKE),
-    "qwen2_moe": Family("qwen2_moe", ("Qwen2MoeForCausalLM",), parse_qwen2, LLAMA_LIKE),
-    "qwen3": Family("qwen3", ("Qwen3ForCausalLM",), parse_qwen2, LLAMA_LIKE),
-    "qwen3_moe": Family("qwen3_moe", ("Qwen3MoeForCausalLM",), parse_qwen2, LLAMA_LIKE),
-    "deepseek": Family("deepseek", ("DeepseekForCausalLM",), parse_deepseek, LLAMA_LIKE),
-    "deepseek_v2": Family("deepseek_v2", ("DeepseekV2ForCausalLM",), parse_deepseek, LLAMA_LIKE),
-    "deepseek_v3": Family("deepseek_v3", ("DeepseekV3ForCausalLM",), parse_deepseek, LLAMA_LIKE),
+    f.name: f
+    for f in [
+        Family("qwen", ("QWenLMHeadModel",), parse_qwen_v1, QWEN_V1),
+        Family("qwen2", ("Qwen2ForCausalLM",), parse_qwen2, _QWEN2),
+        Family("qwen2_moe", ("Qwen2MoeForCausalLM",), parse_qwen2, (*_QWEN2, *ROUTER, *ROUTED_EXPERTS,
+                                                                      *QWEN_SHARED_EXPERT)),
+        Family("qwen3", ("Qwen3ForCausalLM",), parse_qwen2, _QWEN3),
+        Family("qwen3_moe", ("Qwen3MoeForCausalLM",), parse_qwen2, (*_QWEN3, *ROUTER, *ROUTED_EXPERTS)),
+        Family("deepseek", ("DeepseekForCausalLM",), parse_deepseek,
+               (*LLAMA_SKELETON, *GQA_ATTENTION, *DENSE_MLP, *_DEEPSEEK_MOE)),
+        Family("deepseek_v2", ("DeepseekV2ForCausalLM",), parse_deepseek, _DEEPSEEK_V2),
+        Family("deepseek_v3", ("DeepseekV3ForCausalLM",), parse_deepseek, (*_DEEPSEEK_V2, *ROUTER_CORRECTION_BIAS)),
+    ]
 }
 
 
@@ -509,3 +410,8 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
         cfg.rope.seq_length = _int(raw, "seq_length", where, default=trained)
         cfg.logn_attn = True
     return cfg
+
+
+def name_map(cfg: ModelConfig) -> NameMap:
+    """The two-way name map for a parsed config: our parameter names <-> its family's checkpoint names."""
+    return FAMILIES[cfg.model_type].names(cfg)

@@ -1,0 +1,203 @@
+// seekwen's few-row CPU kernels, y[M, N] = x[M, K] . W[N, K]^T for M <= 8 (decode); see kernels.py for
+// what each function computes and why it exists. Compiled at first use by kernels.py
+// (torch.utils.cpp_extension.load, -O3 -mavx2 -mfma -fopenmp).
+//
+// Two instruction sets, one build. The loop code (loops.h) is compiled twice from the same text, in
+// namespace avx2 (__m256, 8 lanes) and in namespace avx512 (__m512, 16 lanes) under
+// `#pragma GCC target("avx512f,...")`, so the module builds and loads on any AVX2 CPU; which one runs is
+// chosen at run time (__builtin_cpu_supports), or forced with set_isa (SEEKWEN_KERNELS=avx2 in kernels.py).
+// AVX-512 pays at 5-8 activation rows: with 32 vector registers all 8 rows x 3 weight rows (24
+// accumulators) fit in one pass, and each FMA does 16 lanes, so batch-8 decode stops being FMA-bound.
+// int4 stays AVX2 (its per-group decode is not what limits it). Clang has no `#pragma GCC target`, so
+// there only the AVX2 code is built.
+//
+// Loop structure: output rows are split across threads (at::parallel_for) in tiles of 12 rows; a tile is
+// walked in blocks of R = 3-4 weight rows, each streamed once, sequentially, one vector at a time, FMA'd
+// against up to MBMAX activation rows (4 for AVX2, 8 for AVX-512; L1/L2-resident), with one independent
+// accumulator per (activation row, weight row) pair (they stay in registers, and enough FMA chains are in
+// flight to hide the FMA latency). The next tile's weights are prefetched while a tile streams. More than
+// MBMAX activation rows: the tile is run again for the next ones; its weights then come from L1/L2.
+// K tails use masked loads.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace avx2 {
+#include "vec_avx2.h"
+#include "loops.h"
+#include "int4_avx2.h"
+}  // namespace avx2
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define SEEKWEN_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace avx512 {
+#include "vec_avx512.h"
+#include "loops.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+// ---- torch-facing functions: checks, output allocation, and the choice of instruction set ----------
+
+#ifdef SEEKWEN_AVX512
+static bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+static bool use_avx512 = cpu_has_avx512();
+#else
+static bool cpu_has_avx512() { return false; }
+static bool use_avx512 = false;
+#endif
+
+// "avx512" or "avx2": the instruction set the kernels run with now.
+std::string isa() { return use_avx512 ? "avx512" : "avx2"; }
+
+// Force an instruction set ("avx2", or "avx512" where the CPU and compiler have it); returns isa().
+std::string set_isa(std::string name) {
+  TORCH_CHECK(name == "avx2" || name == "avx512", "set_isa: avx2 or avx512");
+  TORCH_CHECK(name == "avx2" || cpu_has_avx512(), "set_isa: avx512 not available on this CPU / build");
+  use_avx512 = name == "avx512";
+  return isa();
+}
+
+#ifdef SEEKWEN_AVX512
+#define SEEKWEN_DISPATCH(fn, ...) (use_avx512 ? avx512::fn(__VA_ARGS__) : avx2::fn(__VA_ARGS__))
+#else
+#define SEEKWEN_DISPATCH(fn, ...) avx2::fn(__VA_ARGS__)
+#endif
+
+static void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k_per_row) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "kernels: 2-d contiguous");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.size(1) == w.size(1) * k_per_row, "kernels: fp32 x [M, K]");
+}
+
+static const float* opt_ptr(const c10::optional<torch::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
+}
+
+// y[M, N] = x[M, K] . w[N, K]^T (+ bias): fp32 weights
+torch::Tensor f32_mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check(x, w, 1);
+  TORCH_CHECK(w.scalar_type() == torch::kFloat, "f32_mm: fp32 weights");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  SEEKWEN_DISPATCH(f32_mm, x.data_ptr<float>(), w.data_ptr<float>(), M, K, N, opt_ptr(bias), y.data_ptr<float>());
+  return y;
+}
+
+// y[h] = x[h] . w[h]^T for x [H, M, K], w [H, N, K] (per-head products, e.g. MLA's absorbed decode)
+torch::Tensor f32_bmm(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && x.is_contiguous() && w.is_contiguous(), "f32_bmm: 3-d contiguous");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "f32_bmm: fp32");
+  TORCH_CHECK(x.size(0) == w.size(0) && x.size(2) == w.size(2), "f32_bmm: x [H, M, K], w [H, N, K]");
+  const int64_t H = x.size(0), M = x.size(1), K = x.size(2), N = w.size(1);
+  auto y = torch::empty({H, M, N}, x.options());
+  SEEKWEN_DISPATCH(f32_bmm, x.data_ptr<float>(), w.data_ptr<float>(), H, M, K, N, y.data_ptr<float>());
+  return y;
+}
+
+// y[M, N] = x[M, K] . (q[N, K] * s[N])^T (+ bias): int8 weights, fp32 activations and accumulation
+torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, c10::optional<torch::Tensor> bias) {
+  check(x, q, 1);
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  SEEKWEN_DISPATCH(int8_mm, x.data_ptr<float>(), q.data_ptr<int8_t>(), s.data_ptr<float>(), M, K, N, opt_ptr(bias),
+                   y.data_ptr<float>());
+  return y;
+}
+
+// Routed SwiGLU experts of one MoE layer, fp32: xs [R, D] holds the rows routed to each expert, grouped
+// (rows[g] rows for expert g, in order); w13[g] [2I, D] = gate and up stacked, w2[g] [D, I]. Returns
+// ys [R, D], ys = w2 . (silu(gate) * up) per row, unweighted. Two grouped products (all experts at once)
+// instead of two kernel calls and three small torch ops per expert.
+torch::Tensor moe_experts(torch::Tensor xs, std::vector<torch::Tensor> w13, std::vector<torch::Tensor> w2,
+                          std::vector<int64_t> rows) {
+  const int64_t G = rows.size();
+  TORCH_CHECK(G > 0 && (int64_t)w13.size() == G && (int64_t)w2.size() == G, "moe_experts: one w13, w2 per group");
+  TORCH_CHECK(xs.dim() == 2 && xs.is_contiguous() && xs.scalar_type() == torch::kFloat, "moe_experts: fp32 xs");
+  const int64_t D = xs.size(1), I = w13[0].size(0) / 2;
+  std::vector<const float*> p13(G), p2(G);
+  int64_t R = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(w13[g].sizes() == w13[0].sizes() && w13[g].size(1) == D && w2[g].size(0) == D && w2[g].size(1) == I,
+                "moe_experts: w13 [2I, D], w2 [D, I]");
+    TORCH_CHECK(w13[g].is_contiguous() && w2[g].is_contiguous() && w13[g].scalar_type() == torch::kFloat &&
+                w2[g].scalar_type() == torch::kFloat, "moe_experts: contiguous fp32 weights");
+    TORCH_CHECK(rows[g] > 0, "moe_experts: empty group");
+    p13[g] = w13[g].data_ptr<float>();
+    p2[g] = w2[g].data_ptr<float>();
+    R += rows[g];
+  }
+  TORCH_CHECK(R == xs.size(0), "moe_experts: rows must add up to xs's rows");
+  auto h = torch::empty({R, 2 * I}, xs.options());
+  SEEKWEN_DISPATCH(grouped_mm, xs.data_ptr<float>(), p13.data(), rows.data(), G, D, 2 * I, h.data_ptr<float>());
+  auto act = torch::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I);  // [R, I], contiguous
+  auto ys = torch::empty({R, D}, xs.options());
+  SEEKWEN_DISPATCH(grouped_mm, act.data_ptr<float>(), p2.data(), rows.data(), G, I, D, ys.data_ptr<float>());
+  return ys;
+}
+
+// Absorbed-MLA decode, one query position per sequence: q_lat [B, Q, r] (the queries moved into latent
+// space, Q = heads), q_pe [B, Q, dr], the cached latents kv [B, T, r] and rotated keys pe [B, T, dr] (views
+// of the cache: rows contiguous, sequences strided), n[b] keys visible to sequence b (slots 0..n-1).
+// Returns the latent outputs [B, Q, r] = softmax(scale * (q_lat . kv^T + q_pe . pe^T)) . kv. The scores
+// are f32_mm tiles with the cached tokens as the "weight rows"; the values product streams the latents
+// again with the probabilities broadcast (f32_mm_kn). Nothing is expanded per head, and no [B, Q, T]
+// intermediate is materialised beyond one sequence's scores.
+torch::Tensor mla_decode(torch::Tensor q_lat, torch::Tensor q_pe, torch::Tensor kv, torch::Tensor pe,
+                         std::vector<int64_t> n, double scale) {
+  TORCH_CHECK(q_lat.dim() == 3 && q_pe.dim() == 3 && kv.dim() == 3 && pe.dim() == 3, "mla_decode: 3-d tensors");
+  TORCH_CHECK(q_lat.is_contiguous() && q_pe.is_contiguous(), "mla_decode: contiguous queries");
+  for (const auto* t : {&q_lat, &q_pe, &kv, &pe})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat, "mla_decode: fp32");
+  const int64_t B = q_lat.size(0), Q = q_lat.size(1), r = q_lat.size(2), dr = q_pe.size(2);
+  TORCH_CHECK(kv.size(0) == B && pe.size(0) == B && kv.size(2) == r && pe.size(2) == dr && q_pe.size(1) == Q,
+              "mla_decode: shapes");
+  TORCH_CHECK(kv.stride(2) == 1 && kv.stride(1) == r && pe.stride(2) == 1 && pe.stride(1) == dr,
+              "mla_decode: cache rows must be contiguous");
+  TORCH_CHECK(r % 16 == 0 && (int64_t)n.size() == B, "mla_decode: r % 16 == 0, one key count per sequence");
+  auto out = torch::empty({B, Q, r}, q_lat.options());
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t T = n[b];
+    TORCH_CHECK(T >= 1 && T <= kv.size(1), "mla_decode: key count out of range");
+    const float* kvb = kv.data_ptr<float>() + b * kv.stride(0);
+    const float* peb = pe.data_ptr<float>() + b * pe.stride(0);
+    auto s = torch::empty({Q, T}, q_lat.options()), s_pe = torch::empty({Q, T}, q_lat.options());
+    SEEKWEN_DISPATCH(f32_mm, q_lat.data_ptr<float>() + b * Q * r, kvb, Q, r, T, nullptr, s.data_ptr<float>());
+    SEEKWEN_DISPATCH(f32_mm, q_pe.data_ptr<float>() + b * Q * dr, peb, Q, dr, T, nullptr, s_pe.data_ptr<float>());
+    auto p = torch::softmax(s.add_(s_pe).mul_(scale), 1);  // [Q, T], contiguous
+    SEEKWEN_DISPATCH(f32_mm_kn, p.data_ptr<float>(), kvb, Q, T, r, r, out.data_ptr<float>() + b * Q * r);
+  }
+  return out;
+}
+
+torch::Tensor int4_mm(torch::Tensor x, torch::Tensor p, torch::Tensor scale, torch::Tensor zero, int64_t group,
+                      c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(group % 8 == 0, "int4_mm: group must be a multiple of 8");
+  check(x, p, 2);
+  const int64_t M = x.size(0), K = x.size(1), N = p.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  avx2::int4_mm(x.data_ptr<float>(), p.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(), group,
+                M, K, N, opt_ptr(bias), y.data_ptr<float>());
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("f32_mm", torch::wrap_pybind_function(f32_mm), "y = x . w^T (+ bias), fp32 weights [N, K]");
+  m.def("f32_bmm", torch::wrap_pybind_function(f32_bmm), "per-head y[h] = x[h] . w[h]^T");
+  m.def("int8_mm", torch::wrap_pybind_function(int8_mm), "y = x . (q * s)^T (+ bias), int8 weights");
+  m.def("int4_mm", torch::wrap_pybind_function(int4_mm), "y = x . W^T (+ bias), packed int4 weights");
+  m.def("moe_experts", torch::wrap_pybind_function(moe_experts), "one MoE layer's routed SwiGLU experts");
+  m.def("mla_decode", torch::wrap_pybind_function(mla_decode), "absorbed-MLA attention, one new token");
+  m.def("isa", torch::wrap_pybind_function(isa), "the instruction set in use: avx512 or avx2");
+  m.def("set_isa", torch::wrap_pybind_function(set_isa), "force avx2 or avx512; returns isa()");
+}
