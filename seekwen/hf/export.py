@@ -33,10 +33,14 @@ def to_hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> di
     out: dict[str, torch.Tensor] = {}
     # remove_duplicate=False: MTP layers trained with the main embedding and head tied are written as the
     # copies the Hub layout has (model.layers.{L}.embed_tokens, shared_head.head)
+    seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if name == "head.weight" and cfg.tie_word_embeddings:
             continue
         t = p.detach().to("cpu")
+        if id(p) in seen:  # a tied copy: its own storage (safetensors refuses shared tensors)
+            t = t.clone()
+        seen.add(id(p))
         if dtype is not None and not name.endswith("gate.bias"):
             t = t.to(dtype)
         if names.stacked(name):

@@ -67,3 +67,28 @@ class MTPLayer(nn.Module):
         kept = x if keep is None else x[torch.arange(x.shape[0], device=x.device), keep][:, None]
         logits = self.head(self.norm(kept))
         return (logits, x) if return_hidden else logits
+
+
+def share_embeddings(model) -> None:
+    """Tie every MTP layer's embedding and output head to the main model's (training: the V3 report
+    shares them; checkpoints store copies)."""
+    for layer in model.mtp:
+        layer.embed.weight = model.embed.weight
+        layer.head.weight = model.head.weight
+
+
+def mtp_logits(model, hidden: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """The MTP layers over a training sequence, without a cache (DeepSeek-V3 report, section 2.2).
+
+    tokens [B, T+1]: the main model read t_0..t_{T-1}; hidden [B, T, d] its final-normed hidden states.
+    Depth k (1-based) combines h^{k-1}_i (h^0 = the main model's) with Emb(t_{i+k}) for i < T - k and
+    predicts t_{i+k+1}: returns one logits tensor [B, T-k, vocab] per depth, targets tokens[:, k+1:]."""
+    T = hidden.shape[1]
+    out, h = [], hidden
+    for k, layer in enumerate(model.mtp, start=1):
+        if T - k < 1:
+            break
+        ids = tokens[:, k:T]  # t_{i+k}, i = 0 .. T-k-1
+        logits, h = layer(ids, h[:, : T - k], model.uncached_batch(ids, None, None), return_hidden=True)
+        out.append(logits)
+    return out
