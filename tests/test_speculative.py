@@ -220,7 +220,7 @@ def test_mtp_export_round_trip(mtp_pair, tmp_path):
 
 
 @pytest.mark.parametrize("lens", [[13], [13, 5, 18]], ids=["batch1", "batch3"])
-@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("fast", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_greedy_mtp_equals_plain_and_mtp_cache_is_exact(mtp_pair, lens, fast):
     _, folder, _ = mtp_pair
     model = seekwen.load(folder, dtype=torch.float32, fast=fast)
@@ -285,7 +285,7 @@ def _tiny_vocab_model(model_type: str, seed: int, mtp: int = 0):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["draft", "ngram", "mtp"])
+@pytest.mark.parametrize("kind", [pytest.param("draft", marks=pytest.mark.slow), "ngram", "mtp"])
 def test_sampled_speculation_has_the_target_distribution(kind):
     """Many rows of one prompt, top-p sampling: the joint distribution of new tokens 2 and 3 (both decided
     by verification) matches the target's exact one, P(t2, t3) = sum_t1 P(t1) P(t2|t1) P(t3|t1, t2)."""
