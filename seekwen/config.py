@@ -100,6 +100,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # DeepSeek-V3 multi-token-prediction layers (`num_nextn_predict_layers`), model.mtp (model/mtp.py)
+    num_mtp_layers: int = 0
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the config.json as read
 
     @property

@@ -87,8 +87,17 @@ def test_expert_names_both_layouts():
 
 
 def test_layers_past_the_config_and_rotary_caches_are_skipped():
-    names = name_map(parse_config(json.loads((CONFIGS / "deepseek-v3.json").read_text())))
-    assert names.skip("model.layers.61.self_attn.kv_b_proj.weight")  # the multi-token-prediction layer
+    cfg = parse_config(json.loads((CONFIGS / "deepseek-v3.json").read_text()))
+    names = name_map(cfg)
+    # the multi-token-prediction layer (num_nextn_predict_layers 1) is read as mtp.0, both ways ...
+    assert not names.skip("model.layers.61.self_attn.kv_b_proj.weight")
+    assert names.our_name("model.layers.61.self_attn.kv_b_proj.weight")[0].param == "mtp.0.block.attn.wkv_b.weight"
+    assert names.our_name("model.layers.61.shared_head.head.weight")[0].param == "mtp.0.head.weight"
+    assert names.hf_name("mtp.0.block.ffn.experts.w1", expert=7) == "model.layers.61.mlp.experts.7.gate_proj.weight"
+    assert names.hf_name("mtp.0.eh_proj.weight") == "model.layers.61.eh_proj.weight"
+    assert names.skip("model.layers.62.self_attn.kv_b_proj.weight")  # past the MTP layers
+    # ... and skipped by a model built without it (seekwen.load(..., mtp=False))
+    assert name_map(cfg.replace(num_mtp_layers=0)).skip("model.layers.61.self_attn.kv_b_proj.weight")
     assert names.skip("model.layers.3.self_attn.kv_b_proj.weight_scale_inv")
     assert not names.skip("model.layers.60.self_attn.kv_b_proj.weight")
     assert not names.skip("model.layers.0.self_attn.rel_bias.weight")  # unknown: unexpected, not skipped

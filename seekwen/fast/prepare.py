@@ -35,6 +35,19 @@ def _swap_norms(module: nn.Module) -> None:
             _swap_norms(child)
 
 
+def _prepare_block(block: nn.Module, quantize: str | None, group_size: int) -> None:
+    fast_attn = FastMLA if isinstance(block.attn, MLA) else FastAttention
+    block.attn = fast_attn.from_reference(block.attn, quantize, group_size)
+    ffn = block.ffn
+    if isinstance(ffn, MLP):
+        block.ffn = FastMLP.from_reference(ffn, quantize, group_size)
+    elif isinstance(ffn, MoE):
+        if ffn.experts.w1.device.type == "cpu" or quantize:
+            ffn.experts = GroupedExperts.from_reference(ffn.experts, quantize, group_size)
+        if ffn.shared is not None:
+            ffn.shared = FastMLP.from_reference(ffn.shared, quantize, group_size)
+
+
 @torch.no_grad()
 def prepare(model: nn.Module, quantize: str | None = None, group_size: int = 64) -> nn.Module:
     """Swap in the fast path (see module docstring). quantize: None (weights as loaded), "int8"
@@ -47,17 +60,11 @@ def prepare(model: nn.Module, quantize: str | None = None, group_size: int = 64)
             raise ValueError(f"model already runs the fast path as {done!r}; load it with fast=False to "
                              f"prepare it as {quantize or 'fp'!r}")
         return model
-    for block in model.layers:
-        fast_attn = FastMLA if isinstance(block.attn, MLA) else FastAttention
-        block.attn = fast_attn.from_reference(block.attn, quantize, group_size)
-        ffn = block.ffn
-        if isinstance(ffn, MLP):
-            block.ffn = FastMLP.from_reference(ffn, quantize, group_size)
-        elif isinstance(ffn, MoE):
-            if ffn.experts.w1.device.type == "cpu" or quantize:
-                ffn.experts = GroupedExperts.from_reference(ffn.experts, quantize, group_size)
-            if ffn.shared is not None:
-                ffn.shared = FastMLP.from_reference(ffn.shared, quantize, group_size)
+    for block in model.blocks():  # the decoder layers and the MTP layers' blocks
+        _prepare_block(block, quantize, group_size)
+    for mtp in model.mtp:
+        mtp.eh_proj = fast_linear(mtp.eh_proj, quantize, group_size)
+        mtp.head = fast_linear(mtp.head, quantize, group_size)
     _swap_norms(model)
     model.head = fast_linear(model.head, quantize, group_size)
     if model.cfg.tie_word_embeddings and quantize is None:

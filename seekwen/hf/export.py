@@ -31,10 +31,16 @@ def to_hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> di
         raise ConfigError("exporting Qwen (v1) checkpoints is not supported; use a qwen2/qwen3 config to train")
     names = name_map(cfg)
     out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
+    # remove_duplicate=False: MTP layers trained with the main embedding and head tied are written as the
+    # copies the Hub layout has (model.layers.{L}.embed_tokens, shared_head.head)
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
         if name == "head.weight" and cfg.tie_word_embeddings:
             continue
         t = p.detach().to("cpu")
+        if id(p) in seen:  # a tied copy: its own storage (safetensors refuses shared tensors)
+            t = t.clone()
+        seen.add(id(p))
         if dtype is not None and not name.endswith("gate.bias"):
             t = t.to(dtype)
         if names.stacked(name):
@@ -51,6 +57,8 @@ def to_hf_config(cfg: ModelConfig, dtype: torch.dtype | None = None, **updates) 
     raw["model_type"] = cfg.model_type
     raw["architectures"] = [ARCHITECTURES[cfg.model_type]]
     raw["vocab_size"] = cfg.vocab_size
+    if cfg.model_type == "deepseek_v3":
+        raw["num_nextn_predict_layers"] = cfg.num_mtp_layers
     name = str(dtype or cfg.dtype).replace("torch.", "")
     raw["torch_dtype"] = name
     raw.pop("dtype", None)

@@ -268,6 +268,8 @@ def parse_deepseek(raw: dict, where: str) -> ModelConfig:
         first_dense = int(raw.get("first_k_dense_replace") or 0)
         freq = int(raw.get("moe_layer_freq") or 1)
         mlp_layers = [i >= first_dense and i % freq == 0 for i in range(n)]
+    # DeepSeek-V3/R1 ship num_nextn_predict_layers multi-token-prediction layers after the decoder
+    mtp = _int(raw, "num_nextn_predict_layers", where, default=0, positive=False) if mt == "deepseek_v3" else 0
     if mla is not None:
         # transformers' DeepSeek-V2 port always uses interleaved pairs; V3 follows `rope_interleave`
         interleaved = True if mt == "deepseek_v2" else bool(raw.get("rope_interleave", True))
@@ -293,6 +295,7 @@ def parse_deepseek(raw: dict, where: str) -> ModelConfig:
         sliding_window=_layer_types_windows(raw, n, lambda i: i >= int(raw.get("max_window_layers") or 0), where),
         rope=rope,
         softmax_scale=scale,
+        num_mtp_layers=max(mtp, 0),
     )
 
 

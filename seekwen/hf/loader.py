@@ -223,13 +223,25 @@ def _copy_into(p: torch.Tensor, pl: Placement, t: torch.Tensor, name: str, file:
         dest.copy_(chunk)
 
 
+def _has_mtp_weights(folder: Path, cfg: ModelConfig) -> bool:
+    """Whether the checkpoint holds the first MTP layer's own tensors (`model.layers.{L}.eh_proj`)."""
+    name = f"model.layers.{cfg.num_layers}.eh_proj.weight"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return name in json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False
+    return name in _Shards(weight_files(folder)).where
+
+
 def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
     """An uninitialised model (no memory touched until here, then one allocation per parameter)."""
     dtype = dtype or cfg.dtype
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to(dtype)
-    for layer in model.layers:  # the router bias stays fp32 (as in the reference)
+    for layer in model.blocks():  # the router bias stays fp32 (as in the reference)
         gate = getattr(layer.ffn, "gate", None)
         if getattr(gate, "bias", None) is not None:
             gate.bias.data = gate.bias.data.float()
@@ -247,6 +259,7 @@ def load(
     config_overrides: dict | None = None,
     quantize: str | None = None,
     fast: bool = True,
+    mtp: bool = True,
 ) -> Transformer:
     """Load a checkpoint: `seekwen.load("Qwen/Qwen2.5-0.5B-Instruct", dtype=torch.float32)`.
 
@@ -255,7 +268,9 @@ def load(
     fast: run the inference fast path (`seekwen.fast.prepare`: fused, re-laid-out layers and CPU kernels,
     tested equal to the reference), the default, as in the CLI; False keeps the plain reference modules
     (what training, hooks on the reference layers and the explanation tools want). quantize: "int8" or
-    "int4" weight-only quantization of the linear layers and experts (implies fast)."""
+    "int4" weight-only quantization of the linear layers and experts (implies fast). mtp: load DeepSeek-V3's
+    multi-token-prediction layers (`model.mtp`, for speculative decoding) when the checkpoint has them;
+    False skips reading them. The main model's logits are the same either way."""
     folder = resolve(path_or_id)
     raw, _, cfg = read_config(folder)
     if config_overrides:
@@ -268,6 +283,8 @@ def load(
             raise ValueError(f"unknown dtype '{dtype}' (use float32, bfloat16 or float16)")
         dtype = names[dtype]
     merge_generation_eos(folder, cfg)
+    if cfg.num_mtp_layers and (not mtp or not _has_mtp_weights(folder, cfg)):
+        cfg = cfg.replace(num_mtp_layers=0)  # (checkpoints re-packed without layer L are common)
     model = build(cfg, dtype, device)
     load_state(model, folder)
     model.eval()

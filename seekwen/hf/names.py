@@ -25,6 +25,7 @@ Our parameter names follow DeepSeek-V3's reference `inference/model.py`: `embed`
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -182,8 +183,24 @@ QWEN_V1 = (
     _r(_H + "mlp.c_proj.weight", _O + "ffn.w2.weight", split="row"),
 )
 
+# DeepSeek-V3/R1's multi-token-prediction layer k is stored as decoder layer L + k (L = num_hidden_layers):
+# its decoder block under the ordinary layer names (ours: `mtp.{k}.block.*`, named as layer 0's), plus
+# these tensors of its own (ours: `mtp.{k}.*`, model/mtp.py)
+MTP_OWN = {
+    "embed_tokens.weight": "embed.weight",
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
+    "shared_head.norm.weight": "norm.weight",
+    "shared_head.head.weight": "head.weight",
+}
+_MTP_OWN_REVERSE = {ours: hf for hf, ours in MTP_OWN.items()}
+_MTP_OWN_SPLIT = {"embed.weight": 0, "head.weight": 0}  # vocab rows, as the main embedding and head
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_OUR_MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
+
 # checkpoint tensors that carry no weights we need: rotary caches, fp8 scales (read with their weight),
-# DeepSeek-V3's multi-token-prediction module
+# another layout's multi-token-prediction module
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.|_scale_inv$|^model\.mtp\.)")
 
 
@@ -242,6 +259,7 @@ class NameMap:
         self.model_type = model_type
         self.rules = rules
         self.num_layers = cfg.num_layers
+        self.num_mtp = cfg.num_mtp_layers
         self._from_hf = [(r, template_regex(r.hf)) for r in rules]
         self._to_hf = [(r, k, template_regex(t)) for r in rules if r.write for k, t in enumerate(r.ours)]
 
@@ -254,16 +272,34 @@ class NameMap:
                 return rule, m.groupdict()
         return None
 
+    def _mtp_hf(self, hf: str) -> tuple[int, str] | None:
+        """`model.layers.{L + k}.rest` -> (k, rest): a tensor of MTP layer k (any k >= 0); else None."""
+        m = _HF_LAYER.match(hf)
+        if m is None or int(m.group(1)) < self.num_layers:
+            return None
+        return int(m.group(1)) - self.num_layers, m.group(2)
+
     def skip(self, hf: str) -> bool:
-        """Checkpoint tensors that carry nothing for the decoder: rotary caches, fp8 scales (read with their
-        weight), multi-token-prediction modules, layers past `num_layers` (DeepSeek-V3's MTP layer 61)."""
+        """Checkpoint tensors that carry nothing for the model: rotary caches, fp8 scales (read with their
+        weight), layers past `num_layers` that the model has no MTP layer for (DeepSeek-V3's layer 61 when
+        loaded with mtp=False)."""
         if IGNORED.search(hf):
             return True
-        hit = self._match_hf(hf)
-        return hit is not None and "i" in hit[1] and int(hit[1]["i"]) >= self.num_layers
+        mtp = self._mtp_hf(hf)
+        return mtp is not None and mtp[0] >= self.num_mtp
 
     def our_name(self, hf: str) -> tuple[Placement, ...] | None:
         """Where checkpoint tensor `hf` goes (one placement per chunk); None: not a tensor of this family."""
+        mtp = self._mtp_hf(hf)
+        if mtp is not None:
+            k, rest = mtp
+            if rest in MTP_OWN:
+                return (Placement(f"mtp.{k}.{MTP_OWN[rest]}"),)
+            inner = self.our_name("model.layers.0." + rest)  # its decoder block, named as layer 0's
+            if inner is None:
+                return None
+            return tuple(dataclasses.replace(pl, param=f"mtp.{k}.block." + pl.param.removeprefix("layers.0."))
+                         for pl in inner)
         hit = self._match_hf(hf)
         if hit is None:
             return None
@@ -282,6 +318,17 @@ class NameMap:
                 return rule, k, m.groupdict()
         return None
 
+    def _mtp_ours(self, ours: str) -> tuple[str, str | None, str | None]:
+        """Our MTP parameter `mtp.{k}.rest` -> (checkpoint prefix `model.layers.{L + k}.`, the Hub suffix of
+        one of its own tensors or None, the block parameter named as layer 0's or None)."""
+        m = _OUR_MTP.match(ours)
+        prefix, rest = f"model.layers.{self.num_layers + int(m.group(1))}.", m.group(2)
+        if rest in _MTP_OWN_REVERSE:
+            return prefix, _MTP_OWN_REVERSE[rest], None
+        if rest.startswith("block."):
+            return prefix, None, "layers.0." + rest.removeprefix("block.")
+        raise ConfigError(f"no Hugging Face name for parameter '{ours}' ({self.model_type})")
+
     def _match_ours(self, ours: str) -> tuple[Rule, int, dict[str, str]]:
         hit = self._find_ours(ours)
         if hit is None:
@@ -290,12 +337,18 @@ class NameMap:
 
     def stacked(self, ours: str) -> bool:
         """Whether our parameter `ours` is stacked over experts (one checkpoint tensor per row)."""
+        if _OUR_MTP.match(ours):
+            _, own, inner = self._mtp_ours(ours)
+            return own is None and self.stacked(inner)
         hit = self._find_ours(ours)
         return hit is not None and "{e}" in hit[0].hf
 
     def hf_name(self, ours: str, expert: int | None = None) -> str:
         """The checkpoint tensor that holds our parameter `ours` (row `expert` of a stacked expert
         parameter); for a parameter that is one chunk of a fused tensor, the fused tensor's name."""
+        if _OUR_MTP.match(ours):
+            prefix, own, inner = self._mtp_ours(ours)
+            return prefix + (own or self.hf_name(inner, expert).removeprefix("model.layers.0."))
         rule, _, fields = self._match_ours(ours)
         stacked = "{e}" in rule.hf
         if stacked != (expert is not None):
@@ -305,6 +358,9 @@ class NameMap:
 
     def split_dim(self, ours: str) -> int | None:
         """Along which dimension tensor parallelism splits our parameter `ours`; None: replicated."""
+        if _OUR_MTP.match(ours):
+            _, own, inner = self._mtp_ours(ours)
+            return _MTP_OWN_SPLIT.get(ours.split(".", 2)[2]) if own else self.split_dim(inner)
         rule, _, _ = self._match_ours(ours)
         return rule.split_dim(ours.rpartition(".")[2])
 
@@ -312,7 +368,17 @@ class NameMap:
         """Our module name -> the checkpoint's module name: 'layers.3.attn.wkv_a' ->
         'model.layers.3.self_attn.kv_a_proj_with_mqa', 'layers.0.ffn.experts' -> 'model.layers.0.mlp.experts',
         Qwen v1's 'layers.0.attn.wq' -> 'transformer.h.0.attn.c_attn[q]'. It is the common prefix of the
-        checkpoint names of every parameter below the module; a name no rule reaches comes back as is."""
+        checkpoint names of every parameter below the module; a name no rule reaches comes back as is.
+        MTP layer k's modules: 'mtp.0.block.attn' -> 'model.layers.{L}.self_attn', 'mtp.0' -> 'model.layers.{L}'."""
+        m = re.match(r"^mtp\.(\d+)(?:\.(.+))?$", ours)
+        if m:
+            prefix = f"model.layers.{self.num_layers + int(m.group(1))}"
+            rest = m.group(2) or ""
+            if not rest.startswith("block."):
+                own = {o.rsplit(".", 1)[0]: h.rsplit(".", 1)[0] for h, o in MTP_OWN.items()}
+                return prefix + ("." + own.get(rest, rest) if rest and rest != "block" else "")
+            inner = self.hf_module("layers.0." + rest.removeprefix("block."))
+            return prefix + "." + inner.removeprefix("model.layers.0.") if inner.startswith("model.") else ours
         segs = ours.split(".") if ours else []
         found: set[tuple[tuple[str, ...], str | None]] = set()
         for rule, k, _ in self._to_hf:

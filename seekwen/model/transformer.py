@@ -13,6 +13,7 @@ from .batch import ForwardBatch, KVStore
 from .mla import MLA
 from .mlp import MLP
 from .moe import MoE
+from .mtp import MTPLayer
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, logn_scale, qwen_ntk_alpha
 
@@ -49,8 +50,14 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
+        # DeepSeek-V3 multi-token prediction (empty unless the config has num_nextn_predict_layers)
+        self.mtp = nn.ModuleList(MTPLayer(cfg) for _ in range(cfg.num_mtp_layers))
         self.rope = RotaryEmbedding(cfg.rope)
         self.tokenizer = None  # set by seekwen.load when the checkpoint has one
+
+    def blocks(self) -> list[Block]:
+        """Every decoder block: the main model's layers, then the MTP layers' blocks."""
+        return [*self.layers, *(m.block for m in self.mtp)]
 
     @property
     def device(self) -> torch.device:
@@ -106,9 +113,12 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         batch: ForwardBatch | None = None,
         keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, S] -> logits [B, S, vocab]; with `keep` [B] (an index per row), only the logits
         at that index: [B, 1, vocab] (saves the vocab-sized product for every prompt token).
+        `return_hidden`: (logits, hidden [B, S, hidden_size]), the final-normed hidden state of every
+        token whatever `keep` says (what DeepSeek-V3's multi-token-prediction layer reads).
 
         attention_mask [B, S] marks real tokens (1) and padding (0); positions then count real tokens,
         so left- and right-padded rows give the same logits as unpadded ones. `batch`: a call over a KV
@@ -118,6 +128,10 @@ class Transformer(nn.Module):
         h = self.embed(input_ids)
         for layer in self.layers:
             h = layer(h, batch)
+        if return_hidden:
+            h = self.norm(h)
+            kept = h if keep is None else h[torch.arange(h.shape[0], device=h.device), keep][:, None]
+            return self.head(kept), h
         if keep is not None:
             h = h[torch.arange(h.shape[0], device=h.device), keep][:, None]
         return self.head(self.norm(h))

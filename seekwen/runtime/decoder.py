@@ -50,21 +50,32 @@ class Decoder:
 
     # ---- the calls ----------------------------------------------------------------------------------
 
-    def prefill(self, ids: torch.Tensor, lens: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, lens: torch.Tensor | None = None, start: int = 0, **inputs):
         """Start sequences in rows [start, start + k): ids [k, S] right-padded, lens [k] real tokens
-        (default all S). Returns the logits at each row's last real token, [k, vocab]."""
+        (default all S). Returns the logits at each row's last real token, [k, vocab]. `inputs`: as
+        for `extend` (return_hidden, hidden)."""
         k, S = ids.shape
         lens = torch.full((k,), S, dtype=torch.long, device=ids.device) if lens is None else lens.to(ids.device)
         self.lens[start : start + k] = 0
         if self.ntk_alpha is not None:
             self.ntk_alpha[start : start + k] = ntk_alphas(lens.tolist(), self.model.cfg.rope.seq_length)
-        return self.extend(ids, lens, start)
+        return self.extend(ids, lens, start, **inputs)
 
     def extend(
-        self, ids: torch.Tensor, n_new: torch.Tensor | None = None, start: int = 0, all_logits: bool = False
-    ) -> torch.Tensor:
+        self,
+        ids: torch.Tensor,
+        n_new: torch.Tensor | None = None,
+        start: int = 0,
+        all_logits: bool = False,
+        return_hidden: bool = False,
+        hidden: torch.Tensor | None = None,
+    ):
         """Append ids [k, S] (right-padded; n_new [k] real tokens, default S) to rows [start, start + k).
-        Returns the logits at each row's last new token [k, vocab], or at every new token [k, S, vocab]."""
+        Returns the logits at each row's last new token [k, vocab], or at every new token [k, S, vocab].
+
+        For speculative decoding: `return_hidden` returns (logits, hidden [k, S, d]) with the model's
+        hidden state at every new token (`Transformer.forward(return_hidden=True)`); `hidden` [k, S, d]
+        is passed to a model that reads one besides the ids (DeepSeek-V3's MTP layer, `model.mtp`)."""
         k, S = ids.shape
         dev = ids.device
         rows = slice(start, start + k)
@@ -83,9 +94,14 @@ class Decoder:
             causal=n_keys == S and S > 1,
             ntk_alpha=None if self.ntk_alpha is None else self.ntk_alpha[rows],
         )
-        logits = self.model(ids, batch=batch, keep=None if all_logits else n_new - 1)
+        extra = {} if hidden is None else {"hidden": hidden}
+        if return_hidden:
+            extra["return_hidden"] = True
+        out = self.model(ids, batch=batch, keep=None if all_logits else n_new - 1, **extra)
+        logits, states = out if return_hidden else (out, None)
         self.lens[rows] += n_new
-        return logits if all_logits else logits[:, 0]
+        logits = logits if all_logits else logits[:, 0]
+        return (logits, states) if return_hidden else logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row for rows [0, n): tokens [n] -> logits [n, vocab]. From a CUDA graph the

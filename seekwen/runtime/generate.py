@@ -9,6 +9,7 @@ import torch
 
 from .decoder import Decoder
 from .sampling import sample
+from .speculative import Proposer, Sampling, SpecStats, speculative_generate
 
 
 def right_align(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,13 +38,24 @@ def generate(
     stop_at_eos: bool = True,
     on_token: Callable[[torch.Tensor], None] | None = None,
     graphs: bool | None = None,
+    speculative: str | Proposer | None = None,
+    num_speculative_tokens: int = 3,
+    draft_model=None,
+    speculative_stats: SpecStats | None = None,
 ) -> torch.Tensor:
     """input_ids [B, S] (padding marked by attention_mask, either side) -> new tokens [B, N].
 
     N = max_new_tokens, or fewer if every row has emitted an EOS (`stop_at_eos`). `eos_token_id`
     defaults to the config's; rows that finished are filled with `pad_token_id` (default: first
     EOS). `on_token(tokens [B])` is called after each step (streaming). `graphs`: replay the decode
-    steps from CUDA graphs (default: when the model allows it, i.e. on a CUDA device)."""
+    steps from CUDA graphs (default: when the model allows it, i.e. on a CUDA device).
+
+    `speculative`: "ngram" (prompt lookup), "draft" (with `draft_model`, same tokenizer) or "mtp"
+    (DeepSeek-V3's multi-token-prediction layer), or a `runtime.speculative.Proposer`: up to
+    `num_speculative_tokens` drafts per round, verified in one target forward
+    (`runtime/speculative.py`). Greedy output is the plain greedy output token for token; sampled
+    output has the target's distribution. `speculative_stats` (a `SpecStats`) receives the acceptance
+    metrics; on_token is then called per output column once every row has it."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -65,6 +77,10 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=dev)
         generator.manual_seed(seed)
+    if speculative is not None:
+        sampling = Sampling(temperature, top_k, top_p, generator)
+        return speculative_generate(model, ids, lens, max_new_tokens, sampling, eos, pad, speculative,
+                                    num_speculative_tokens, draft_model, stop_at_eos, on_token, speculative_stats)
     decoder = Decoder(model, B, S + max_new_tokens, graphs=graphs)
     logits = decoder.prefill(ids, lens)
     eos_t = torch.tensor(eos, device=dev, dtype=torch.long)

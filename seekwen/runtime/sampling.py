@@ -38,3 +38,32 @@ def sample(
     pick = torch.multinomial(sorted_x.softmax(dim=-1), 1, generator=generator)
     sampled = order.gather(1, pick)[:, 0]
     return torch.where(temperature <= 0, greedy, sampled)
+
+
+def distribution(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor = 0.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
+    """logits [B, V] -> the probabilities [B, V] (fp32, vocabulary order) that `sample` draws from with
+    the same parameters; a greedy row (temperature 0) is one-hot on its argmax. Speculative decoding
+    needs the distributions themselves (the rejection rule compares target and draft probabilities)."""
+    B, V = logits.shape
+    dev = logits.device
+    temperature = _per_row(temperature, B, torch.float32, dev)
+    top_k = _per_row(top_k, B, torch.long, dev)
+    top_p = _per_row(top_p, B, torch.float32, dev)
+    one_hot = torch.zeros(B, V, dtype=torch.float32, device=dev).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+    if bool((temperature <= 0).all()):
+        return one_hot
+    x = logits.float() / temperature.clamp(min=1e-5)[:, None]
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=dev)[None, :]
+    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    probs = sorted_x.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    drop |= (before >= top_p[:, None]) & (rank > 0)
+    kept = sorted_x.masked_fill(drop, float("-inf")).softmax(dim=-1)  # [B, V] in sorted order
+    probs = torch.zeros_like(kept).scatter_(1, order, kept)
+    return torch.where((temperature <= 0)[:, None], one_hot, probs)

@@ -44,10 +44,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_runtime_args(p)
     add_quantize_arg(p)
     add_sampling_args(p, max_new_tokens=200, temperature=0.8)
+    add_speculative_args(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no speed report on stderr")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="print the implementation plan (which kernels and paths run) on stderr first")
+                   help="print the implementation plan (which kernels and paths run) on stderr first, "
+                        "and the speculation acceptance metrics last")
     p.set_defaults(func=run)
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    from ..runtime.speculative import PROPOSERS
+
+    p.add_argument("--speculative", choices=PROPOSERS, default=None,
+                   help="speculative decoding: mtp (DeepSeek-V3's multi-token-prediction layer), ngram "
+                        "(prompt lookup) or draft (a smaller model, --draft-model); output as without it")
+    p.add_argument("--draft-model", default=None, help="draft checkpoint for --speculative draft (same tokenizer)")
+    p.add_argument("--num-speculative-tokens", "-k", type=int, default=3, help="drafts per round (>= 1)")
+
+
+def load_draft(args: argparse.Namespace, model):
+    """The draft model of --speculative draft, or None; errors in one line."""
+    if args.speculative != "draft":
+        if args.draft_model is not None:
+            raise UserError("--draft-model is only used with --speculative draft")
+        return None
+    if args.draft_model is None:
+        raise UserError("--speculative draft needs --draft-model PATH")
+    if args.num_speculative_tokens < 1:
+        raise UserError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
+    return load_model(args.draft_model, args.dtype, args.device, quantize=args.quantize, fast=not args.plain)
 
 
 def context_limit(model) -> int:
@@ -110,9 +135,13 @@ def run_generation(model, ids: list[int], args: argparse.Namespace, streamer: St
     """Generate after `ids`, streaming; returns (prefill seconds, decode seconds)."""
     check_fits(model, ids)
     max_new = min(args.max_new_tokens, context_limit(model) - len(ids))
+    spec = {}
+    if getattr(args, "speculative", None):
+        spec = dict(speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                    draft_model=getattr(args, "draft", None), speculative_stats=getattr(args, "spec_stats", None))
     t0 = time.perf_counter()
     model.generate(torch.tensor([ids]), max_new_tokens=max_new, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=streamer)
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, on_token=streamer, **spec)
     t1 = time.perf_counter()
     first = streamer.t_first or t1
     return first - t0, t1 - first
@@ -126,6 +155,16 @@ def run(args: argparse.Namespace) -> int:
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"{model.path}: no tokenizer.json in the checkpoint")
+    if args.speculative is not None and args.num_speculative_tokens < 1:
+        raise UserError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
+    if args.speculative == "mtp" and len(model.mtp) == 0:
+        raise UserError(f"{model.path}: --speculative mtp needs a multi-token-prediction layer "
+                        "(config num_nextn_predict_layers); try --speculative ngram")
+    args.draft = load_draft(args, model)
+    if args.speculative is not None:
+        from ..runtime.speculative import SpecStats
+
+        args.spec_stats = SpecStats()
     if args.verbose:
         print_plan(model)
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
@@ -141,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     if not args.quiet:
         report_speed(len(ids), prefill_s, streamer.n, decode_s)
+    if args.verbose and args.speculative is not None:
+        print(args.spec_stats.format(), file=sys.stderr)
     return 0
 
 

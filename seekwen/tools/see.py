@@ -112,11 +112,12 @@ def dtype_bytes(name: str) -> int:
 
 
 def meta_model(cfg: ModelConfig) -> nn.Module:
-    """The model with no storage: shapes and parameter counts only."""
+    """The model with no storage: shapes and parameter counts only. The decoder itself: DeepSeek-V3's
+    multi-token-prediction layer is not counted (as in the published 671B), nor traced."""
     from ..model import Transformer
 
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg.replace(num_mtp_layers=0))
     return model
 
 

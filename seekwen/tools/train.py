@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="DeepSeek-V3 auxiliary-loss-free balancing: bias step u per optimizer step")
     p.add_argument("--seq-aux-alpha", type=float, default=0.0,
                    help="weight of DeepSeek-V3's sequence-wise balance loss (0: off)")
+    p.add_argument("--mtp-layers", type=int, default=None,
+                   help="DeepSeek-V3 multi-token-prediction layers to train (num_nextn_predict_layers; "
+                        "deepseek_v3 configs only; default: the config's)")
+    p.add_argument("--mtp-weight", type=float, default=0.3,
+                   help="lambda: weight of the MTP cross-entropy (mean over MTP depths), as in the V3 report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -60,7 +65,9 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError("--min-lr-ratio must be in [0, 1]")
     if args.warmup is not None and args.warmup < 0:
         raise UserError("--warmup must be >= 0")
-    for name in ("weight_decay", "grad_clip", "val_every", "bias_update_rate", "seq_aux_alpha"):
+    if args.mtp_layers is not None and args.mtp_layers < 0:
+        raise UserError("--mtp-layers must be >= 0")
+    for name in ("weight_decay", "grad_clip", "val_every", "bias_update_rate", "seq_aux_alpha", "mtp_weight"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     if args.threads is not None and args.threads < 1:
@@ -83,6 +90,15 @@ def _model_config(args: argparse.Namespace) -> dict:
     return preset(args.preset or "kjv-v3")
 
 
+def _with_mtp(model: dict, layers: int | None) -> dict:
+    """The model config with --mtp-layers applied (DeepSeek-V3 architecture only)."""
+    if layers is None:
+        return model
+    if layers and model.get("model_type") != "deepseek_v3":
+        raise UserError(f"--mtp-layers needs a deepseek_v3 model config, not {model.get('model_type')!r}")
+    return {**model, "num_nextn_predict_layers": layers}
+
+
 def run(args: argparse.Namespace) -> int:
     from ..tools.common import pick_device
     from ..train import TrainConfig, Trainer
@@ -93,13 +109,15 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     steps = args.steps or 1000
     warmup = args.warmup if args.warmup is not None else min(100, max(1, steps // 10))
+    model = _with_mtp(_model_config(args), args.mtp_layers)
     cfg = TrainConfig(
-        model=_model_config(args), texts=[str(Path(t).resolve()) for t in args.texts], out=args.out,
+        model=model, texts=[str(Path(t).resolve()) for t in args.texts], out=args.out,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len, batch_size=args.batch_size,
         steps=steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=warmup,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, val_every=args.val_every,
         eval_interval=args.eval_interval, save_interval=args.save_interval, log_interval=args.log_interval,
-        seed=args.seed, bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha, device=device,
+        seed=args.seed, bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha,
+        mtp_weight=args.mtp_weight, device=device,
     )
     log = _logger(args.quiet)
     trainer = Trainer(cfg, resume=args.resume, log=log, steps=args.steps)

@@ -18,7 +18,8 @@ from ..model.transformer import Transformer
 
 
 def gates(model: Transformer) -> list[tuple[int, Gate]]:
-    found = [(i, getattr(layer.ffn, "gate", None)) for i, layer in enumerate(model.layers)]
+    # the MTP layers' blocks count as layers L, L+1, ... (their Hub index)
+    found = [(i, getattr(block.ffn, "gate", None)) for i, block in enumerate(model.blocks())]
     return [(i, g) for i, g in found if isinstance(g, Gate)]
 
 

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from ..hf.export import save_hf
 from ..hf.families import parse_config
 from ..hf.loader import build
+from ..model.mtp import mtp_logits, share_embeddings
 from . import balance
 from .bpe import save_tokenizer, special_ids, train_bpe
 from .data import Batches, Split, read_texts, split, stream_hash, text_lines, tokenize
@@ -57,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     bias_update_rate: float = 1e-3  # DeepSeek-V3 auxiliary-loss-free balancing speed u
     seq_aux_alpha: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (0: off)
+    mtp_weight: float = 0.3  # lambda on the multi-token-prediction loss (model config num_nextn_predict_layers)
     device: str = "cpu"
 
     def to_json(self) -> dict:
@@ -117,6 +119,7 @@ class Trainer:
         raw = {**cfg.model, "vocab_size": self.tok.get_vocab_size(), **special_ids(self.tok)}
         self.model_cfg = parse_config(raw, "model config")
         self.model = build(self.model_cfg, torch.float32, self.device)
+        share_embeddings(self.model)  # MTP layers read and write through the main embedding and head
         self.step = 0
         self._last_counts: dict[int, torch.Tensor] = {}
         self.history = History()
@@ -172,9 +175,11 @@ class Trainer:
         batch = self.batches.next().to(self.device)
         balance.set_recording(model, indices=True, scores=cfg.seq_aux_alpha > 0)
         with _autocast(self.device):
-            logits = model(batch[:, :-1])
+            logits, hidden = model(batch[:, :-1], return_hidden=True)
         loss = _ce(logits, batch[:, 1:])
         total = loss
+        if len(model.mtp):
+            total = total + cfg.mtp_weight * self._mtp_loss(hidden, batch)
         if cfg.seq_aux_alpha > 0:
             total = loss + cfg.seq_aux_alpha * balance.sequence_balance_loss(model, batch.shape[0])
         total.backward()
@@ -189,6 +194,14 @@ class Trainer:
         self._last_counts = counts
         return float(loss.detach())
 
+    def _mtp_loss(self, hidden: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's MTP objective: the mean over depths k of the cross-entropy of t_{i+k+1}."""
+        with _autocast(self.device):
+            depths = mtp_logits(self.model, hidden, batch)
+        losses = [_ce(lg, batch[:, k + 1 :]) for k, lg in enumerate(depths, start=1)]
+        self._last_mtp = [float(x.detach()) for x in losses]
+        return torch.stack(losses).mean()
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean cross-entropy (nats/token) and perplexity over every held-out chunk."""
@@ -197,14 +210,24 @@ class Trainer:
         if len(val) == 0:
             return {"step": self.step, "loss": float("nan"), "ppl": float("nan")}
         total, n = 0.0, 0
+        mtp_total, mtp_hits, mtp_n = 0.0, 0, 0
         for i in range(0, len(val), self.cfg.batch_size):
             chunk = val[i : i + self.cfg.batch_size].long().to(self.device)
             with _autocast(self.device):
-                logits = self.model(chunk[:, :-1])
+                logits, hidden = self.model(chunk[:, :-1], return_hidden=True)
+                depth1 = mtp_logits(self.model, hidden, chunk)[:1]
             total += float(_ce(logits, chunk[:, 1:], reduction="sum"))
             n += chunk[:, 1:].numel()
+            for lg in depth1:  # the first MTP layer: its loss, and how often its argmax is the
+                target = chunk[:, 2:]  # main model's own greedy choice (what greedy speculation accepts)
+                mtp_total += float(_ce(lg, target, reduction="sum"))
+                mtp_hits += int((lg.argmax(-1) == logits[:, 1:].argmax(-1)).sum())
+                mtp_n += target.numel()
         mean = total / n
-        return {"step": self.step, "loss": mean, "ppl": math.exp(min(mean, 50.0))}
+        rec = {"step": self.step, "loss": mean, "ppl": math.exp(min(mean, 50.0))}
+        if mtp_n:
+            rec.update(mtp_loss=mtp_total / mtp_n, mtp_agree=mtp_hits / mtp_n)
+        return rec
 
     # ------------------------------------------------------------------ loop
     def run(self, stop_at: int | None = None, progress: bool = True) -> History:
@@ -250,7 +273,9 @@ class Trainer:
     def _log_eval(self) -> None:
         rec = self.evaluate()
         self.history.val.append(rec)
-        self.log(f"step {self.step}: validation loss {rec['loss']:.4f} perplexity {rec['ppl']:.2f}")
+        mtp = (f" | MTP loss {rec['mtp_loss']:.4f}, argmax = main model's next-but-one {rec['mtp_agree']:.1%}"
+               if "mtp_loss" in rec else "")
+        self.log(f"step {self.step}: validation loss {rec['loss']:.4f} perplexity {rec['ppl']:.2f}{mtp}")
         self._append_log({"kind": "val", **rec})
 
     def _append_log(self, rec: dict) -> None:
