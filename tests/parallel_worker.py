@@ -85,8 +85,9 @@ def run_case(case: dict, out: dict) -> None:
             q1 = load_one(case["folder"], dtype=torch.float32, quantize="int8")
             q2 = seekwen.load(case["folder"], dtype=torch.float32, quantize="int8")
             a, b = q2(ids, attention_mask=mask), q1(ids, attention_mask=mask)
-            out[key] = {"vs_single_int8": max_err(a, b, mask), "vs_single_fp32": max_err(a, singles[False]["logits"], mask),
-                        "single_int8_vs_fp32": max_err(b, singles[False]["logits"], mask),
+            fp32 = singles[False]["logits"]
+            out[key] = {"vs_single_int8": max_err(a, b, mask), "vs_single_fp32": max_err(a, fp32, mask),
+                        "single_int8_vs_fp32": max_err(b, fp32, mask),
                         "generate_equal": bool(torch.equal(
                             q2.generate(gen_ids, max_new_tokens=N_NEW, eos_token_id=[], stop_at_eos=False),
                             q1.generate(gen_ids, max_new_tokens=N_NEW, eos_token_id=[], stop_at_eos=False)))}
