@@ -57,7 +57,7 @@ def run_case(case: dict, out: dict) -> None:
                              engine=engine_run(m, prompts))
         del m
     for tp, ep in case["modes"]:
-        for fast in case.get("fast", (False, True)):
+        for fast in case.get("fast_modes", {}).get(f"tp{tp}ep{ep}", [False, True]):
             key = f"{case['name']}/tp{tp}ep{ep}/{'fast' if fast else 'plain'}"
             try:
                 t0 = time.perf_counter()
@@ -95,12 +95,55 @@ def run_case(case: dict, out: dict) -> None:
             out[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
 
 
+def run_errors(job: dict, out: dict) -> None:
+    """Each error case: the message every rank raises (or "no error")."""
+    rank = dist.get_rank()
+
+    def attempt(key: str, fn) -> None:
+        try:
+            fn()
+            out[key] = "no error"
+        except Exception as e:
+            out[key] = f"{type(e).__name__}: {e}"
+        views = [None] * dist.get_world_size()
+        dist.all_gather_object(views, out[key] != "no error")
+        out[key + "/every_rank_failed"] = all(views)
+
+    folder = job["folder"]
+    for key, overrides, tp, ep in job["config_cases"]:
+        attempt(key, lambda o=overrides, t=tp, e=ep: seekwen.load(folder, dtype=torch.float32, config_overrides=o,
+                                                                 tp=t, ep=e, fast=False))
+    other = job["other_folder"] if rank == 1 else folder
+    attempt("disagree", lambda: seekwen.load(other, dtype=torch.float32, fast=False))
+    missing = job["missing_folder"] if rank == 1 else folder
+    attempt("missing_on_rank1", lambda: seekwen.load(missing, dtype=torch.float32, fast=False))
+    attempt("tp3", lambda: seekwen.load(folder, dtype=torch.float32, tp=3, fast=False))
+    # a collective that one rank never joins, on a group with a short timeout
+    from datetime import timedelta
+
+    from seekwen.parallel import Comm
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=3))
+    comm = Comm(group, timeout=3)
+    if rank == 0:
+        attempt_local = None
+        try:
+            comm.all_reduce(torch.ones(4))
+            attempt_local = "no error"
+        except Exception as e:
+            attempt_local = f"{type(e).__name__}: {e}"
+        out["timeout"] = attempt_local
+    dist.barrier()
+
+
 def main() -> int:
     job, out_path = json.loads(open(sys.argv[1]).read()), sys.argv[2]
     torch.set_num_threads(1)
     out: dict = {}
-    for case in job["cases"]:
+    for case in job.get("cases", []):
         run_case(case, out)
+    if "errors" in job:
+        run_errors(job["errors"], out)
     if dist.is_initialized() and dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(out, f, indent=1)
