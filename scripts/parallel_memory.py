@@ -7,7 +7,8 @@ DeepSeek-V3-shaped MoE of ~120 MB), then loads each once in one process and once
 `torchrun --nproc-per-node N` (tp = N; the MoE also with ep = N) and prints, per process: the parameter
 bytes it holds, its peak resident-memory growth during `seekwen.load` (VmHWM - RSS before, which
 includes checkpoint pages mapped while reading) and its peak anonymous-memory growth (sampled every
-millisecond: the memory the load itself allocates).
+millisecond: the memory the load itself allocates). Each process first loads a tiny checkpoint, unmeasured,
+so library initialisation is not counted.
 
     python scripts/parallel_memory.py --measure DIR [--tp N --ep N]   # one measurement (per rank)
 """
@@ -44,6 +45,11 @@ MODELS = {
         "moe_layer_freq": 1,
     },
 }
+
+
+# loaded first, unmeasured: the first load in a process initialises libraries (~70 MB here, whatever the size)
+WARMUP = {**MODELS["deepseek-v3-moe"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 64,
+          "moe_intermediate_size": 32, "num_hidden_layers": 2, "q_lora_rank": 32, "kv_lora_rank": 32}
 
 
 def make(folder: Path, raw: dict) -> None:
@@ -96,6 +102,8 @@ def measure(folder: Path, tp: int | None, ep: int | None) -> dict:
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
+    warm = seekwen.load(folder.parent / "warmup", dtype=torch.float32, fast=False, tp=tp, ep=ep)
+    del warm
     rss0, anon0 = _status("VmRSS"), _status("RssAnon")
     t0 = time.perf_counter()
     with PeakAnon() as peak:
@@ -135,6 +143,7 @@ def main() -> int:
         return 0
     root = Path(args.dir or tempfile.mkdtemp(prefix="seekwen-mem-"))
     n = args.nproc
+    make(root / "warmup", WARMUP)
     print(f"{'checkpoint':<16} {'run':<14} {'rank':>4} {'params MB':>10} {'peak RSS +MB':>13} {'peak anon +MB':>14} "
           f"{'load s':>7}")
     for name, raw in MODELS.items():
