@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from .errors import UserError
@@ -37,10 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def follower_rank() -> int:
+    """Under torchrun, this process's rank when it is not rank 0 (it computes but prints nothing); else 0."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .hf.loader import CheckpointError
+    from .parallel.comm import CollectiveTimeout
 
+    follower = follower_rank()
+    if follower:  # rank 0 prints what the one-process command prints; the others stay silent
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -49,13 +59,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"seekwen {args.command}: error: {e}", file=sys.stderr)
+        print(f"seekwen {args.command}: error: {e}", file=sys.stderr)  # (a follower: rank 0 says the same)
+        return 2
+    except CollectiveTimeout as e:  # every rank says which rank it is and what it waited for
+        print(f"seekwen {args.command}: error: {e}", file=sys.__stderr__)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except BaseException:
+        if follower:  # a follower's crash must not vanish with its output
+            sys.stderr = sys.__stderr__
+            print(f"seekwen {args.command}: rank {follower} failed:", file=sys.stderr)
+        raise
+    finally:
+        _leave_group()
+
+
+def _leave_group() -> None:
+    """Tear the torchrun process group down on the way out (NCCL warns about a group left behind)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

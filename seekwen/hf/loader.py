@@ -137,6 +137,18 @@ class _Shards:
             for name in h.keys():
                 self.where[name] = f
 
+    def get_slice(self, name: str):
+        """A lazy view of tensor `name` (safetensors' slice: `.get_shape()`, `[rows, cols]` reads only those)."""
+        f = self.where[name]
+        try:
+            return self.handles[f].get_slice(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: tensor '{name}' could not be read ({e})") from e
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype of tensor `name` as safetensors spells it ("F32", "BF16", "F8_E4M3", ...)."""
+        return self.get_slice(name).get_dtype()
+
     def get(self, name: str) -> torch.Tensor:
         f = self.where[name]
         try:
@@ -252,6 +264,19 @@ def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: str | torc
     return model
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype, a name ("float32", "bf16", ...) or None (the checkpoint's) -> a torch dtype or None."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype '{dtype}' (use float32, bfloat16 or float16)")
+        return DTYPES[dtype]
+    return dtype
+
+
 def load(
     path_or_id: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
@@ -276,12 +301,7 @@ def load(
     if config_overrides:
         raw = {**raw, **config_overrides}
         cfg = parse_config(raw, str(folder / "config.json") + " (with overrides)")
-    if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-        if dtype not in names:
-            raise ValueError(f"unknown dtype '{dtype}' (use float32, bfloat16 or float16)")
-        dtype = names[dtype]
+    dtype = parse_dtype(dtype)
     merge_generation_eos(folder, cfg)
     if cfg.num_mtp_layers and (not mtp or not _has_mtp_weights(folder, cfg)):
         cfg = cfg.replace(num_mtp_layers=0)  # (checkpoints re-packed without layer L are common)

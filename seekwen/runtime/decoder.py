@@ -145,6 +145,13 @@ class Decoder:
             raise ValueError("sliding-window layers keep a ring buffer: it can be rewound by one token at most")
         self.lens[rows] = lens
 
+    def agree(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens sampled from this call's logits, as every rank will decode them: under tensor/expert
+        parallelism rank 0's, broadcast (`parallel.ParallelTransformer.sync_tokens`), so the ranks' plans
+        never diverge; in one process, `tokens` itself. `generate` and the engine call it after sampling."""
+        sync = getattr(self.model, "sync_tokens", None)
+        return tokens if sync is None else sync(tokens)
+
     def bytes_per_token(self) -> int:
         return self.cache.bytes_per_token()
 

@@ -179,7 +179,7 @@ class Engine:
 
     def _decode(self, n: int) -> list[Event]:
         logits = self.decoder.step(self.last[:n])  # [n, V]
-        tokens = self._sample(logits, self.live[:n])
+        tokens = self.decoder.agree(self._sample(logits, self.live[:n]))  # parallel hook: rank 0's tokens
         self.last[:n] = tokens
         return self._emit(self.live[:n], tokens)
 
@@ -195,7 +195,7 @@ class Engine:
         for i, r in enumerate(reqs):
             ids[i, : len(r.prompt)] = torch.tensor(r.prompt, device=dev)
         logits = self.decoder.prefill(ids, lens, start=n)  # right-padded, into the free rows [n, n + k)
-        tokens = self._sample(logits, reqs)
+        tokens = self.decoder.agree(self._sample(logits, reqs))  # parallel hook: rank 0's tokens
         self.last[n : n + k] = tokens
         self.live += reqs
         return self._emit(reqs, tokens)

@@ -87,7 +87,7 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []
     for step in range(max_new_tokens):
-        tok = sample(logits, temperature, top_k, top_p, generator)
+        tok = decoder.agree(sample(logits, temperature, top_k, top_p, generator))  # rank 0's under torchrun
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         out.append(tok)
         if on_token is not None:

@@ -33,6 +33,8 @@ def graph_blocker(model) -> str | None:
     """Why the model's decode step cannot be captured in a CUDA graph, or None if it can."""
     if model.device.type != "cuda":
         return "not on a CUDA device"
+    if getattr(model, "parallel", None) is not None:  # parallel.ParallelTransformer
+        return "tensor/expert-parallel model: collectives are not captured in graphs (not verified yet)"
     if not model.rope.static:
         return f"rope type {model.cfg.rope.type!r} depends on the sequence length"
     for block in model.layers:

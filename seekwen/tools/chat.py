@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from ..errors import UserError
-from .common import add_model_arg, add_quantize_arg, add_runtime_args, load_model
+from .common import add_model_arg, add_parallel_args, add_quantize_arg, add_runtime_args, load_model, parallel_kwargs
 from .generate import Streamer, add_sampling_args, check_sampling_args, context_limit, eos_ids
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arg(p)
     add_runtime_args(p)
     add_quantize_arg(p)
+    add_parallel_args(p)
     add_sampling_args(p, max_new_tokens=128, temperature=0.7)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=run)
@@ -109,6 +110,15 @@ def read_turn(tty: bool) -> str | None:
     return None if line == "" else line.rstrip("\n")
 
 
+def shared_turn(model, tty: bool) -> str | None:
+    """The next user turn. Under torchrun rank 0 reads it and sends it to the other ranks, which follow
+    (every rank then generates the reply together; only rank 0 prints)."""
+    comm = getattr(model, "comm", None)
+    if comm is None or comm.world == 1:
+        return read_turn(tty)
+    return comm.broadcast_object(read_turn(tty) if comm.rank == 0 else None, src=0)
+
+
 def fit_history(tok, messages: list[dict], room: int) -> list[int]:
     """Encode the conversation, dropping the oldest turns until it leaves `room` tokens free."""
     system = [m for m in messages if m["role"] == "system"]
@@ -151,7 +161,8 @@ def reply(model, messages: list[dict], args: argparse.Namespace, tty: bool) -> s
 
 def run(args: argparse.Namespace) -> int:
     check_sampling_args(args)
-    model = load_model(args.model, args.dtype, args.device, quantize=args.quantize, fast=not args.plain)
+    model = load_model(args.model, args.dtype, args.device, quantize=args.quantize, fast=not args.plain,
+                       **parallel_kwargs(args))
     tok = model.tokenizer
     if tok is None or not tok.chat_template:
         raise UserError(f"{model.path}: the checkpoint has no tokenizer with a chat template")
@@ -161,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     while True:
         try:
-            text = read_turn(tty)
+            text = shared_turn(model, tty)
         except KeyboardInterrupt:
             write_out("\n")
             continue

@@ -33,6 +33,32 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """--tp/--tensor-parallel-size, --ep, --enable-expert-parallel (vLLM's flags): how a torchrun job
+    splits the model. Without torchrun they must stay 1."""
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=None, metavar="N",
+                   help="ranks splitting heads, dense MLPs, shared experts and the vocabulary "
+                        "(default under torchrun: all of them)")
+    p.add_argument("--ep", type=int, default=None, metavar="N",
+                   help="ranks splitting the routed experts by index (default 1: each expert's "
+                        "intermediate dimension is split over the tp ranks instead)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="split the routed experts by index over all ranks (= --ep WORLD_SIZE)")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict:
+    """tp= and ep= for seekwen.load from the flags of `add_parallel_args` (absent flags: defaults)."""
+    from ..parallel import env_world_size
+
+    tp, ep = getattr(args, "tp", None), getattr(args, "ep", None)
+    if getattr(args, "enable_expert_parallel", False):
+        world = env_world_size()
+        if ep not in (None, world):
+            raise UserError(f"--enable-expert-parallel means --ep {world}; got --ep {ep}")
+        ep = world
+    return {"tp": tp, "ep": ep}
+
+
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
     """--quantize and --plain: inference commands run the fast path (fused, re-laid-out, optionally
     quantized layers; tested equal to the plain modules) unless --plain asks for the reference modules."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import UserError
-from .common import add_model_arg, add_quantize_arg, add_runtime_args, load_model
+from .common import add_model_arg, add_parallel_args, add_quantize_arg, add_runtime_args, load_model, parallel_kwargs
 
 DEFAULT_PROMPT = "In the beginning"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_arg(p)
     add_runtime_args(p)
     add_quantize_arg(p)
+    add_parallel_args(p)
     add_sampling_args(p, max_new_tokens=200, temperature=0.8)
     add_speculative_args(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no speed report on stderr")
@@ -151,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model = load_model(args.model, args.dtype, args.device, quantize=args.quantize, fast=not args.plain)
+    model = load_model(args.model, args.dtype, args.device, quantize=args.quantize, fast=not args.plain,
+                       **parallel_kwargs(args))
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"{model.path}: no tokenizer.json in the checkpoint")
@@ -196,5 +198,8 @@ def print_plan(model) -> None:
     from ..fast import format_plan
     from ..runtime.decoder import runtime_plan
 
+    rows = runtime_plan(model)
+    if hasattr(model, "describe_parallel"):  # a rank's shard (seekwen.parallel)
+        rows.insert(0, ("parallel", model.describe_parallel()))
     print("implementation plan:", file=sys.stderr)
-    print(format_plan(model, runtime_plan(model)), file=sys.stderr)
+    print(format_plan(model, rows), file=sys.stderr)
