@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from hf_models import SPECS, make_checkpoint
 
 import seekwen
 from seekwen.fast import prepare
@@ -19,9 +18,8 @@ MAX_NEW = [6, 10, 3, 12, 8, 5, 9]
 
 
 @pytest.fixture(scope="module", params=["qwen2_sliding", "deepseek_v2", "qwen3_moe"])
-def model(request, tmp_path_factory):
-    spec = SPECS[request.param]
-    _, folder = make_checkpoint(spec, tmp_path_factory.mktemp(spec.name))
+def model(request, hub_checkpoint):
+    _, folder = hub_checkpoint(request.param)
     return seekwen.load(folder, dtype=torch.float32, fast=False)
 
 

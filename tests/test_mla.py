@@ -46,11 +46,8 @@ def _deepseek_v3_raw() -> dict:
 
 
 @pytest.fixture(scope="module")
-def mla_model(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from hf_models import SPECS, make_checkpoint
-
-    _, folder = make_checkpoint(SPECS["deepseek_v3"], tmp_path_factory.mktemp("mla"))
+def mla_model(hub_checkpoint):
+    _, folder = hub_checkpoint("deepseek_v3")
     return seekwen.load(folder, dtype=torch.float32, fast=False)
 
 
