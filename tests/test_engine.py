@@ -35,6 +35,7 @@ def _reference(model, prompts, max_new) -> list[list[int]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast", [False, True])
 def test_engine_equals_per_sequence_generate(model, fast):
     prompts = _prompts(model.cfg.vocab_size)
@@ -94,6 +95,7 @@ def test_engine_per_row_sampling(model):
     assert all(len(x) == 6 for x in a)
 
 
+@pytest.mark.slow
 def test_seeded_request_independent_of_batch(model):
     """A request with its own seed samples the same text alone, in a full batch, or in another seat."""
     prompts = _prompts(model.cfg.vocab_size, seed=4)[:4]
