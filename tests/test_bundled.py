@@ -28,6 +28,7 @@ def test_bundled_layout():
     assert tok_cfg["chat_template"]
 
 
+@pytest.mark.slow
 def test_transformers_loads_bundled_with_same_logits():
     transformers = pytest.importorskip("transformers")
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(PATH), dtype=torch.float32).eval()

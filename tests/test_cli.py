@@ -22,6 +22,7 @@ def seekwen(*args: str, stdin: str | None = None, timeout: int = 120) -> subproc
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 @needs_bundled
 def test_generate_bundled_streams_text():
     r = seekwen("generate", "And God said", "--max-new-tokens", "24", "--seed", "1")
@@ -37,6 +38,7 @@ def test_generate_bundled_streams_text():
     assert a.stderr == ""
 
 
+@pytest.mark.slow
 @needs_bundled
 def test_chat_two_turns_from_stdin():
     r = seekwen("chat", "--max-new-tokens", "16", "--seed", "0", stdin="Who made the heaven?\nAnd the earth?\n")
@@ -46,6 +48,7 @@ def test_chat_two_turns_from_stdin():
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @needs_bundled
 def test_prompt_longer_than_context():
     r = seekwen("generate", "word " * 2000, "--max-new-tokens", "4")
@@ -106,6 +109,7 @@ def test_bench_on_missing_cuda_is_one_line_error():
     assert len(lines) == 1 and "CUDA" in lines[0], r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["qwen2", "deepseek_v2"])
 def test_bench_on_a_checkpoint_against_transformers(tmp_path, spec):
     """`seekwen bench --model F --vs-hf` runs every section on a tiny checkpoint and prints same-run ratios
@@ -123,6 +127,7 @@ def test_bench_on_a_checkpoint_against_transformers(tmp_path, spec):
     assert out.count("x transformers") >= 4
 
 
+@pytest.mark.slow
 @needs_bundled
 def test_generate_imports_no_plotting_or_table_libraries():
     """matplotlib and rich are imported only inside the functions that plot or print tables: neither

@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from hf_models import SPECS, make_checkpoint
 
 import seekwen
 from seekwen.fast import prepare
@@ -19,9 +18,8 @@ MAX_NEW = [6, 10, 3, 12, 8, 5, 9]
 
 
 @pytest.fixture(scope="module", params=["qwen2_sliding", "deepseek_v2", "qwen3_moe"])
-def model(request, tmp_path_factory):
-    spec = SPECS[request.param]
-    _, folder = make_checkpoint(spec, tmp_path_factory.mktemp(spec.name))
+def model(request, hub_checkpoint):
+    _, folder = hub_checkpoint(request.param)
     return seekwen.load(folder, dtype=torch.float32, fast=False)
 
 
@@ -37,6 +35,7 @@ def _reference(model, prompts, max_new) -> list[list[int]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast", [False, True])
 def test_engine_equals_per_sequence_generate(model, fast):
     prompts = _prompts(model.cfg.vocab_size)
@@ -96,6 +95,7 @@ def test_engine_per_row_sampling(model):
     assert all(len(x) == 6 for x in a)
 
 
+@pytest.mark.slow
 def test_seeded_request_independent_of_batch(model):
     """A request with its own seed samples the same text alone, in a full batch, or in another seat."""
     prompts = _prompts(model.cfg.vocab_size, seed=4)[:4]

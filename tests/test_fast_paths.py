@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from hf_models import SPECS, make_checkpoint
+from hf_models import SPECS
 from torch import nn
 
 import seekwen
@@ -23,9 +23,9 @@ NAMES = ["qwen2", "qwen2_sliding", "qwen3", "qwen2_moe", "deepseek_v2", "deepsee
 
 
 @pytest.fixture(scope="module", params=NAMES)
-def pair(request, tmp_path_factory):
+def pair(request, hub_checkpoint):
     spec = SPECS[request.param]
-    _, folder = make_checkpoint(spec, tmp_path_factory.mktemp(spec.name))
+    _, folder = hub_checkpoint(spec.name)
     plain = seekwen.load(folder, dtype=torch.float32, fast=False)
     return spec.name, plain, prepare(copy.deepcopy(plain))
 
@@ -115,16 +115,16 @@ def test_fast_linear_and_fuse():
     assert (fused - torch.cat((a(x), b(x)), -1)).abs().max() <= 1e-5
 
 
-def _sliding_model(tmp_path) -> seekwen.Transformer:
-    _, folder = make_checkpoint(SPECS["qwen2_sliding"], tmp_path)  # window 6, layers 1-2 slide
+def _sliding_model(hub_checkpoint) -> seekwen.Transformer:
+    _, folder = hub_checkpoint("qwen2_sliding")  # window 6, layers 1-2 slide
     return seekwen.load(folder, dtype=torch.float32, fast=False)
 
 
 @torch.inference_mode()
-def test_ring_cache_equals_full_cache(tmp_path):
+def test_ring_cache_equals_full_cache(hub_checkpoint):
     """Prefill longer than the window, right-padded rows, chunked prefill, then decode: the ring buffer
     (window slots) gives the same logits as the full cache."""
-    model = _sliding_model(tmp_path)
+    model = _sliding_model(hub_checkpoint)
     cfg = model.cfg
     assert any(w is not None for w in cfg.sliding_window)
     ids = _ids(cfg.vocab_size, 2, 30, seed=4)
@@ -166,8 +166,8 @@ def test_quantized_linear_exact_vs_dequantized(kind, rows):
 
 @torch.inference_mode()
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_model_close_to_fp32(kind, tmp_path):
-    _, folder = make_checkpoint(SPECS["qwen2"], tmp_path)
+def test_quantized_model_close_to_fp32(kind, hub_checkpoint):
+    _, folder = hub_checkpoint("qwen2")
     plain = seekwen.load(folder, dtype=torch.float32, fast=False)
     q = prepare(copy.deepcopy(plain), quantize=kind, group_size=32)
     ids = _ids(plain.cfg.vocab_size, 2, 16, seed=5)
@@ -178,9 +178,9 @@ def test_quantized_model_close_to_fp32(kind, tmp_path):
 
 
 @torch.inference_mode()
-def test_quantized_decode_kernel_path_matches_prefill_path(tmp_path):
+def test_quantized_decode_kernel_path_matches_prefill_path(hub_checkpoint):
     """int8 model: cached decode (kernel, 1 row) equals the cache-less forward (dequantize + mm)."""
-    _, folder = make_checkpoint(SPECS["deepseek_v2"], tmp_path)
+    _, folder = hub_checkpoint("deepseek_v2")
     q = prepare(seekwen.load(folder, dtype=torch.float32, fast=False), quantize="int8")
     ids = _ids(q.cfg.vocab_size, 1, 12, seed=6)
     dec = Decoder(q, 1, 12)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import SPECS, make_checkpoint
 
 import seekwen
 from seekwen.fast import prepare
@@ -20,9 +19,8 @@ LENS = [5, 17, 9]
 
 
 @pytest.fixture(scope="module", params=["qwen2_sliding", "deepseek_v2", "qwen3_moe"])
-def folder(request, tmp_path_factory):
-    spec = SPECS[request.param]
-    return make_checkpoint(spec, tmp_path_factory.mktemp(spec.name))[1]
+def folder(request, hub_checkpoint):
+    return hub_checkpoint(request.param)[1]
 
 
 def _prefilled(model, prompts: list[list[int]], rows: int, max_len: int, static: bool = False):
@@ -78,21 +76,14 @@ def test_engine_with_runner_equals_plain_engine(folder):
     assert engine.generate(prompts, params) == ref
 
 
-def test_buckets_and_blocker():
+def test_buckets_and_blocker(hub_checkpoint):
     assert buckets(1) == [1]
     assert buckets(8) == [1, 2, 4, 8]
     assert buckets(30) == [1, 2, 4, 8, 16, 24, 30]
-    model = seekwen.load(make_checkpoint(SPECS["qwen2"], _tmp())[1], dtype=torch.float32)
+    model = seekwen.load(hub_checkpoint("qwen2")[1], dtype=torch.float32)
     assert graph_blocker(model) == "not on a CUDA device"
     with pytest.raises(ValueError, match="CUDA graphs are not available"):
         Engine(model, max_batch=2, max_len=16, graphs=True)
-
-
-def _tmp():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp())
 
 
 @pytest.mark.skipif(not GROUPED_MM, reason="torch._grouped_mm missing")

@@ -28,7 +28,8 @@ import pytest
 import torch
 from hf_models import SPECS, Spec, hf_positions, make_checkpoint
 from safetensors.torch import load_file, save_file
-from test_math import write_deepseek_v1, write_qwen_v1
+from test_deepseek_v1 import write_deepseek_v1
+from test_qwen_v1 import write_qwen_v1
 
 import seekwen
 from seekwen.parallel import ParallelError

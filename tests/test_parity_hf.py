@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 import transformers
-from hf_models import PINNED_TRANSFORMERS, SPECS, hf_greedy, hf_positions, make_checkpoint
+from hf_models import PINNED_TRANSFORMERS, SPECS, hf_greedy, hf_positions
 
 import seekwen
 from seekwen.hf.families import parse_config
@@ -30,9 +30,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module", params=sorted(SPECS))
-def pair(request, tmp_path_factory):
+def pair(request, hub_checkpoint):
     spec = SPECS[request.param]
-    hf, folder = make_checkpoint(spec, tmp_path_factory.mktemp(spec.name))
+    hf, folder = hub_checkpoint(spec.name)
     ours = seekwen.load(folder, dtype=torch.float32)
     return spec, hf, ours, folder
 

@@ -160,7 +160,7 @@ def test_mtp_checkpoint_loads_main_logits_match_transformers(mtp_pair):
 
 
 def test_mtp_fp8_checkpoint(mtp_pair, tmp_path):
-    from test_loading_errors import FP8_LINEAR, dequantize_ref, quantize_fp8
+    from test_fp8 import FP8_LINEAR, dequantize_ref, quantize_fp8
 
     _, folder, _ = mtp_pair
     state = load_file(str(folder / "model.safetensors"))

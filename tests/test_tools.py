@@ -233,6 +233,7 @@ def test_context_methods_change_the_computation(tiny):
         assert (out[T:] - none[T:]).abs().max() > 1e-2, method
 
 
+@pytest.mark.slow
 def test_context_cli_at_small_sizes(tiny, tmp_path):
     png = tmp_path / "ctx.png"
     r = cli("context", str(tiny), "--text", str(tiny / "text.txt"), "--lengths", "32,64", "--tokens", "128",
@@ -252,6 +253,7 @@ def test_context_cli_at_small_sizes(tiny, tmp_path):
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_routes_on_a_tiny_moe(tiny, tmp_path):
     png = tmp_path / "heat.png"
     r = cli("routes", str(tiny), "--text", str(tiny / "text.txt"), "--json", "--plot", str(png))
@@ -302,6 +304,7 @@ def test_unreadable_config_is_a_one_line_error(tmp_path, tiny, capsys):
         assert len(err.strip().splitlines()) == 1 and "error:" in err, err
 
 
+@pytest.mark.slow
 def test_errors_from_the_command_line_have_no_traceback(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "deepseek_v3", "hidden_size": "big"}')
     for args in (["trace", "/no/such/model"], ["memory", str(tmp_path / "config.json")],

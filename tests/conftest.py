@@ -1,0 +1,24 @@
+"""Fixtures shared by several test files. Importable helpers live in reference.py (pieces written from the
+formulas) and hf_models.py (tiny checkpoints built with transformers)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def hub_checkpoint(tmp_path_factory):
+    """hub_checkpoint(name) -> (transformers model, checkpoint folder) for hf_models.SPECS[name], built once
+    per session and shared by every file that asks for it (the build is seeded, so it is the same checkpoint
+    each file would build for itself). Treat both as read-only: copy the folder before changing it."""
+    pytest.importorskip("transformers")
+    from hf_models import SPECS, make_checkpoint
+
+    built: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = make_checkpoint(SPECS[name], tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return get
