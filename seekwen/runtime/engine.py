@@ -106,6 +106,7 @@ class Event:
     text: str = ""  # the text this token makes certain (held back: partial characters, possible stop strings)
     logprob: float | None = None  # with params.logprobs: log p(token) under the model
     top_logprobs: list[tuple[int, float]] | None = None  # with params.logprobs = k: the k most likely
+    stop_reason: str | int | None = None  # when finished by a stop string / stop token id: which one
 
 
 @dataclass
@@ -208,7 +209,7 @@ class Engine:
         params = params or SamplingParams()
         out = []
         for i in range(n):
-            p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+            p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=(params.seed + i) % 2**64)
             out.append(self.add_request(prompt_ids, p, on_token))
         return out
 
@@ -351,7 +352,7 @@ class Engine:
             req.last_time = now
             lp, top = req.pending_logprobs if req.pending_logprobs is not None else (None, None)
             req.pending_logprobs = None
-            ev = Event(req.id, tok, req.reason is not None, req.reason, text, lp, top)
+            ev = Event(req.id, tok, req.reason is not None, req.reason, text, lp, top, req.stop_reason)
             if req.on_token is not None:
                 req.on_token(ev)
             events.append(ev)
