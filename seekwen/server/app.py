@@ -384,7 +384,8 @@ def create_app(opts: ServeOptions, state: State | None = None, load: bool = True
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
-        return JSONResponse(error_body(400, *validation_message(e.errors())), status_code=400)
+        message, param = validation_message(e.errors())
+        return JSONResponse(error_body(400, message, param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
