@@ -20,6 +20,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    """One model thread (OMP_NUM_THREADS=1): the engine thread and the HTTP side then share 2 cores without
+    OpenMP workers spinning against the event loop (and the tests do not measure speed)."""
+
     def __init__(self, *args: str, env: dict | None = None, log: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -28,7 +31,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "seekwen", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port),
                "--no-access-log", "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
+                                     env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
     def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
         deadline = time.monotonic() + timeout

@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM (default: 30)")
     p.add_argument("--seed", type=int, default=None, help="seed of the engine's generator for unseeded requests")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default: torch's; on a small or busy CPU, one less than the "
+                        "cores leaves the HTTP side a core)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log level (default: info)")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
@@ -70,6 +73,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
     if not args.shutdown_timeout >= 0:
         raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key must not be empty")
 
@@ -92,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
                         max_model_len=args.max_model_len, max_queue=args.max_queue,
                         max_body_bytes=args.max_body_bytes, dtype=args.dtype, device=args.device,
                         quantize=args.quantize, plain=args.plain, seed=args.seed)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     app = create_app(opts)
     state = app.state
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
