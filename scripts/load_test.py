@@ -159,7 +159,7 @@ def start_server(model: str | None, args) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "seekwen", "serve", *([model] if model else []), "--host", "127.0.0.1",
            "--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", "1024", "--no-access-log",
-           "--log-level", "warning"]
+           "--log-level", "warning", *(["--threads", str(args.threads)] if args.threads else [])]
     proc = subprocess.Popen(cmd, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--serve", nargs="?", const="", default=None, metavar="MODEL",
                     help="start `seekwen serve [MODEL]` on a free loopback port for the run (default model: bundled)")
     ap.add_argument("--max-batch", type=int, default=8, help="--max-batch of the server started by --serve")
+    ap.add_argument("--threads", type=int, default=None, help="--threads of the server started by --serve")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels (default: 1,4,16,64)")
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: 2 x level, >= 8)")

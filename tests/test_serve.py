@@ -170,6 +170,21 @@ def test_logprobs(client):
     assert all(v <= 0 for v in sampled.choices[0].logprobs.token_logprobs)
 
 
+def test_echo_with_prompt_logprobs(server, client):
+    ids = tokenize(server, prompt="In the beginning God")
+    r = client.completions.create(model=NAME, prompt=ids, echo=True, logprobs=2, max_tokens=3, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    assert lp.text_offset == sorted(lp.text_offset)
+    # prompt position 2 is scored as the first token after the prompt's first two tokens would be
+    head = client.completions.create(model=NAME, prompt=ids[:2], logprobs=2, max_tokens=1, temperature=0)
+    want = head.choices[0].logprobs.top_logprobs[0]
+    assert lp.top_logprobs[2].keys() == want.keys()
+    assert all(math.isclose(lp.top_logprobs[2][k], want[k], abs_tol=1e-4) for k in want)
+
+
 PROMPTS = ["In the beginning", "And God said", "The LORD is my shepherd", "Blessed are", "Let there be light",
            "And it came to pass", "Thus saith the LORD", "For God so loved"]
 
@@ -253,6 +268,7 @@ BAD_COMPLETIONS = [
     ({"stop": ""}, "stop"),
     ({"stop": ["ok", ""]}, "stop"),
     ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),

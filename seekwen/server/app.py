@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..runtime.engine import Event, SamplingParams
 from . import metrics
 from .errors import APIError, APIKeyMiddleware, BodyLimitMiddleware, bounded, error_body
-from .loop import EngineLoop, QueueFull, Sequence
+from .loop import EngineLoop, QueueFull, Sequence, prompt_logprobs
 from .reasoning import ReasoningSplitter, opens_thinking
 from .schemas import (
     ChatCompletionRequest,
@@ -471,10 +471,16 @@ def create_app(opts: ServeOptions, state: State | None = None, load: bool = True
                 raise APIError(400, "the prompt is empty after tokenization", param="prompt")
             prompts.append(ids)
         params = [sampling_params(state, body, len(p), body.logprobs) for p in prompts]
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
         seqs, out = make_sequences(state, prompts, params, body.n)
         echoes = [tok.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
+        echo_lps: list[list] = [[] for _ in prompts]
+        if body.echo and body.logprobs is not None:  # prompt logprobs, computed in the engine thread
+            for i, p in enumerate(prompts):
+                scored = await state.loop.call(lambda p=p: prompt_logprobs(state.model, p, body.logprobs))
+                off = 0
+                for tid, lp, top in scored:
+                    echo_lps[i].append((tid, lp, top, off))
+                    off += len(state.token_info(tid)[0])
         submit(state, seqs)
         rid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.names[0]
         choices = [Choice(s) for s in seqs]
@@ -485,9 +491,11 @@ def create_app(opts: ServeOptions, state: State | None = None, load: bool = True
             async def events():
                 if body.echo:
                     for ch in choices:
+                        p_i = ch.seq.index // body.n
+                        lp = completion_logprobs(state, echo_lps[p_i]) if body.logprobs is not None else None
                         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
-                                    "choices": [{"index": ch.seq.index, "text": echoes[ch.seq.index // body.n],
-                                                 "logprobs": None, "finish_reason": None}]})
+                                    "choices": [{"index": ch.seq.index, "text": echoes[p_i], "logprobs": lp,
+                                                 "finish_reason": None}]})
                 pending = len(seqs)
                 while pending:
                     idx, item = await out.get()
@@ -500,7 +508,7 @@ def create_app(opts: ServeOptions, state: State | None = None, load: bool = True
                         pending -= 1
                         continue
                     n_lp = len(ch.logprobs)
-                    ch.add(item)
+                    ch.add(item, len(echoes[idx // body.n]))
                     if item.finished:
                         pending -= 1
                     if item.text or item.finished or len(ch.logprobs) > n_lp:
@@ -521,8 +529,11 @@ def create_app(opts: ServeOptions, state: State | None = None, load: bool = True
             return Response(status_code=499)
         result = []
         for ch in choices:
-            text = echoes[ch.seq.index // body.n] + ch.text
-            lp = completion_logprobs(state, ch.logprobs) if body.logprobs is not None else None
+            p_i = ch.seq.index // body.n
+            text = echoes[p_i] + ch.text
+            shift = len(echoes[p_i])
+            entries = echo_lps[p_i] + [(t, v, top, off + shift) for t, v, top, off in ch.logprobs]
+            lp = completion_logprobs(state, entries) if body.logprobs is not None else None
             result.append({"index": ch.seq.index, "text": text, "logprobs": lp, "finish_reason": ch.finish,
                            "stop_reason": ch.stop_reason})
         return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": result,

@@ -71,6 +71,14 @@ class EngineLoop:
             self._queued += len(seqs)
         self._cmds.put(("add", seqs))
 
+    def call(self, fn) -> asyncio.Future:
+        """Run `fn()` in the engine thread between two steps (it may use the model); its result comes back on
+        the returned future."""
+        aloop = asyncio.get_running_loop()
+        fut = aloop.create_future()
+        self._cmds.put(("call", (fn, fut, aloop)))
+        return fut
+
     def abort(self, seqs: list[Sequence]) -> None:
         seqs = [s for s in seqs if not s.done]
         if seqs:
@@ -100,6 +108,22 @@ class EngineLoop:
 
     def _command(self, cmd, posts: list) -> None:
         kind, seqs = cmd
+        if kind == "call":
+            fn, fut, aloop = seqs
+            try:
+                result, error = fn(), None
+            except Exception as e:
+                result, error = None, e
+
+            def done(fut=fut, result=result, error=error):
+                if not fut.done():
+                    fut.set_exception(error) if error is not None else fut.set_result(result)
+
+            try:
+                aloop.call_soon_threadsafe(done)
+            except RuntimeError:
+                pass
+            return
         if kind == "add":
             for seq in seqs:
                 try:
@@ -184,3 +208,23 @@ class EngineLoop:
 def _deliver(items: list[tuple[Sequence, Event | tuple]]) -> None:
     for seq, item in items:
         seq.out.put_nowait((seq.index, item))
+
+
+def prompt_logprobs(model, ids: list[int], k: int) -> list[tuple[int, float | None, list[tuple[int, float]] | None]]:
+    """Each prompt token's logprob given the tokens before it, and the k most likely tokens there (the first
+    token has none): one forward over the prompt, no cache, in chunks of positions for the log-softmax."""
+    import torch
+
+    with torch.inference_mode():
+        x = torch.tensor([ids], device=model.device)
+        logits = model(x)[0]  # [S, V]
+        out: list = [(ids[0], None, None)]
+        for start in range(0, len(ids) - 1, 256):
+            stop = min(start + 256, len(ids) - 1)
+            lp = logits[start:stop].float().log_softmax(-1)
+            nxt = x[0, start + 1 : stop + 1]
+            chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+            top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+            for j, t in enumerate(nxt.tolist()):
+                out.append((t, chosen[j], list(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True))))
+    return out

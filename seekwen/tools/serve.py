@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 
 try:
@@ -53,8 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds running requests may take to finish after SIGTERM (default: 30)")
     p.add_argument("--seed", type=int, default=None, help="seed of the engine's generator for unseeded requests")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the model (default: torch's; on a small or busy CPU, one less than the "
-                        "cores leaves the HTTP side a core)")
+                   help="CPU threads for the model (default: OMP_NUM_THREADS if set, else one less than the cores, "
+                        "so that the HTTP side keeps one)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log level (default: info)")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
@@ -97,10 +98,13 @@ def run(args: argparse.Namespace) -> int:
                         max_model_len=args.max_model_len, max_queue=args.max_queue,
                         max_body_bytes=args.max_body_bytes, dtype=args.dtype, device=args.device,
                         quantize=args.quantize, plain=args.plain, seed=args.seed)
-    if args.threads is not None:
+    threads = args.threads
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        threads = max(1, (os.cpu_count() or 2) - 1)
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     app = create_app(opts)
     state = app.state
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
