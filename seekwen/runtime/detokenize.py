@@ -29,6 +29,14 @@ class Detokenizer:
         self.stop = [s for s in stop if s]
         self.include_stop = include_stop
         self.max_stop = max((len(s) for s in self.stop), default=0)
+        # for the hold-back test: per stop string, per character c, the lengths k (longest first) with
+        # s[k-1] == c and k < len(s): the only prefixes of s the text can end with when it ends with c
+        self._ends: list[tuple[str, dict[str, list[int]]]] = []
+        for s in self.stop:
+            ends: dict[str, list[int]] = {}
+            for k in range(len(s) - 1, 0, -1):
+                ends.setdefault(s[k - 1], []).append(k)
+            self._ends.append((s, ends))
         self.ids: list[int] = []
         self.prefix = 0  # ids[prefix:read] were decoded last time as the context of the next piece
         self.read = 0  # ids before this are in `text`
@@ -69,12 +77,17 @@ class Detokenizer:
                 self.text = self.text[: self.sent]
                 return piece
         end = len(self.text)
-        if self.stop and not final:  # hold back a tail that may still grow into a stop string
-            for k in range(min(self.max_stop - 1, end - self.sent), 0, -1):
-                tail = self.text[end - k :]
-                if any(s.startswith(tail) for s in self.stop):
-                    end -= k
-                    break
+        if self.stop and not final and end > self.sent:  # hold back a tail that may still grow into a stop string
+            room = end - self.sent
+            hold = 0
+            for s, ends in self._ends:
+                for k in ends.get(self.text[-1], ()):
+                    if k <= hold:
+                        break
+                    if k <= room and self.text.endswith(s[:k]):
+                        hold = k
+                        break
+            end -= hold
         piece = self.text[self.sent : end]
         self.sent = end
         return piece

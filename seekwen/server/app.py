@@ -240,8 +240,8 @@ def sampling_params(state: State, req, prompt_len: int, logprobs: int | None) ->
 
     top_k = int(pick("top_k", 0))
     return SamplingParams(
-        max_tokens=max_tokens, temperature=float(pick("temperature", 1.0)), top_k=max(top_k, 0) if top_k >= 0
-        else 0, top_p=float(pick("top_p", 1.0)), min_p=float(pick("min_p", 0.0)),
+        max_tokens=max_tokens, temperature=float(pick("temperature", 1.0)), top_k=max(top_k, 0),
+        top_p=float(pick("top_p", 1.0)), min_p=float(pick("min_p", 0.0)),
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=float(pick("repetition_penalty", 1.0)), stop_token_ids=stop_ids, stop=req.stop_list(),
         include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos, seed=req.seed,

@@ -13,7 +13,7 @@ from .errors import APIError
 MAX_LOGPROBS = 20
 MAX_N = 128
 MAX_STOP = 16
-MAX_STOP_LEN = 1024
+MAX_STOP_LEN = 256
 MAX_MESSAGES = 2048
 MAX_PROMPTS = 256
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
