@@ -125,7 +125,7 @@ async def run_level(host, port, model, concurrency, n_requests, args) -> dict:
     async def one(i):
         body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens,
                 "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True},
-                "ignore_eos": True, "seed": i}
+                "ignore_eos": True, "seed": i, **({"logprobs": args.logprobs} if args.logprobs is not None else {})}
         async with sem:
             try:
                 results.append(await stream_request(host, port, body, args.api_key, args.timeout))
@@ -159,7 +159,8 @@ def start_server(model: str | None, args) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "seekwen", "serve", *([model] if model else []), "--host", "127.0.0.1",
            "--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", "1024", "--no-access-log",
-           "--log-level", "warning", *(["--threads", str(args.threads)] if args.threads else [])]
+           "--log-level", "warning", *(["--threads", str(args.threads)] if args.threads else []),
+           *args.server_args.split()]
     proc = subprocess.Popen(cmd, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -189,6 +190,10 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default: 2 x level, >= 8)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--logprobs", type=int, default=None,
+                    help="ask for logprobs (0: the chosen token's): a chunk per token even where a token adds no "
+                         "text, e.g. a random-weight model whose ids fall outside the tokenizer's vocabulary")
+    ap.add_argument("--server-args", default="", help="more arguments for --serve, e.g. '--max-model-len 512'")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per read of one request")
     ap.add_argument("--level-deadline", type=float, default=900.0, help="seconds per concurrency level at most")
     ap.add_argument("--json", default=None, help="also write the results here")
