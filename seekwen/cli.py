@@ -21,6 +21,7 @@ COMMANDS = {
     "rope": "seekwen.tools.rope_lab",
     "routes": "seekwen.tools.routes",
     "context": "seekwen.tools.context",
+    "serve": "seekwen.tools.serve",
 }
 
 

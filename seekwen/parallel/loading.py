@@ -240,6 +240,8 @@ def _prepare_rank(path_or_id, config_overrides, tp, ep, world, rank, settings) -
     if config_overrides:
         cfg = parse_config({**raw, **config_overrides}, str(folder / "config.json") + " (with overrides)")
     merge_generation_eos(folder, cfg)
+    if cfg.num_mtp_layers:  # DeepSeek-V3's MTP layers are not sharded yet: the main model only
+        cfg = cfg.replace(num_mtp_layers=0)
     plan = make_plan(world, rank, tp, ep)
     check(cfg, plan)
     return folder, cfg, plan, fingerprint(folder, {**settings, "tp": plan.tp, "ep": plan.ep,

@@ -18,10 +18,23 @@ Sampling parameters are per row (runtime.sampling.sample takes per-row tensors).
 own `SamplingParams.seed` draws from its own generator, so its sampled text does not depend on which
 requests share its steps; the others draw from one engine-wide generator (`seed`). Greedy text never
 depends on the batch.
+
+Per request (`SamplingParams`): temperature, top-k, top-p, min-p, presence / frequency / repetition
+penalties (definitions in runtime.sampling), stop token ids, stop strings (decided on the detokenized text
+by runtime.detokenize.Detokenizer, also when one spans several tokens; the stop text is not returned),
+`max_tokens`, and `logprobs` (the chosen token's logprob and the top-k alternatives, from the model's
+raw distribution). Each `Event` carries the token, the new text it makes certain (when the model has a
+tokenizer) and its logprobs. `abort(id)` ends a request at once and frees its row; `add_samples` queues
+n samples of one prompt (n requests with the same prompt: each prefills it; a paged cache could share
+it). `stats` (runtime.stats.EngineStats) counts requests, tokens, steps, time to first token and
+inter-token latency; a server's metrics read its `snapshot()`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,18 +42,59 @@ from dataclasses import dataclass, field
 import torch
 
 from .decoder import Decoder
-from .sampling import sample
+from .detokenize import Detokenizer
+from .sampling import apply_penalties, logprobs, sample
+from .stats import EngineStats
 
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
+    top_k: int = 0  # 0 or -1: off
     top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    presence_penalty: float = 0.0  # over the generated tokens; 0: off
+    frequency_penalty: float = 0.0  # over the generated tokens; 0: off
+    repetition_penalty: float = 1.0  # over prompt and generated tokens; 1: off
     stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings (need the model's tokenizer)
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     seed: int | None = None  # this request's own random stream: its samples don't depend on its batch-mates
+    logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the k most likely
+    detokenize: bool = True  # Event.text (when the model has a tokenizer)
+    skip_special_tokens: bool = True
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def check(self) -> None:
+        """ValueError naming the first invalid field."""
+        def finite(name: str) -> float:
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise ValueError(f"{name} must be a finite number, got {x!r}")
+            return x
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if finite("temperature") < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < finite("top_p") <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= -1 (-1 or 0: off), got {self.top_k!r}")
+        if not 0 <= finite("min_p") <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        finite("presence_penalty"), finite("frequency_penalty")
+        if finite("repetition_penalty") <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
 
 
 @dataclass
@@ -48,7 +102,11 @@ class Event:
     id: int
     token: int
     finished: bool
-    reason: str | None = None  # "eos" | "stop" | "length" when finished
+    reason: str | None = None  # "eos" | "stop" | "length" when finished ("abort": see Engine.abort)
+    text: str = ""  # the text this token makes certain (held back: partial characters, possible stop strings)
+    logprob: float | None = None  # with params.logprobs: log p(token) under the model
+    top_logprobs: list[tuple[int, float]] | None = None  # with params.logprobs = k: the k most likely
+    stop_reason: str | int | None = None  # when finished by a stop string / stop token id: which one
 
 
 @dataclass
@@ -61,6 +119,14 @@ class Request:
     stops: frozenset[int] = frozenset()
     reason: str | None = None
     generator: torch.Generator | None = None  # from params.seed
+    detok: Detokenizer | None = None
+    text: str = ""  # returned so far (Event.text pieces)
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    counts: torch.Tensor | None = None  # [V] times each token was generated (penalties)
+    seen: torch.Tensor | None = None  # [V] bool: in the prompt or the output (repetition penalty)
+    arrival: float = 0.0  # perf_counter() at add_request
+    last_time: float = 0.0  # perf_counter() at its latest token
+    pending_logprobs: tuple | None = None  # (logprob, top) from _sample, for _emit
 
 
 class Engine:
@@ -89,6 +155,8 @@ class Engine:
             self.generator = torch.Generator(device=model.device)
             self.generator.manual_seed(seed)
         self._next_id = 0
+        self.tokenizer = getattr(model, "tokenizer", None)  # for Event.text and stop strings
+        self.stats = EngineStats(cache_capacity=max_batch * max_len)
 
     # ---- API ------------------------------------------------------------------------------------
 
@@ -101,6 +169,9 @@ class Engine:
         """Queue a prompt; returns its id. `on_token(event)` is called for each of its new tokens."""
         prompt = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
         params = params or SamplingParams()
+        params.check()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the model's tokenizer")
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) + params.max_tokens > self.max_len:
@@ -108,13 +179,59 @@ class Engine:
         if max(prompt) >= self.model.cfg.vocab_size or min(prompt) < 0:
             raise ValueError("prompt contains ids outside the vocabulary")
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
-        req = Request(self._next_id, prompt, params, on_token, stops=frozenset(stops))
+        req = Request(self._next_id, prompt, params, on_token, stops=frozenset(stops), arrival=time.perf_counter())
+        dev = self.model.device
         if params.seed is not None:
-            req.generator = torch.Generator(device=self.model.device)
+            req.generator = torch.Generator(device=dev)
             req.generator.manual_seed(params.seed)
+        if self.tokenizer is not None and (params.detokenize or params.stop):
+            req.detok = Detokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
+                                    params.include_stop_str_in_output)
+        if params.penalized:
+            V = self.model.cfg.vocab_size
+            req.counts = torch.zeros(V, dtype=torch.float32, device=dev)
+            req.seen = torch.zeros(V, dtype=torch.bool, device=dev)
+            req.seen[torch.tensor(prompt, device=dev)] = True
         self._next_id += 1
         self.waiting.append(req)
         return req.id
+
+    def add_samples(
+        self,
+        prompt_ids: list[int] | torch.Tensor,
+        params: SamplingParams | None = None,
+        n: int = 1,
+        on_token: Callable[[Event], None] | None = None,
+    ) -> list[int]:
+        """n samples of one prompt: n requests (each prefills the prompt). With a seed, sample i draws from
+        seed + i, so the samples differ and each is reproducible."""
+        params = params or SamplingParams()
+        out = []
+        for i in range(n):
+            p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=(params.seed + i) % 2**64)
+            out.append(self.add_request(prompt_ids, p, on_token))
+        return out
+
+    def abort(self, request_id: int) -> bool:
+        """End a waiting or running request now (reason "abort"); its cache row is freed before this returns.
+        No event is sent for it. False if the id is not queued or running."""
+        for req in self.waiting:
+            if req.id == request_id:
+                self.waiting.remove(req)
+                break
+        else:
+            req = next((r for r in self.live if r.id == request_id), None)
+            if req is None:
+                return False
+        req.reason = "abort"
+        with self.stats.lock:
+            self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
+        if req in self.live:
+            self._retire()
+        else:
+            self.finished[req.id] = req
+        self._gauges()
+        return True
 
     def has_work(self) -> bool:
         return bool(self.live or self.waiting)
@@ -125,7 +242,14 @@ class Engine:
         n_old = len(self.live)
         events = self._decode(n_old) if n_old else []
         events += self._admit()
+        prefilled = sum(len(r.prompt) for r in self.live[n_old:])
         self._retire()
+        with self.stats.lock:
+            self.stats.steps += 1
+            self.stats.prompt_tokens += prefilled
+            if n_old + prefilled:
+                self.stats.step_tokens.observe(n_old + prefilled)
+        self._gauges()
         return events
 
     def stream(self) -> Iterator[Event]:
@@ -143,8 +267,35 @@ class Engine:
     # ---- internals ------------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """logits [n, V] -> tokens [n], each row with its own request's parameters. Rows of seeded
-        requests draw from their own generator, one row at a time; the others share the engine's."""
+        """logits [n, V] -> tokens [n], each row with its own request's parameters: penalties, then the
+        draw (runtime.sampling), then the logprobs the requests asked for (left in `pending_logprobs`)."""
+        raw = logits
+        dev = logits.device
+        pen = [i for i, r in enumerate(reqs) if r.counts is not None]
+        if pen:
+            rows = [reqs[i] for i in pen]
+            idx = torch.tensor(pen, device=dev)
+            logits = logits.float().clone()
+            logits[idx] = apply_penalties(
+                logits[idx], torch.stack([r.counts for r in rows]), torch.stack([r.seen for r in rows]),
+                torch.tensor([r.params.presence_penalty for r in rows], device=dev),
+                torch.tensor([r.params.frequency_penalty for r in rows], device=dev),
+                torch.tensor([r.params.repetition_penalty for r in rows], device=dev))
+        tokens = self._draw(logits, reqs)
+        want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if want:
+            idx = torch.tensor(want, device=dev)
+            k = max(reqs[i].params.logprobs for i in want)
+            chosen, top_i, top_v = logprobs(raw[idx], tokens[idx], k)
+            chosen, top_i, top_v = chosen.tolist(), top_i.tolist(), top_v.tolist()
+            for j, i in enumerate(want):
+                k_i = reqs[i].params.logprobs
+                reqs[i].pending_logprobs = (chosen[j], list(zip(top_i[j][:k_i], top_v[j][:k_i], strict=True)))
+        return tokens
+
+    def _draw(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Rows of seeded requests draw from their own generator, one row at a time; the others share the
+        engine's."""
         dev = logits.device
         if all(r.params.temperature <= 0 for r in reqs):
             return logits.argmax(dim=-1)
@@ -155,27 +306,62 @@ class Engine:
             temp = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32, device=dev)
             top_k = torch.tensor([r.params.top_k for r in rows], dtype=torch.long, device=dev)
             top_p = torch.tensor([r.params.top_p for r in rows], dtype=torch.float32, device=dev)
+            min_p = torch.tensor([r.params.min_p for r in rows], dtype=torch.float32, device=dev)
             idx = torch.tensor(shared, device=dev)
-            tokens[idx] = sample(logits[idx], temp, top_k, top_p, self.generator)
+            tokens[idx] = sample(logits[idx], temp, top_k, top_p, self.generator, min_p)
         for i, r in enumerate(reqs):
             if r.generator is not None and r.params.temperature > 0:
                 p = r.params
-                tokens[i] = sample(logits[i : i + 1], p.temperature, p.top_k, p.top_p, r.generator)[0]
+                tokens[i] = sample(logits[i : i + 1], p.temperature, p.top_k, p.top_p, r.generator, p.min_p)[0]
         return tokens
 
     def _emit(self, reqs: list[Request], tokens: torch.Tensor) -> list[Event]:
+        """Record each request's new token; decide its stop (stop token, stop string, then length)."""
         events = []
+        now = time.perf_counter()
+        st = self.stats
         for req, tok in zip(reqs, tokens.tolist(), strict=True):
             req.output.append(tok)
+            p = req.params
+            text = ""
             if tok in req.stops:
-                req.reason = "eos" if tok in self.eos and tok not in req.params.stop_token_ids else "stop"
-            elif len(req.output) >= req.params.max_tokens:
+                req.reason = "eos" if tok in self.eos and tok not in p.stop_token_ids else "stop"
+                req.stop_reason = tok if req.reason == "stop" else None
+            elif req.detok is not None:
+                text = req.detok.push(tok)
+                if req.detok.stopped is not None:
+                    req.reason, req.stop_reason = "stop", req.detok.stopped
+            if req.reason is None and len(req.output) >= p.max_tokens:
                 req.reason = "length"
-            ev = Event(req.id, tok, req.reason is not None, req.reason)
+            if req.detok is not None and req.reason is not None and req.detok.stopped is None:
+                text += req.detok.flush()  # nothing can become a stop string any more
+            req.text += text
+            if req.counts is not None:
+                req.counts[tok] += 1
+                req.seen[tok] = True
+            with st.lock:
+                st.generation_tokens += 1
+                if len(req.output) == 1:
+                    st.ttft.observe(now - req.arrival)
+                else:
+                    st.itl.observe(now - req.last_time)
+                if req.reason is not None:
+                    st.e2e.observe(now - req.arrival)
+                    st.finished[req.reason] = st.finished.get(req.reason, 0) + 1
+            req.last_time = now
+            lp, top = req.pending_logprobs if req.pending_logprobs is not None else (None, None)
+            req.pending_logprobs = None
+            ev = Event(req.id, tok, req.reason is not None, req.reason, text, lp, top, req.stop_reason)
             if req.on_token is not None:
                 req.on_token(ev)
             events.append(ev)
         return events
+
+    def _gauges(self) -> None:
+        with self.stats.lock:
+            self.stats.running = len(self.live)
+            self.stats.waiting = len(self.waiting)
+            self.stats.cache_tokens = sum(len(r.prompt) + len(r.output) - 1 for r in self.live)
 
     def _decode(self, n: int) -> list[Event]:
         logits = self.decoder.step(self.last[:n])  # [n, V]

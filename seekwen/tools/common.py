@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import torch
 
 from ..errors import UserError
-
-BUNDLED_NAME = "seekwen-kjv-v3"
-
-
-def bundled_model_path() -> Path:
-    """The small DeepSeek-V3-style model shipped inside the package (trained by `seekwen train`)."""
-    return Path(__file__).resolve().parent.parent / "assets" / BUNDLED_NAME
+from ..runtime.load import BUNDLED_NAME, bundled_model_path, load_model, model_path, pick_device  # noqa: F401
 
 
 def add_model_arg(p: argparse.ArgumentParser, positional: bool = False, default_bundled: bool = True) -> None:
@@ -66,25 +57,3 @@ def add_quantize_arg(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization of linear layers and experts at load time (fast path)")
     p.add_argument("--plain", action="store_true",
                    help="run the plain reference modules instead of the inference fast path")
-
-
-def pick_device(name: str | None) -> str:
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"device '{name}' requested but CUDA is not available")
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def model_path(arg: str | None) -> str:
-    return str(bundled_model_path()) if arg is None else arg
-
-
-def load_model(arg: str | None, dtype: str | None = None, device: str | None = None, **kw):
-    """Load for a CLI command: the bundled model by default; fp32 on CPU (bf16 compute is slow there)."""
-    import seekwen
-
-    dev = pick_device(device)
-    if dtype is None and dev == "cpu":
-        dtype = "float32"
-    return seekwen.load(model_path(arg), dtype=dtype, device=dev, **kw)
