@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scripted_model import ANSWER, REASONING, SCRIPT_TEXT, make_scripted_checkpoint
 from serve_util import ServerProcess, http, metric, post_json
@@ -189,6 +189,8 @@ def test_schema_fuzz_no_5xx(server):
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(path=PATHS, body=BODIES, raw=st.one_of(st.none(), st.binary(max_size=64)))
+    @example(path="/tokenize", body={"prompt": "Say"}, raw=None)  # valid requests among the fuzz, every run
+    @example(path="/v1/completions", body={"prompt": "Say", "max_tokens": 2}, raw=None)
     def fuzz(path, body, raw):
         data = raw if raw is not None else json.dumps(body)
         status, out = http(server.url + path, "POST", data, {"Content-Type": "application/json"}, timeout=60)
