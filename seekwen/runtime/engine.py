@@ -72,13 +72,33 @@ class Engine:
         seed: int | None = None,
         graphs: bool | None = None,
         compile: bool = False,
+        paged: bool = False,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_batched_tokens: int = 512,
+        enable_prefix_caching: bool = True,
+        max_queue: int | None = None,
     ):
         """graphs: replay decode steps from CUDA graphs (runtime.graphs); default: when the model allows it
         (on a CUDA device). False: eager steps. compile: torch.compile each graphed step first (faster
-        steps, a compile per batch bucket on first use)."""
+        steps, a compile per batch bucket on first use).
+
+        paged: run on the block-paged KV cache instead of the row pool (`runtime.paged_engine`): blocks of
+        `block_size` tokens (`num_blocks` of them; default: the row pool's max_batch x max_len), a
+        scheduler with a token budget per step (`max_num_batched_tokens`: decode rows + prefill chunks),
+        prefix caching, preemption by recompute, `abort`, and a waiting queue of at most `max_queue`
+        requests (`add_request` raises `QueueFull` beyond). `max_batch` bounds the running sequences."""
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
-        self.decoder = Decoder(model, max_batch, max_len, graphs=graphs, compile=compile)
+        self.paged = None
+        if paged:
+            from .paged_engine import PagedCore
+
+            self.decoder = None
+            self.paged = PagedCore(self, block_size, num_blocks, max_num_batched_tokens, enable_prefix_caching,
+                                   max_queue)
+        else:
+            self.decoder = Decoder(model, max_batch, max_len, graphs=graphs, compile=compile)
         self.live: list[Request] = []  # live[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
         self.finished: dict[int, Request] = {}
@@ -112,16 +132,47 @@ class Engine:
         if params.seed is not None:
             req.generator = torch.Generator(device=self.model.device)
             req.generator.manual_seed(params.seed)
+        if self.paged is not None:
+            self.paged.add(req)  # may raise QueueFull
+        else:
+            self.waiting.append(req)
         self._next_id += 1
-        self.waiting.append(req)
         return req.id
 
     def has_work(self) -> bool:
-        return bool(self.live or self.waiting)
+        return bool(self.live or self.waiting) or (self.paged is not None and self.paged.has_work())
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a request (waiting or running); a paged engine releases its blocks at once. Its Request,
+        with reason "abort", goes to `finished`. False if it is unknown or already finished."""
+        if self.paged is not None:
+            req = self.paged.abort(request_id)
+        else:
+            req = next((r for r in self.waiting if r.id == request_id), None)
+            if req is not None:
+                self.waiting.remove(req)
+            else:
+                req = next((r for r in self.live if r.id == request_id and r.reason is None), None)
+        if req is None:
+            return False
+        req.reason = "abort"
+        if self.paged is None and req in self.live:
+            self._retire()
+        self.finished[req.id] = req
+        return True
+
+    def stats(self) -> dict:
+        """Running / waiting / preempted requests, KV blocks, prefix-cache hits, tokens per step, TTFT, ITL
+        (paged engine; the row-pool engine reports its queue lengths only)."""
+        if self.paged is not None:
+            return self.paged.stats()
+        return {"running": len(self.live), "waiting": len(self.waiting)}
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """Admit waiting requests (prefill), decode one token for every other live sequence."""
+        if self.paged is not None:
+            return self.paged.step()
         n_old = len(self.live)
         events = self._decode(n_old) if n_old else []
         events += self._admit()
