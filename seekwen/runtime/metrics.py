@@ -19,7 +19,7 @@ def _pct(xs: list[float], q: float) -> float | None:
 class Metrics:
     steps: int = 0
     tokens_computed: int = 0  # tokens run through the model (prefill chunks + decode)
-    prefill_tokens: int = 0  # of which: rows with more than one new token, or a prompt's first row
+    prefill_tokens: int = 0  # of which: tokens known at (re)admission (prompt, or recomputed output)
     prompt_tokens: int = 0  # prompt tokens of admitted requests (the prefix cache's lookups)
     prefix_hit_tokens: int = 0  # of those, found in the prefix cache (not prefilled)
     preemptions: int = 0

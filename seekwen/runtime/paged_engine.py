@@ -157,6 +157,8 @@ class PagedCore:
         plan = self.scheduler.schedule()
         if not plan:
             return []
+        # prefill: tokens known before the sequence was (re)admitted; decode: feeding a sampled token
+        prefill = sum(n for s, n in plan if not (n == 1 and s.remaining == 1 and s.n_computed >= s.prompt_len))
         due = self.runner.run(plan)
         self.scheduler.computed(plan)
         events = []
@@ -181,7 +183,7 @@ class PagedCore:
         m.steps += 1
         m.last_step_tokens = sum(n for _, n in plan)
         m.tokens_computed += m.last_step_tokens
-        m.prefill_tokens += sum(n for s, n in plan if n > 1 or s.n_computed == n)
+        m.prefill_tokens += prefill
         m.step_times.append(time.perf_counter() - t0)
         return events
 
