@@ -175,13 +175,8 @@ class FastMLA(FromReference, MLA):
     def absorbed(self, q_nope, q_pe, kv, k_pe, mask, counts: list[int] | None = None) -> torch.Tensor:
         B, S, H, _ = q_nope.shape
         T = kv.shape[1]
-        q_h = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.nope)
-        k = self.mla_kernel(B * S, q_h.dtype) if q_h.device.type == "cpu" else None
-        if k is not None:
-            q_lat = k.f32_bmm(q_h.contiguous(), self.w_uk_t)  # [H, B*S, r]
-        else:
-            q_lat = torch.einsum("hsd,hdr->hsr", q_h, self.w_uk)
-        q_lat = q_lat.view(H, B, S, -1).transpose(0, 1).reshape(B, H * S, -1)  # [B, H*S, r]
+        k = self.mla_kernel(B * S, q_nope.dtype) if q_nope.device.type == "cpu" else None
+        q_lat = self.latent_query(q_nope).view(H, B, S, -1).transpose(0, 1).reshape(B, H * S, -1)  # [B, H*S, r]
         q_pe = q_pe.transpose(1, 2).reshape(B, H * S, self.rope)
         if k is not None and self.one_kernel_decode(S, counts, kv.dtype):
             o_lat = k.mla_decode(q_lat.contiguous(), q_pe.contiguous(), kv, k_pe, counts, self.scale)  # [B, H, r]
@@ -193,11 +188,7 @@ class FastMLA(FromReference, MLA):
             probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
             o_lat = torch.bmm(probs.view(B, H * S, T), kv)  # [B, H*S, r]
         o_h = o_lat.view(B, H, S, -1).transpose(0, 1).reshape(H, B * S, self.kv_lora_rank)
-        if k is not None:
-            out = k.f32_bmm(o_h.contiguous(), self.w_uv_t)  # [H, B*S, d_v]
-        else:
-            out = torch.einsum("hsr,hrd->hsd", o_h, self.w_uv)
-        return out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3)  # [B, S, H, d_v]
+        return self.latent_out(o_h, B, S)  # [B, S, H, d_v]
 
     def one_kernel_decode(self, n_new: int, counts: list[int] | None, dtype: torch.dtype) -> bool:
         """`mla_decode` serves one new token per row with known key counts, fp32, rank a multiple of 16."""
