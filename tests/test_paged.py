@@ -71,7 +71,8 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.slow) if c == "preempt_no_prefix" else c
+                                    for c in sorted(CONFIGS)])
 def test_paged_engine_equals_generate(family, config):
     model, prompts, ref = family
     engine = Engine(model, max_batch=3, max_len=40, paged=True, **CONFIGS[config])
@@ -125,6 +126,7 @@ def test_abort_mid_way_frees_blocks(family):
     assert engine.stats()["aborted"] == 3
 
 
+@pytest.mark.slow
 def test_abort_everything_returns_all_blocks(family):
     model, prompts, _ = family
     engine = Engine(model, max_batch=3, max_len=40, paged=True, block_size=4, max_num_batched_tokens=8)
@@ -283,6 +285,7 @@ def test_chain_hash_is_a_prefix_hash():
     assert chain_hashes(list(range(8)), 4, salt=3) != a
 
 
+@pytest.mark.slow
 def test_random_workload_returns_every_block(bundled):
     """Random prompts (shared prefixes), lengths, aborts, a small block budget: outputs equal generate,
     and the cache is empty at the end."""

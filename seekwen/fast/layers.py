@@ -84,7 +84,8 @@ class FastAttention(FromReference, Attention):
 
     def describe(self) -> str:
         decode = "grouped-query matmuls" if self.n_kv_heads != self.n_heads else "SDPA"
-        return f"fused qkv ({describe_linear(self.wqkv)}); prefill SDPA causal kernel, decode {decode}"
+        return (f"fused qkv ({describe_linear(self.wqkv)}); prefill SDPA causal kernel, decode {decode} "
+                "(paged cache: paged_attention kernel over the blocks)")
 
 
 class FastMLA(FromReference, MLA):
@@ -201,7 +202,8 @@ class FastMLA(FromReference, MLA):
             decode = f"absorbed, per-head f32_bmm kernels ({isa_name()}), bmm attention"
         else:
             decode = "absorbed, bmm over the cached latents"
-        return f"fused q/kv_a ({describe_linear(self.wq_kv_a)}); prefill naive SDPA; decode {decode}"
+        return (f"fused q/kv_a ({describe_linear(self.wq_kv_a)}); prefill naive SDPA; decode {decode} "
+                "(paged cache: paged_attention kernel over the latent blocks)")
 
 
 class FastMLP(FromReference, MLP):

@@ -18,6 +18,11 @@ Sampling parameters are per row (runtime.sampling.sample takes per-row tensors).
 own `SamplingParams.seed` draws from its own generator, so its sampled text does not depend on which
 requests share its steps; the others draw from one engine-wide generator (`seed`). Greedy text never
 depends on the batch.
+
+`Engine(model, paged=True, ...)` keeps the same API over the serving runtime instead
+(`runtime.paged_engine`): a block-paged KV cache with prefix caching (`runtime.paged`, `runtime.blocks`),
+a scheduler with a token budget per step, chunked prefill, preemption by recompute and a bounded queue
+(`runtime.scheduler`), `abort`, and `stats()` (`runtime.metrics`). Sampling and stops stay here.
 """
 
 from __future__ import annotations
