@@ -192,7 +192,10 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--cache-dir", default="~/.cache/seekwen/bench")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a loaded host)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.models.split(","):
         model = load(name, args.cache_dir)

@@ -358,3 +358,20 @@ def test_fast_paged_decode_reads_blocks_in_place(family, monkeypatch):
     engine = Engine(fast, max_batch=3, max_len=40, paged=True, block_size=4)
     assert engine.generate(prompts[:3], _params(MAX_NEW[:3])) == ref[:3]
     assert len(calls) >= model.cfg.num_layers * (max(MAX_NEW[:3]) - 1)
+
+
+def test_row_pool_engine_abort(bundled):
+    """`abort` on the row-pool engine too: a waiting and a live request stop, the others are unchanged."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 9, 7, 4)]
+    ref = _reference(bundled, prompts, [6] * 4)
+    engine = Engine(bundled, max_batch=2, max_len=32)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, _params([6] * 4), strict=True)]
+    out: dict[int, list[int]] = {}
+    for ev in engine.step():
+        out.setdefault(ev.id, []).append(ev.token)
+    assert engine.abort(ids[0]) and engine.abort(ids[3])  # live, waiting
+    for ev in engine.stream():
+        out.setdefault(ev.id, []).append(ev.token)
+    assert out[ids[1]] == ref[1] and out[ids[2]] == ref[2] and ids[3] not in out
+    assert engine.finished[ids[0]].reason == engine.finished[ids[3]].reason == "abort"
