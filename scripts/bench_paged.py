@@ -114,8 +114,10 @@ def _itl_run(engine: Engine, V: int, rng, long_len: int) -> tuple[list[float], l
     """8 sequences decode; after 4 steady steps a long prompt joins. Returns (steady step times, step
     times while the long prompt is being prefilled, up to its first token)."""
     ids = [engine.add_request(rand_prompt(rng, V, 32), params(400)) for _ in range(8)]
-    for _ in range(2):  # admission + warm-up
-        engine.step()
+    started: set[int] = set()
+    while len(started) < 8:  # admission (possibly over several steps), until all 8 decode
+        started |= {e.id for e in engine.step()}
+    engine.step()
     steady = []
     for _ in range(4):
         t = time.perf_counter()
