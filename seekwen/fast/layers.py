@@ -24,7 +24,8 @@ from ..model.mla import MLA
 from ..model.mlp import MLP
 from ..model.moe import Experts, dispatch, dispatch_sorted
 from ..model.norm import RMSNorm
-from . import kernels
+from ..model.rope import apply_rope
+from . import kernels, paged_kernels
 from .linear import FastLinear, describe_linear, fuse, isa_name, make_linear
 
 
@@ -51,6 +52,24 @@ class FastAttention(FromReference, Attention):
         self.wo = fast_linear(ref.wo, quantize, group_size)
         self.q_norm, self.k_norm = ref.q_norm, ref.k_norm
 
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        kern = paged_kernels.decode_kernel(x, batch)
+        if kern is None:
+            return super().forward(x, batch)
+        # decode over a block-paged cache: store the new k/v, attend reading the blocks in place
+        B = x.shape[0]
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.project(x, batch)
+        if batch.logn is not None:
+            q = q * batch.logn[:, :, None, None].to(q.dtype)
+        batch.kv.write(self.layer, batch.positions, 0, k=k, v=v)
+        pools, table, _ = batch.kv.blocks(self.layer)
+        counts = batch.key_counts
+        q = q.reshape(B, Hkv, H // Hkv, hd).contiguous()  # head h = kv head h // G, group member h % G
+        none = q.new_empty(0, 0, 0, 0)
+        out = kern.paged_attention(q, none, pools["k"], none, pools["v"], table,
+                                   paged_kernels.key_starts(counts, self.window), counts, self.scale)
+        return self.wo(out.reshape(B, 1, H * hd))
 
     def project(self, x: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, S, _ = x.shape
@@ -65,7 +84,8 @@ class FastAttention(FromReference, Attention):
 
     def describe(self) -> str:
         decode = "grouped-query matmuls" if self.n_kv_heads != self.n_heads else "SDPA"
-        return f"fused qkv ({describe_linear(self.wqkv)}); prefill SDPA causal kernel, decode {decode}"
+        return (f"fused qkv ({describe_linear(self.wqkv)}); prefill SDPA causal kernel, decode {decode} "
+                "(paged cache: paged_attention kernel over the blocks)")
 
 
 class FastMLA(FromReference, MLA):
@@ -96,6 +116,50 @@ class FastMLA(FromReference, MLA):
         self.wkv_b = FastLinear(ref.wkv_b.weight.detach())  # prefill (naive) path; kept unquantized: it is small
         self.wo = fast_linear(ref.wo, quantize, group_size)
 
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        kern = paged_kernels.decode_kernel(x, batch)
+        if kern is None:
+            return super().forward(x, batch)
+        # decode over a block-paged cache: absorbed attention reading the latent blocks in place
+        B, H = x.shape[0], self.n_heads
+        q, kv_a = self.project(x)
+        q_nope, q_pe = q.view(B, 1, H, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
+        kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_norm(kv)
+        q_pe = apply_rope(q_pe, batch.cos, batch.sin, self.interleaved)
+        k_pe = apply_rope(k_pe[:, :, None, :], batch.cos, batch.sin, self.interleaved)[:, :, 0]
+        if batch.logn is not None:
+            s = batch.logn[:, :, None, None].to(q_nope.dtype)
+            q_nope, q_pe = q_nope * s, q_pe * s
+        batch.kv.write(self.layer, batch.positions, 0, kv=kv, pe=k_pe)
+        pools, table, _ = batch.kv.blocks(self.layer)
+        q_lat = self.latent_query(q_nope).view(H, B, -1).transpose(0, 1)  # [B, H, r]
+        lat, pe = pools["kv"].unsqueeze(2), pools["pe"].unsqueeze(2)  # [N, bs, 1, r], [N, bs, 1, dr]
+        counts = batch.key_counts
+        o_lat = kern.paged_attention(q_lat[:, None].contiguous(), q_pe.reshape(B, 1, H, self.rope).contiguous(),
+                                     lat, pe, lat, table, paged_kernels.key_starts(counts, self.window), counts,
+                                     self.scale)  # [B, 1, H, r]
+        out = self.latent_out(o_lat[:, 0].transpose(0, 1).contiguous(), B, 1)  # [B, 1, H, d_v]
+        return self.wo(out.reshape(B, 1, H * self.v_dim))
+
+    def latent_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [B, S, H, d_nope] -> the queries in latent space, heads first [H, B*S, r]."""
+        B, S, H, _ = q_nope.shape
+        q_h = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.nope)
+        k = self.mla_kernel(B * S, q_h.dtype) if q_h.device.type == "cpu" else None
+        if k is not None:
+            return k.f32_bmm(q_h.contiguous(), self.w_uk_t)
+        return torch.einsum("hsd,hdr->hsr", q_h, self.w_uk)
+
+    def latent_out(self, o_h: torch.Tensor, B: int, S: int) -> torch.Tensor:
+        """Latent attention outputs heads first [H, B*S, r] -> [B, S, H, d_v] (through W_UV)."""
+        H = self.n_heads
+        k = self.mla_kernel(B * S, o_h.dtype) if o_h.device.type == "cpu" else None
+        if k is not None:
+            out = k.f32_bmm(o_h.contiguous(), self.w_uv_t)  # [H, B*S, d_v]
+        else:
+            out = torch.einsum("hsr,hrd->hsd", o_h, self.w_uv)
+        return out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q_dim = self.q_lora_rank or self.n_heads * (self.nope + self.rope)
@@ -113,13 +177,8 @@ class FastMLA(FromReference, MLA):
     def absorbed(self, q_nope, q_pe, kv, k_pe, mask, counts: list[int] | None = None) -> torch.Tensor:
         B, S, H, _ = q_nope.shape
         T = kv.shape[1]
-        q_h = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.nope)
-        k = self.mla_kernel(B * S, q_h.dtype) if q_h.device.type == "cpu" else None
-        if k is not None:
-            q_lat = k.f32_bmm(q_h.contiguous(), self.w_uk_t)  # [H, B*S, r]
-        else:
-            q_lat = torch.einsum("hsd,hdr->hsr", q_h, self.w_uk)
-        q_lat = q_lat.view(H, B, S, -1).transpose(0, 1).reshape(B, H * S, -1)  # [B, H*S, r]
+        k = self.mla_kernel(B * S, q_nope.dtype) if q_nope.device.type == "cpu" else None
+        q_lat = self.latent_query(q_nope).view(H, B, S, -1).transpose(0, 1).reshape(B, H * S, -1)  # [B, H*S, r]
         q_pe = q_pe.transpose(1, 2).reshape(B, H * S, self.rope)
         if k is not None and self.one_kernel_decode(S, counts, kv.dtype):
             o_lat = k.mla_decode(q_lat.contiguous(), q_pe.contiguous(), kv, k_pe, counts, self.scale)  # [B, H, r]
@@ -131,11 +190,7 @@ class FastMLA(FromReference, MLA):
             probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
             o_lat = torch.bmm(probs.view(B, H * S, T), kv)  # [B, H*S, r]
         o_h = o_lat.view(B, H, S, -1).transpose(0, 1).reshape(H, B * S, self.kv_lora_rank)
-        if k is not None:
-            out = k.f32_bmm(o_h.contiguous(), self.w_uv_t)  # [H, B*S, d_v]
-        else:
-            out = torch.einsum("hsr,hrd->hsd", o_h, self.w_uv)
-        return out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3)  # [B, S, H, d_v]
+        return self.latent_out(o_h, B, S)  # [B, S, H, d_v]
 
     def one_kernel_decode(self, n_new: int, counts: list[int] | None, dtype: torch.dtype) -> bool:
         """`mla_decode` serves one new token per row with known key counts, fp32, rank a multiple of 16."""
@@ -148,7 +203,8 @@ class FastMLA(FromReference, MLA):
             decode = f"absorbed, per-head f32_bmm kernels ({isa_name()}), bmm attention"
         else:
             decode = "absorbed, bmm over the cached latents"
-        return f"fused q/kv_a ({describe_linear(self.wq_kv_a)}); prefill naive SDPA; decode {decode}"
+        return (f"fused q/kv_a ({describe_linear(self.wq_kv_a)}); prefill naive SDPA; decode {decode} "
+                "(paged cache: paged_attention kernel over the latent blocks)")
 
 
 class FastMLP(FromReference, MLP):

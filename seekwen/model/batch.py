@@ -8,7 +8,10 @@ slots each row sees, where to write). A cache-less call (`model(ids)`, the refer
 builds its own batch from the attention mask (`Transformer.batch`).
 
 A KV store is anything with the three methods below: `runtime.cache.KVCache` (slot = position rows)
-implements it, and so can a block-paged cache, without the model changing.
+implements it, and so does the block-paged cache's per-call view (`runtime.paged.PagedView`), without
+the model changing. A store may also offer `blocks(layer) -> (pools, block_table [B, nb] int32,
+block_size)`: the fast path's decode kernels then read the keys in place (`fast.paged_kernels`) after a
+`write(..., n_keys=0)`, which stores without returning anything.
 """
 
 from __future__ import annotations

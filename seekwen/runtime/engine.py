@@ -28,6 +28,11 @@ tokenizer) and its logprobs. `abort(id)` ends a request at once and frees its ro
 n samples of one prompt (n requests with the same prompt: each prefills it; a paged cache could share
 it). `stats` (runtime.stats.EngineStats) counts requests, tokens, steps, time to first token and
 inter-token latency; a server's metrics read its `snapshot()`.
+
+`Engine(model, paged=True, ...)` keeps the same API over the serving runtime instead
+(`runtime.paged_engine`): a block-paged KV cache with prefix caching (`runtime.paged`, `runtime.blocks`),
+a scheduler with a token budget per step, chunked prefill, preemption by recompute and a bounded queue
+(`runtime.scheduler`), `abort`, and `stats()` (`runtime.metrics`). Sampling and stops stay here.
 """
 
 from __future__ import annotations
@@ -138,13 +143,33 @@ class Engine:
         seed: int | None = None,
         graphs: bool | None = None,
         compile: bool = False,
+        paged: bool = False,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_batched_tokens: int = 512,
+        enable_prefix_caching: bool = True,
+        max_queue: int | None = None,
     ):
         """graphs: replay decode steps from CUDA graphs (runtime.graphs); default: when the model allows it
         (on a CUDA device). False: eager steps. compile: torch.compile each graphed step first (faster
-        steps, a compile per batch bucket on first use)."""
+        steps, a compile per batch bucket on first use).
+
+        paged: run on the block-paged KV cache instead of the row pool (`runtime.paged_engine`): blocks of
+        `block_size` tokens (`num_blocks` of them; default: the row pool's max_batch x max_len), a
+        scheduler with a token budget per step (`max_num_batched_tokens`: decode rows + prefill chunks),
+        prefix caching, preemption by recompute, `abort`, and a waiting queue of at most `max_queue`
+        requests (`add_request` raises `QueueFull` beyond). `max_batch` bounds the running sequences."""
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
-        self.decoder = Decoder(model, max_batch, max_len, graphs=graphs, compile=compile)
+        self.paged = None
+        if paged:
+            from .paged_engine import PagedCore
+
+            self.decoder = None
+            self.paged = PagedCore(self, block_size, num_blocks, max_num_batched_tokens, enable_prefix_caching,
+                                   max_queue)
+        else:
+            self.decoder = Decoder(model, max_batch, max_len, graphs=graphs, compile=compile)
         self.live: list[Request] = []  # live[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
         self.finished: dict[int, Request] = {}
@@ -192,8 +217,11 @@ class Engine:
             req.counts = torch.zeros(V, dtype=torch.float32, device=dev)
             req.seen = torch.zeros(V, dtype=torch.bool, device=dev)
             req.seen[torch.tensor(prompt, device=dev)] = True
+        if self.paged is not None:
+            self.paged.add(req)  # may raise QueueFull
+        else:
+            self.waiting.append(req)
         self._next_id += 1
-        self.waiting.append(req)
         return req.id
 
     def add_samples(
@@ -212,33 +240,46 @@ class Engine:
             out.append(self.add_request(prompt_ids, p, on_token))
         return out
 
+    def has_work(self) -> bool:
+        return bool(self.live or self.waiting) or (self.paged is not None and self.paged.has_work())
+
     def abort(self, request_id: int) -> bool:
-        """End a waiting or running request now (reason "abort"); its cache row is freed before this returns.
-        No event is sent for it. False if the id is not queued or running."""
-        for req in self.waiting:
-            if req.id == request_id:
-                self.waiting.remove(req)
-                break
+        """End a waiting or running request now (reason "abort"): its cache row (or, paged, its blocks) is
+        freed before this returns and the Request goes to `finished`. No event is sent for it. False if the
+        id is not queued or running."""
+        if self.paged is not None:
+            req = self.paged.abort(request_id)
         else:
-            req = next((r for r in self.live if r.id == request_id), None)
-            if req is None:
-                return False
+            req = next((r for r in self.waiting if r.id == request_id), None)
+            if req is not None:
+                self.waiting.remove(req)
+            else:
+                req = next((r for r in self.live if r.id == request_id and r.reason is None), None)
+        if req is None:
+            return False
         req.reason = "abort"
         with self.stats.lock:
             self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
-        if req in self.live:
-            self._retire()
+        if self.paged is None and req in self.live:
+            self._retire()  # (moves it to `finished`)
         else:
             self.finished[req.id] = req
         self._gauges()
         return True
 
-    def has_work(self) -> bool:
-        return bool(self.live or self.waiting)
+    def cache_stats(self) -> dict:
+        """Running / waiting / preempted requests, KV blocks, prefix-cache hits, tokens per step, TTFT, ITL
+        (paged engine; the row-pool engine reports its queue lengths only). Request-level counters and
+        histograms for every engine are in `self.stats` (runtime.stats.EngineStats)."""
+        if self.paged is not None:
+            return self.paged.stats()
+        return {"running": len(self.live), "waiting": len(self.waiting)}
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """Admit waiting requests (prefill), decode one token for every other live sequence."""
+        if self.paged is not None:
+            return self.paged.step()
         n_old = len(self.live)
         events = self._decode(n_old) if n_old else []
         events += self._admit()

@@ -1,0 +1,76 @@
+"""Paged decode attention for the CPU fast path: `csrc/paged.cpp`, compiled at first use.
+
+`paged_attention(q1, q2, k1, k2, v, table, start, count, scale)` attends one new query position per
+sequence to its keys [start, count), read in place from the KV block pools through the block table
+(`runtime.paged`): GQA (k/v pools, query heads grouped per KV head) and absorbed MLA (the latent pool
+is both the key's first part and the value, the rotated-key pool the second part) alike. Built with
+`torch.utils.cpp_extension.load` (-O3 -mavx2 -mfma -fopenmp, cached under ~/.cache/torch_extensions);
+where that fails (no compiler, no AVX2, SEEKWEN_NO_KERNELS=1) `get()` is None and the layers read the
+cache through the gathering path instead. `reference` is the same math in torch (the tests' oracle).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+_module = None
+_tried = False
+
+
+def get():
+    """The compiled extension (`paged_attention`), or None where it cannot be built."""
+    global _module, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("SEEKWEN_NO_KERNELS") or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        _module = load(
+            "seekwen_paged_x86",
+            sources=[str(Path(__file__).parent / "csrc" / "paged.cpp")],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no headers: the gathering path runs instead
+        warnings.warn(f"seekwen: paged decode kernel unavailable, gathering the cache instead ({e})", stacklevel=2)
+        _module = None
+    return _module
+
+
+def decode_kernel(x: torch.Tensor, batch):
+    """The kernel when it serves this call: one new token per row (known key counts) over a KV store
+    that exposes its blocks (`blocks(layer)`), CPU fp32. Else None."""
+    if x.shape[1] != 1 or batch.key_counts is None or not hasattr(batch.kv, "blocks"):
+        return None
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    return get()
+
+
+def key_starts(counts: list[int], window: int | None) -> list[int]:
+    """First key each query sees: 0, or count - window for a sliding-window layer."""
+    return [0] * len(counts) if window is None else [max(0, c - window) for c in counts]
+
+
+def reference(q1, q2, k1, k2, v, table, start, count, scale) -> torch.Tensor:
+    """`paged_attention` in torch, one sequence at a time (gathers the rows)."""
+    B, G, Q, _ = q1.shape
+    bs = k1.shape[1]
+    out = []
+    for b in range(B):
+        t = torch.arange(start[b], count[b])
+        blk, off = table[b].long()[t // bs], t % bs
+        scores = torch.einsum("gqd,tgd->gqt", q1[b], k1[blk, off])
+        if q2.numel():
+            scores = scores + torch.einsum("gqd,tgd->gqt", q2[b], k2[blk, off])
+        p = (scores * scale).softmax(-1)
+        out.append(torch.einsum("gqt,tgd->gqd", p, v[blk, off]))
+    return torch.stack(out)

@@ -1,0 +1,191 @@
+"""The paged engine loop: the scheduler decides, the model runner executes, the engine samples.
+
+    engine = Engine(model, paged=True, block_size=16, max_num_batched_tokens=256)   # same API as before
+
+One `PagedCore.step()`:
+1. `Scheduler.schedule()` -> [(sequence, n new tokens)]: decode rows (1 token) and prefill chunks;
+2. `ModelRunner.run(plan)`: at most two forward calls over the `PagedKVCache`: the decode rows
+   [k, 1] (per-row key counts, so the fast path's decode kernels read the blocks in place), and the
+   prefill chunks [k, S] right-padded (per-row positions; a chunk after cached tokens reads them
+   through the block table);
+3. sequences whose tokens are all computed are sampled by the engine's own `_sample` / `_emit` (the
+   request-level code is the engine's, whatever the cache), finished ones release their blocks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..model.rope import qwen_ntk_alpha
+from .metrics import Metrics
+from .paged import PagedKVCache
+from .scheduler import QueueFull, Scheduler, Sequence
+
+__all__ = ["ModelRunner", "PagedCore", "QueueFull", "prefix_salt"]
+
+
+def prefix_salt(cfg, prompt_len: int) -> object:
+    """What a prompt's cached keys depend on besides its tokens: part of the prefix-cache key.
+    Qwen v1 dynamic NTK: the alpha fixed from the prompt length; HF "dynamic": the base of the prefill
+    call (from max(prompt length, max_position_embeddings)); longrope: which factors the prefill used."""
+    r = cfg.rope
+    if r.type == "qwen_dynamic":
+        return ("ntk_alpha", qwen_ntk_alpha(prompt_len, r.seq_length))
+    if r.type == "dynamic":
+        return ("dynamic", max(prompt_len, r.max_position_embeddings))
+    if r.type == "longrope":
+        return ("longrope", prompt_len > (r.original_max_position_embeddings or 0))
+    return None
+
+
+class ModelRunner:
+    """Runs scheduled rows of sequences through the model over a `PagedKVCache`."""
+
+    def __init__(self, model, cache: PagedKVCache):
+        self.model, self.cache = model, cache
+        self.qwen_ntk = model.cfg.rope.type == "qwen_dynamic"
+        self.length_rope = not model.rope.static and not self.qwen_ntk  # HF dynamic, longrope
+
+    def run(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
+        """Compute every planned row; returns (sequence, logits [V]) for those whose tokens are now all
+        computed (their next token is due). Does not advance the sequences (`Scheduler.computed`)."""
+        out = []
+        for rows in ([r for r in plan if r[1] == 1], [r for r in plan if r[1] > 1]):
+            if rows:
+                logits = self._forward(rows)
+                out += [(s, logits[i]) for i, (s, n) in enumerate(rows) if s.remaining == n]
+        return out
+
+    def _forward(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """rows of (sequence, n new tokens) -> logits at each row's last new token [k, V]."""
+        model, dev, bs = self.model, self.model.device, self.cache.block_size
+        k, S = len(rows), max(n for _, n in rows)
+        ids = torch.zeros(k, S, dtype=torch.long)
+        for i, (s, n) in enumerate(rows):
+            ids[i, :n] = torch.tensor(s.tokens(s.n_computed, s.n_computed + n))
+        n_new = torch.tensor([n for _, n in rows])
+        start = torch.tensor([s.n_computed for s, _ in rows])
+        positions = (start[:, None] + torch.arange(S)).to(dev)  # [k, S]
+        n_keys = int(start.max()) + S
+        nb = -(-n_keys // bs)
+        tables = []
+        for g in range(len(self.cache.groups)):
+            t = torch.full((k, nb), self.cache.scratch(g), dtype=torch.long)
+            for i, (s, _) in enumerate(rows):
+                row = torch.tensor(s.tables[g][:nb], dtype=torch.long)
+                t[i, : len(row)] = torch.where(row >= 0, row, self.cache.scratch(g))
+            tables.append(t.to(dev))
+        padded = bool((n_new < S).any())
+        alpha = None
+        if self.qwen_ntk:
+            alpha = torch.tensor([qwen_ntk_alpha(s.prompt_len, model.cfg.rope.seq_length) for s, _ in rows],
+                                 dtype=torch.float64)
+        batch = model.batch(
+            positions,
+            kv=self.cache.view(tables),
+            n_keys=n_keys,
+            key_counts=(start + 1).tolist() if S == 1 else None,
+            new_valid=(torch.arange(S)[None, :] < n_new[:, None]).to(dev) if padded else None,
+            causal=n_keys == S and S > 1,  # every row starts at 0: the keys are exactly the new tokens
+            ntk_alpha=alpha,
+        )
+        if self.length_rope:
+            self._length_rope(batch, positions, torch.tensor([s.prompt_len for s, _ in rows], device=dev))
+        return model(ids.to(dev), batch=batch, keep=(n_new - 1).to(dev))[:, 0]
+
+    def _length_rope(self, batch, positions: torch.Tensor, prompt_lens: torch.Tensor) -> None:
+        """Length-dependent RoPE (HF dynamic, longrope): give each token the rotation per-sequence
+        `generate` gives it: the prefill call's length for prompt tokens, its own position + 1 for
+        generated ones (one decode call each). So a batch-mate's length never changes a sequence's keys."""
+        L = torch.maximum(prompt_lens[:, None], positions + 1)  # [k, S]
+        cos, sin = torch.empty_like(batch.cos), torch.empty_like(batch.sin)
+        for n in L.unique().tolist():
+            c, s = self.model.rope(positions, seq_len=int(n))
+            m = L == n
+            cos[m], sin[m] = c[m], s[m]
+        batch.cos, batch.sin = cos, sin
+
+
+class PagedCore:
+    """The paged engine behind `Engine(..., paged=True)`: owns the cache, the scheduler and the runner;
+    sampling and stop rules stay the engine's (`engine._sample`, `engine._emit`)."""
+
+    def __init__(
+        self,
+        engine,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_batched_tokens: int = 512,
+        prefix_caching: bool = True,
+        max_queue: int | None = None,
+    ):
+        model = engine.model
+        self.engine, self.model = engine, model
+        if num_blocks is None:  # the row pool's memory: max_batch x max_len slots
+            num_blocks = engine.max_batch * -(-engine.max_len // block_size)
+        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, model.dtype, model.device, engine.max_len)
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(self.cache.groups, block_size, engine.max_batch, max_num_batched_tokens,
+                                   max_queue, prefix_caching, self.metrics)
+        self.runner = ModelRunner(model, self.cache)
+        self.seqs: dict[int, Sequence] = {}
+
+    def add(self, req) -> None:
+        if len(req.prompt) + req.params.max_tokens > self.scheduler.capacity():
+            raise ValueError(f"prompt ({len(req.prompt)}) + max_tokens ({req.params.max_tokens}) does not fit "
+                             f"the KV cache ({self.scheduler.capacity()} tokens)")
+        seq = Sequence(req, salt=prefix_salt(self.model.cfg, len(req.prompt)))
+        self.scheduler.add(seq)
+        self.seqs[req.id] = seq
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def abort(self, request_id: int):
+        """Stop a request now and release its blocks; returns its Request (None if unknown/finished)."""
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return None
+        self.seqs.pop(request_id, None)
+        self.metrics.aborted += 1
+        return seq.req
+
+    def step(self) -> list:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        # prefill: tokens known before the sequence was (re)admitted; decode: feeding a sampled token
+        prefill = sum(n for s, n in plan if not (n == 1 and s.remaining == 1 and s.n_computed >= s.prompt_len))
+        due = self.runner.run(plan)
+        self.scheduler.computed(plan)
+        events = []
+        if due:
+            seqs = [s for s, _ in due]
+            reqs = [s.req for s in seqs]
+            tokens = self.engine._sample(torch.stack([lg for _, lg in due]), reqs)
+            events = self.engine._emit(reqs, tokens)
+            now = time.perf_counter()
+            for s in seqs:
+                if s.last_token is None:
+                    self.metrics.ttft.append(now - s.arrival)
+                else:
+                    self.metrics.itl.append(now - s.last_token)
+                s.last_token = now
+                if s.req.reason is not None:
+                    self.scheduler.finish(s)
+                    self.seqs.pop(s.req.id, None)
+                    self.engine.finished[s.req.id] = s.req
+                    self.metrics.finished += 1
+        m = self.metrics
+        m.steps += 1
+        m.last_step_tokens = sum(n for _, n in plan)
+        m.tokens_computed += m.last_step_tokens
+        m.prefill_tokens += prefill
+        m.step_times.append(time.perf_counter() - t0)
+        return events
+
+    def stats(self) -> dict:
+        return self.metrics.snapshot(self.scheduler)
