@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -170,14 +171,12 @@ def _more(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
 
-def load_state(model: Transformer, folder: Path) -> None:
-    """Copy every checkpoint tensor into the model's parameters (named through the family's `NameMap`);
-    error on anything missing, unexpected or of the wrong shape."""
-    cfg = model.cfg
-    names = name_map(cfg)
-    shards = _Shards(weight_files(folder))
-    params = dict(model.named_parameters(remove_duplicate=False))
-    filled: set[tuple[str, int | None]] = set()
+def checkpoint_placements(
+    shards: _Shards, names: NameMap, params: dict[str, torch.Tensor], folder: Path, model_type: str
+) -> Iterator[tuple[str, tuple[Placement, ...]]]:
+    """(checkpoint tensor name, where it goes among `params`) for every tensor the model takes, in file
+    order; rotary caches, fp8 scales and the like skipped. After the last one, a CheckpointError naming
+    every tensor the model has no place for (so the error lists them all, not the first)."""
     unexpected = []
     for name in shards.where:
         if names.skip(name):
@@ -186,12 +185,24 @@ def load_state(model: Transformer, folder: Path) -> None:
         if placements is None or any(pl.param not in params for pl in placements):
             unexpected.append(name)
             continue
+        yield name, placements
+    if unexpected:
+        raise CheckpointError(f"{folder}: unexpected weight(s) for {model_type}: {_more(unexpected)}")
+
+
+def load_state(model: Transformer, folder: Path) -> None:
+    """Copy every checkpoint tensor into the model's parameters (named through the family's `NameMap`);
+    error on anything missing, unexpected or of the wrong shape."""
+    cfg = model.cfg
+    names = name_map(cfg)
+    shards = _Shards(weight_files(folder))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    filled: set[tuple[str, int | None]] = set()
+    for name, placements in checkpoint_placements(shards, names, params, folder, cfg.model_type):
         t = _read(shards, name)
         for pl in placements:
             _copy_into(params[pl.param], pl, t, name, shards.where[name])
             filled.add((pl.param, pl.expert))
-    if unexpected:
-        raise CheckpointError(f"{folder}: unexpected weight(s) for {cfg.model_type}: {_more(unexpected)}")
     missing = []
     for pname, p in params.items():
         if pname == "head.weight" and cfg.tie_word_embeddings:

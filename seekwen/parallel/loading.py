@@ -32,6 +32,7 @@ from ..hf.loader import (
     _missing_label,
     _more,
     _Shards,
+    checkpoint_placements,
     merge_generation_eos,
     parse_dtype,
     read_config,
@@ -121,14 +122,7 @@ def load_state_sharded(model: ParallelTransformer, folder: Path) -> None:
     shards = _Shards(weight_files(folder))
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: set[tuple[str, int | None]] = set()
-    unexpected = []
-    for name in shards.where:
-        if names.skip(name):
-            continue
-        placements = names.our_name(name)
-        if placements is None or any(pl.param not in params for pl in placements):
-            unexpected.append(name)
-            continue
+    for name, placements in checkpoint_placements(shards, names, params, folder, cfg.model_type):
         for pl in placements:
             if not _load_one(shards, name, pl, params[pl.param], global_shapes[pl.param], names, cfg, plan):
                 continue
@@ -138,8 +132,6 @@ def load_state_sharded(model: ParallelTransformer, folder: Path) -> None:
                 filled.update((pl.param, e) for e in range(params[pl.param].shape[0]))
             else:
                 filled.add((pl.param, None))
-    if unexpected:
-        raise CheckpointError(f"{folder}: unexpected weight(s) for {cfg.model_type}: {_more(unexpected)}")
     _check_filled(model, params, filled, names, folder)
 
 
