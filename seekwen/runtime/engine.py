@@ -264,7 +264,10 @@ class Engine:
             self._retire()  # (moves it to `finished`)
         else:
             self.finished[req.id] = req
-        self._gauges()
+        if self.paged is not None:
+            self._paged_gauges()
+        else:
+            self._gauges()
         return True
 
     def cache_stats(self) -> dict:
@@ -279,7 +282,9 @@ class Engine:
     def step(self) -> list[Event]:
         """Admit waiting requests (prefill), decode one token for every other live sequence."""
         if self.paged is not None:
-            return self.paged.step()
+            events = self.paged.step()
+            self._paged_gauges()
+            return events
         n_old = len(self.live)
         events = self._decode(n_old) if n_old else []
         events += self._admit()
@@ -397,6 +402,19 @@ class Engine:
                 req.on_token(ev)
             events.append(ev)
         return events
+
+    def _paged_gauges(self) -> None:
+        """The paged engine's counts in `stats` (what a server's metrics read): running / waiting, tokens
+        held by blocks in use, prompt tokens prefilled (prefix hits are not), the prefix-cache hit rate."""
+        c = self.paged.stats()
+        block = self.paged.cache.block_size
+        with self.stats.lock:
+            self.stats.running, self.stats.waiting = c["running"], c["waiting"]
+            self.stats.cache_tokens = c["blocks_used"] * block
+            self.stats.cache_capacity = (c["blocks_used"] + c["blocks_free"]) * block
+            self.stats.prompt_tokens = c["prefill_tokens"]
+            self.stats.steps = c["steps"]
+            self.stats.prefix_hit_rate = c["prefix_hit_rate"]
 
     def _gauges(self) -> None:
         with self.stats.lock:

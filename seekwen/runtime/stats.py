@@ -58,6 +58,7 @@ class EngineStats:
     prompt_tokens: int = 0  # prefilled prompt tokens, total
     generation_tokens: int = 0  # generated tokens, total
     steps: int = 0
+    prefix_hit_rate: float | None = None  # prompt tokens served from the prefix cache (paged engine only)
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))  # request added -> first token
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))  # between a request's tokens
@@ -72,5 +73,6 @@ class EngineStats:
     def snapshot(self) -> EngineStats:
         with self.lock:
             return EngineStats(self.running, self.waiting, self.cache_tokens, self.cache_capacity,
-                               self.prompt_tokens, self.generation_tokens, self.steps, dict(self.finished),
+                               self.prompt_tokens, self.generation_tokens, self.steps, self.prefix_hit_rate,
+                               dict(self.finished),
                                self.ttft.copy(), self.itl.copy(), self.e2e.copy(), self.step_tokens.copy())

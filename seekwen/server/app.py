@@ -72,6 +72,7 @@ class ServeOptions:
     quantize: str | None = None
     plain: bool = False
     seed: int | None = None
+    paged: bool = False  # the serving runtime: block-paged cache, prefix caching, chunked prefill
 
 
 class State:
@@ -112,7 +113,7 @@ class State:
             self.max_model_len = o.max_model_len or limit
             self.vocab_size = int(model.cfg.vocab_size)
             self.defaults = generation_defaults(Path(model.path))
-            engine = Engine(model, max_batch=o.max_batch, max_len=self.max_model_len, seed=o.seed)
+            engine = Engine(model, max_batch=o.max_batch, max_len=self.max_model_len, seed=o.seed, paged=o.paged)
             self.loop = EngineLoop(engine, o.max_queue)
             self.loop.start()
             self.model, self.tokenizer = model, tok

@@ -1,5 +1,6 @@
 """Prometheus text exposition (format 0.0.4) of the engine's statistics and the server's own counters.
-Names follow vLLM's (with a `seekwen_` prefix). The engine has no prefix cache, so there is no hit rate."""
+Names follow vLLM's (with a `seekwen_` prefix). The prefix-cache hit rate is there when the engine has
+one (`--paged`)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def render(model_name: str, stats: EngineStats | None, waiting: int, http: Count
     w.metric("seekwen_kv_cache_tokens", "gauge", "Tokens held in the KV cache.", st.cache_tokens)
     w.metric("seekwen_kv_cache_capacity_tokens", "gauge", "Tokens the KV cache can hold (rows x max length).",
              st.cache_capacity)
+    if st.prefix_hit_rate is not None:  # only an engine with a prefix cache (--paged) has one
+        w.metric("seekwen_prefix_cache_hit_rate", "gauge", "Fraction of prompt tokens served from the prefix cache.",
+                 round(st.prefix_hit_rate, 6))
     w.metric("seekwen_prompt_tokens_total", "counter", "Prompt tokens prefilled.", st.prompt_tokens)
     w.metric("seekwen_generation_tokens_total", "counter", "Tokens generated.", st.generation_tokens)
     w.metric("seekwen_engine_steps_total", "counter", "Engine steps (one batched forward each).", st.steps)

@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM (default: 30)")
     p.add_argument("--seed", type=int, default=None, help="seed of the engine's generator for unseeded requests")
+    p.add_argument("--paged", action="store_true",
+                   help="serve from the block-paged engine (prefix caching, chunked prefill, preemption; "
+                        "/metrics adds the prefix-cache hit rate) instead of the row pool")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (default: OMP_NUM_THREADS if set, else one less than the cores, "
                         "so that the HTTP side keeps one)")
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     opts = ServeOptions(model=args.model, served_model_names=names, api_key=args.api_key, max_batch=args.max_batch,
                         max_model_len=args.max_model_len, max_queue=args.max_queue,
                         max_body_bytes=args.max_body_bytes, dtype=args.dtype, device=args.device,
-                        quantize=args.quantize, plain=args.plain, seed=args.seed)
+                        quantize=args.quantize, plain=args.plain, seed=args.seed, paged=args.paged)
     threads = args.threads
     if threads is None and not os.environ.get("OMP_NUM_THREADS"):
         threads = max(1, (os.cpu_count() or 2) - 1)
