@@ -125,16 +125,25 @@ class Transformer(nn.Module):
         cache, described by the runtime (`runtime.decoder.Decoder`); it replaces mask and positions."""
         if batch is None:
             batch = self.uncached_batch(input_ids, attention_mask, positions)
-        h = self.embed(input_ids)
+        h = self.embed_tokens(input_ids)
         for layer in self.layers:
             h = layer(h, batch)
         if return_hidden:
             h = self.norm(h)
             kept = h if keep is None else h[torch.arange(h.shape[0], device=h.device), keep][:, None]
-            return self.head(kept), h
+            return self.logits(kept), h
         if keep is not None:
             h = h[torch.arange(h.shape[0], device=h.device), keep][:, None]
-        return self.head(self.norm(h))
+        return self.logits(self.norm(h))
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, S] -> embeddings [B, S, hidden] (a tensor-parallel model overrides it)."""
+        return self.embed(ids)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, S, hidden] -> logits [B, S, vocab] (a tensor-parallel model
+        overrides it to gather its vocabulary slices)."""
+        return self.head(h)
 
 
 def ntk_alphas(true_lens: list[int], seq_length: int) -> torch.Tensor:

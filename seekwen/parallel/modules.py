@@ -130,23 +130,9 @@ class ParallelTransformer(Transformer):
         h = self.embed(local.masked_fill(elsewhere, 0)).masked_fill(elsewhere[..., None], 0.0)
         return self.comm.all_reduce(h)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        batch: ForwardBatch | None = None,
-        keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`Transformer.forward` with the vocabulary split: the same arguments, the whole logits on every rank."""
-        if batch is None:
-            batch = self.uncached_batch(input_ids, attention_mask, positions)
-        h = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            h = layer(h, batch)
-        if keep is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), keep][:, None]
-        logits = self.head(self.norm(h))  # [B, S, vocab / tp]
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, S, d] -> the whole logits [B, S, vocab] on every rank: each rank's vocabulary slice, gathered."""
+        logits = self.head(h)  # [B, S, vocab / tp]
         return logits if self.parallel.tp == 1 else self.comm.all_gather_last(logits)
 
     def sync_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
