@@ -307,17 +307,27 @@ def load(
     "int4" weight-only quantization of the linear layers and experts (implies fast). mtp: load DeepSeek-V3's
     multi-token-prediction layers (`model.mtp`, for speculative decoding) when the checkpoint has them;
     False skips reading them. The main model's logits are the same either way."""
-    folder = resolve(path_or_id)
-    raw, _, cfg = read_config(folder)
-    if config_overrides:
-        raw = {**raw, **config_overrides}
-        cfg = parse_config(raw, str(folder / "config.json") + " (with overrides)")
+    folder, cfg = checkpoint_config(path_or_id, config_overrides)
     dtype = parse_dtype(dtype)
-    merge_generation_eos(folder, cfg)
     if cfg.num_mtp_layers and (not mtp or not _has_mtp_weights(folder, cfg)):
         cfg = cfg.replace(num_mtp_layers=0)  # (checkpoints re-packed without layer L are common)
     model = build(cfg, dtype, device)
     load_state(model, folder)
+    return finish_loading(model, folder, fast, quantize)
+
+
+def checkpoint_config(path_or_id: str | os.PathLike, config_overrides: dict | None = None) -> tuple[Path, ModelConfig]:
+    """The checkpoint's folder and its parsed config, overrides applied, EOS ids from generation_config."""
+    folder = resolve(path_or_id)
+    raw, _, cfg = read_config(folder)
+    if config_overrides:
+        cfg = parse_config({**raw, **config_overrides}, str(folder / "config.json") + " (with overrides)")
+    merge_generation_eos(folder, cfg)
+    return folder, cfg
+
+
+def finish_loading(model: Transformer, folder: Path, fast: bool, quantize: str | None) -> Transformer:
+    """A model whose weights are in: inference mode, its folder and tokenizer, the fast path if asked for."""
     model.eval()
     model.path = folder
     from .tokenizer import Tokenizer

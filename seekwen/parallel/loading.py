@@ -26,17 +26,16 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, ModelConfig
-from ..hf.families import name_map, parse_config
+from ..hf.families import name_map
 from ..hf.loader import (
     CheckpointError,
     _missing_label,
     _more,
     _Shards,
+    checkpoint_config,
     checkpoint_placements,
-    merge_generation_eos,
+    finish_loading,
     parse_dtype,
-    read_config,
-    resolve,
     weight_files,
 )
 from ..hf.names import NameMap, Placement
@@ -227,11 +226,7 @@ def fingerprint(folder: Path, extra: dict) -> str:
 
 def _prepare_rank(path_or_id, config_overrides, tp, ep, world, rank, settings) -> tuple:
     """(folder, config, plan, fingerprint) for this rank; raises what a one-process load would."""
-    folder = resolve(path_or_id)
-    raw, _, cfg = read_config(folder)
-    if config_overrides:
-        cfg = parse_config({**raw, **config_overrides}, str(folder / "config.json") + " (with overrides)")
-    merge_generation_eos(folder, cfg)
+    folder, cfg = checkpoint_config(path_or_id, config_overrides)
     if cfg.num_mtp_layers:  # DeepSeek-V3's MTP layers are not sharded yet: the main model only
         cfg = cfg.replace(num_mtp_layers=0)
     plan = make_plan(world, rank, tp, ep)
@@ -279,16 +274,7 @@ def load_parallel(
     agree(comm, mine)
     model = build_local(cfg, plan, comm, dtype or cfg.dtype, dev)
     load_state_sharded(model, folder)
-    model.eval()
-    model.path = folder
-    from ..hf.tokenizer import Tokenizer
-
-    model.tokenizer = Tokenizer.from_folder(folder)
-    if fast or quantize:
-        from ..fast import prepare
-
-        prepare(model, quantize=quantize)
-    return model
+    return finish_loading(model, folder, fast, quantize)
 
 
 def world_size() -> int:
