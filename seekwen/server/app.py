@@ -28,6 +28,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,6 +336,25 @@ def chat_logprobs(state: State, entries) -> dict:
     return {"content": content, "refusal": None}
 
 
+async def stream_events(state: State, out: asyncio.Queue, seqs: list[Sequence]) -> AsyncIterator:
+    """A streaming request's engine events as they come: (sequence index, Event) until every sequence has
+    finished. An engine failure aborts the request's sequences and ends the stream with one error chunk
+    (a str, ready to send)."""
+    pending = len(seqs)
+    while pending:
+        idx, item = await out.get()
+        if isinstance(item, Event):
+            if item.finished:
+                pending -= 1
+            yield idx, item
+        elif item[0] == "error":
+            state.loop.abort(seqs)
+            yield _sse(error_body(500, item[1] or "internal error", "internal_error"))
+            return
+        else:
+            pending -= 1
+
+
 def _sse(obj) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
 
@@ -497,21 +517,14 @@ def create_app(opts: ServeOptions, state: State | None = None, load: bool = True
                         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
                                     "choices": [{"index": ch.seq.index, "text": echoes[p_i], "logprobs": lp,
                                                  "finish_reason": None}]})
-                pending = len(seqs)
-                while pending:
-                    idx, item = await out.get()
+                async for ev in stream_events(state, out, seqs):
+                    if isinstance(ev, str):  # the engine failed: an error chunk ends the stream
+                        yield ev
+                        break
+                    idx, item = ev
                     ch = choices[idx]
-                    if not isinstance(item, Event):
-                        if item[0] == "error":
-                            yield _sse(error_body(500, item[1] or "internal error", "internal_error"))
-                            state.loop.abort(seqs)
-                            break
-                        pending -= 1
-                        continue
                     n_lp = len(ch.logprobs)
                     ch.add(item, len(echoes[idx // body.n]))
-                    if item.finished:
-                        pending -= 1
                     if item.text or item.finished or len(ch.logprobs) > n_lp:
                         lp = completion_logprobs(state, ch.logprobs[n_lp:]) if body.logprobs is not None else None
                         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
@@ -569,22 +582,16 @@ def create_app(opts: ServeOptions, state: State | None = None, load: bool = True
             async def events():
                 for ch in choices:
                     yield chunk(ch.seq.index, {"role": "assistant", "content": ""})
-                pending = len(seqs)
-                while pending:
-                    idx, item = await out.get()
+                async for ev in stream_events(state, out, seqs):
+                    if isinstance(ev, str):  # the engine failed: an error chunk ends the stream
+                        yield ev
+                        break
+                    idx, item = ev
                     ch = choices[idx]
-                    if not isinstance(item, Event):
-                        if item[0] == "error":
-                            yield _sse(error_body(500, item[1] or "internal error", "internal_error"))
-                            state.loop.abort(seqs)
-                            break
-                        pending -= 1
-                        continue
                     n_lp = len(ch.logprobs)
                     ch.add(item)
                     r, c = splitters[idx].push(item.text)
                     if item.finished:
-                        pending -= 1
                         r2, c2 = splitters[idx].finish()
                         r, c = r + r2, c + c2
                     lp = chat_logprobs(state, ch.logprobs[n_lp:]) if body.logprobs and len(ch.logprobs) > n_lp \
