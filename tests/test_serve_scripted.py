@@ -35,7 +35,7 @@ def checkpoint(tmp_path_factory):
 def server(checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-scripted") / "server.log"
     srv = ServerProcess(str(checkpoint), "--plain", "--max-batch", "1", "--max-queue", "2", "--max-model-len", "1024",
-                        env={"SEEKWEN_SERVE_TEST_LOAD_DELAY": "1.5"}, log=log)
+                        env={"SEEKWEN_SERVE_TEST_LOAD_DELAY": "5"}, log=log)  # room for a busy host
     try:
         # while the model loads: the port answers, /health says 503, generation says 503 in OpenAI's shape
         statuses = set()
