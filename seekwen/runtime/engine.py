@@ -149,6 +149,9 @@ class Engine:
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
         max_queue: int | None = None,
+        speculative=None,
+        num_speculative_tokens: int = 3,
+        draft_model=None,
     ):
         """graphs: replay decode steps from CUDA graphs (runtime.graphs); default: when the model allows it
         (on a CUDA device). False: eager steps. compile: torch.compile each graphed step first (faster
@@ -158,10 +161,25 @@ class Engine:
         `block_size` tokens (`num_blocks` of them; default: the row pool's max_batch x max_len), a
         scheduler with a token budget per step (`max_num_batched_tokens`: decode rows + prefill chunks),
         prefix caching, preemption by recompute, `abort`, and a waiting queue of at most `max_queue`
-        requests (`add_request` raises `QueueFull` beyond). `max_batch` bounds the running sequences."""
+        requests (`add_request` raises `QueueFull` beyond). `max_batch` bounds the running sequences.
+
+        speculative: "ngram", "draft" (with `draft_model`) or "mtp" (DeepSeek-V3's MTP layer), or a
+        `runtime.speculative.Proposer`: each decode step drafts up to `num_speculative_tokens` tokens per
+        row and verifies them in one forward (row-pool engine; see `_decode_speculative`)."""
         self.model = model
         self.max_batch, self.max_len = max_batch, max_len
         self.paged = None
+        self.proposer, self.spec_k, self.spec_stats = None, num_speculative_tokens, None
+        if speculative is not None:
+            from .speculative import SpecStats, make_proposer
+
+            if paged:
+                raise ValueError("speculative decoding runs on the row-pool engine (paged=False)")
+            if num_speculative_tokens < 1:
+                raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+            self.proposer = make_proposer(speculative, model, max_batch, max_len, draft_model)
+            self.spec_stats = SpecStats()
+            graphs = False  # verify forwards are multi-token extends; the ring buffers could not rewind
         if paged:
             from .paged_engine import PagedCore
 
@@ -169,7 +187,8 @@ class Engine:
             self.paged = PagedCore(self, block_size, num_blocks, max_num_batched_tokens, enable_prefix_caching,
                                    max_queue)
         else:
-            self.decoder = Decoder(model, max_batch, max_len, graphs=graphs, compile=compile)
+            self.decoder = Decoder(model, max_batch, max_len, graphs=graphs, compile=compile,
+                                   ring=self.proposer is None)
         self.live: list[Request] = []  # live[i] decodes in cache row i
         self.waiting: deque[Request] = deque()
         self.finished: dict[int, Request] = {}
@@ -423,6 +442,8 @@ class Engine:
             self.stats.cache_tokens = sum(len(r.prompt) + len(r.output) - 1 for r in self.live)
 
     def _decode(self, n: int) -> list[Event]:
+        if self.proposer is not None:
+            return self._decode_speculative(n)
         logits = self.decoder.step(self.last[:n])  # [n, V]
         tokens = self.decoder.agree(self._sample(logits, self.live[:n]))  # parallel hook: rank 0's tokens
         self.last[:n] = tokens
@@ -439,11 +460,108 @@ class Engine:
         ids = torch.zeros(k, S, dtype=torch.long, device=dev)
         for i, r in enumerate(reqs):
             ids[i, : len(r.prompt)] = torch.tensor(r.prompt, device=dev)
-        logits = self.decoder.prefill(ids, lens, start=n)  # right-padded, into the free rows [n, n + k)
+        hidden_too = self.proposer is not None and self.proposer.needs_hidden
+        out = self.decoder.prefill(ids, lens, start=n, return_hidden=hidden_too)  # into the free rows [n, n + k)
+        logits, hidden = out if hidden_too else (out, None)
         tokens = self.decoder.agree(self._sample(logits, reqs))  # parallel hook: rank 0's tokens
         self.last[n : n + k] = tokens
         self.live += reqs
+        if self.proposer is not None:
+            self.proposer.start([r.prompt + [t] for r, t in zip(reqs, tokens.tolist(), strict=True)], hidden, n)
         return self._emit(reqs, tokens)
+
+    # ---- speculative decoding (runtime.speculative) ---------------------------------------------
+
+    def _decode_speculative(self, n: int) -> list[Event]:
+        """One round for rows [0, n): the proposer drafts up to k tokens per row, one forward over [last,
+        drafts] verifies them (greedy: the target's argmax; sampling: the rejection rule, exact to the
+        target's distribution), each row is rewound past its first rejection and its tokens go through
+        the usual stop rules (a stop string or token inside the accepted run ends it there).
+
+        Rows that cannot be verified exactly with drafts get none and sample as without speculation:
+        penalised rows (their distribution changes with every token). A seeded sampled row drafts
+        deterministically (the draft's argmax) and verifies on its own random stream, so its text still
+        does not depend on its batch-mates."""
+        from .speculative import Draft, verify
+
+        reqs, dev = self.live[:n], self.model.device
+        history = [r.prompt + r.output for r in reqs]
+        limit = [0 if r.counts is not None else min(self.spec_k, r.params.max_tokens - len(r.output) - 1)
+                 for r in reqs]
+        target = self._spec_sampling(reqs, drafting=False)
+        draft = self.proposer.propose(history, limit, self._spec_sampling(reqs, drafting=True))
+        draft = Draft(self.decoder.agree(draft.tokens), draft.counts, draft.q)
+        x = torch.cat((self.last[:n, None], draft.tokens), dim=1)  # [n, K+1]
+        hidden_too = self.proposer.needs_hidden
+        out = self.decoder.extend(x, draft.counts + 1, all_logits=True, return_hidden=hidden_too)
+        logits, hidden = out if hidden_too else (out, None)  # [n, K+1, V]
+        tokens, accepted = self._verify(logits, draft, target, reqs, verify)
+        tokens, accepted = self.decoder.agree(tokens), self.decoder.agree(accepted)
+        self.decoder.rewind(self.decoder.lens[:n] - draft.counts + accepted)  # keep last + accepted drafts
+        acc, toks = accepted.tolist(), tokens.tolist()
+        events = self._emit_runs(reqs, [toks[b][: acc[b] + 1] for b in range(n)], logits)
+        self.last[:n] = tokens[torch.arange(n, device=dev), accepted]
+        counts = draft.counts.tolist()
+        self.spec_stats.add(counts, acc, len(events))
+        # finished rows (possibly inside their run) are retired after this step: not updated
+        self.proposer.update([r.prompt + r.output for r in reqs],
+                             [-1 if r.reason is not None else a for r, a in zip(reqs, acc, strict=True)], hidden)
+        return events
+
+    def _verify(self, logits, draft, target, reqs, verify) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [n, K+1], accepted [n]: rows without drafts sample their position-0 logits as a plain step
+        (penalties, min-p, seeds, logprobs); seeded sampled rows verify on their own generator."""
+        from .speculative import Draft
+
+        n, S, _ = logits.shape
+        tokens = torch.zeros(n, S, dtype=torch.long, device=logits.device)
+        accepted = torch.zeros(n, dtype=torch.long, device=logits.device)
+        counts = draft.counts.tolist()
+        plain = [b for b in range(n) if counts[b] == 0]
+        own = [b for b in range(n) if counts[b] and reqs[b].generator is not None and reqs[b].params.temperature > 0]
+        shared = [b for b in range(n) if counts[b] and b not in own]
+        if plain:
+            tokens[plain, 0] = self._sample(logits[plain, 0], [reqs[b] for b in plain])
+        for group in [shared] + [[b] for b in own]:
+            if not group:
+                continue
+            sub = Draft(draft.tokens[group], draft.counts[group], None if draft.q is None else draft.q[group])
+            sampling = target.rows(group)
+            if len(group) == 1 and group[0] in own:
+                sampling.generator = reqs[group[0]].generator
+            tokens[group], accepted[group] = verify(logits[group], sub, sampling)
+        return tokens, accepted
+
+    def _spec_sampling(self, reqs: list[Request], drafting: bool):
+        """The rows' sampling parameters for verification, or (drafting) for the proposer: seeded sampled
+        rows draft greedily there (a deterministic draft needs no random numbers of the shared stream)."""
+        from .speculative import Sampling
+
+        dev = self.model.device
+        temp = [0.0 if drafting and r.generator is not None else r.params.temperature for r in reqs]
+        return Sampling(torch.tensor(temp, dtype=torch.float32, device=dev),
+                        torch.tensor([r.params.top_k for r in reqs], dtype=torch.long, device=dev),
+                        torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev),
+                        self.generator,
+                        torch.tensor([r.params.min_p for r in reqs], dtype=torch.float32, device=dev))
+
+    def _emit_runs(self, reqs: list[Request], runs: list[list[int]], logits: torch.Tensor) -> list[Event]:
+        """Emit each row's run of tokens in order (column by column) through `_emit`; a row that finishes
+        drops the rest of its run. Logprobs come from the verify forward's logits at each token."""
+        events = []
+        for j in range(max(len(r) for r in runs)):
+            rows = [b for b in range(len(reqs)) if j < len(runs[b]) and reqs[b].reason is None]
+            if not rows:
+                break
+            for b in rows:
+                k = reqs[b].params.logprobs
+                if k is not None:
+                    tok = torch.tensor([runs[b][j]], device=logits.device)
+                    chosen, top_i, top_v = logprobs(logits[b, j : j + 1], tok, k)
+                    top = list(zip(top_i[0].tolist(), top_v[0].tolist(), strict=True))
+                    reqs[b].pending_logprobs = (float(chosen[0]), top)
+            events += self._emit([reqs[b] for b in rows], torch.tensor([runs[b][j] for b in rows]))
+        return events
 
     def _retire(self) -> None:
         """Drop finished sequences; move the last live row into each hole."""
@@ -454,6 +572,8 @@ class Engine:
             last = len(self.live) - 1
             if i != last:
                 self.decoder.move_row(last, i)
+                if self.proposer is not None:
+                    self.proposer.move_row(last, i)
                 self.last[i] = self.last[last]
                 self.live[i] = self.live[last]
             self.live.pop()

@@ -49,6 +49,7 @@ class Sampling:
     top_k: int | torch.Tensor = 0
     top_p: float | torch.Tensor = 1.0
     generator: torch.Generator | None = None
+    min_p: float | torch.Tensor = 0.0
 
     @property
     def greedy(self) -> bool:
@@ -61,12 +62,21 @@ class Sampling:
             t = torch.as_tensor(x)
             return t if t.dim() == 0 else t.repeat_interleave(n)
 
-        return Sampling(rep(self.temperature), rep(self.top_k), rep(self.top_p), self.generator)
+        return Sampling(rep(self.temperature), rep(self.top_k), rep(self.top_p), self.generator, rep(self.min_p))
+
+    def rows(self, idx: list[int]) -> Sampling:
+        """The parameters of rows `idx` only (the same random stream)."""
+
+        def pick(x):
+            t = torch.as_tensor(x)
+            return t if t.dim() == 0 else t[torch.tensor(idx, dtype=torch.long, device=t.device)]
+
+        return Sampling(pick(self.temperature), pick(self.top_k), pick(self.top_p), self.generator, pick(self.min_p))
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> the distribution the target samples from, [B, V]."""
         return distribution(logits, self._on(self.temperature, logits), self._on(self.top_k, logits),
-                            self._on(self.top_p, logits))
+                            self._on(self.top_p, logits), self._on(self.min_p, logits))
 
     def draw(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A draft token per row from draft logits [B, V]: (tokens [B], q [B, V]); greedy: (argmax, None)."""
@@ -190,8 +200,12 @@ class Proposer:
 
     needs_hidden = False  # the target's hidden states are passed to start / update
 
-    def start(self, history: list[list[int]], hidden: torch.Tensor | None) -> None:
-        """After the prefill: hidden [B, S, d] of the prompt tokens (right-padded), if needs_hidden."""
+    def start(self, history: list[list[int]], hidden: torch.Tensor | None, start: int = 0) -> None:
+        """After the prefill of rows [start, start + len(history)): hidden [k, S, d] of their prompt
+        tokens (right-padded), if needs_hidden."""
+
+    def move_row(self, src: int, dst: int) -> None:
+        """The sequence in row `src` now lives in row `dst` (an engine keeps its live rows packed)."""
 
     def propose(self, history: list[list[int]], limit: list[int], sampling: Sampling) -> Draft:
         """At most limit[b] drafts for row b."""
@@ -247,8 +261,11 @@ class DraftModelProposer(Proposer):
         self.base: list[int] = []
         self.K = 0
 
-    def start(self, history: list[list[int]], hidden: torch.Tensor | None) -> None:
-        self.decoder.prefill(*_pad([h[:-1] for h in history], self.decoder.model.device))
+    def start(self, history: list[list[int]], hidden: torch.Tensor | None, start: int = 0) -> None:
+        self.decoder.prefill(*_pad([h[:-1] for h in history], self.decoder.model.device), start=start)
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.decoder.move_row(src, dst)
 
     def _draw(self, logits: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = logits[:, : self.vocab]  # a draft vocabulary may be padded differently from the target's
@@ -320,17 +337,28 @@ class MTPProposer(Proposer):
             raise ValueError("this model has no multi-token-prediction layer (config num_nextn_predict_layers)")
         self.decoder = Decoder(MTPModel(model, depth), max_batch, max_len, graphs=False, ring=False)
         self.base: torch.Tensor | None = None
+        cfg = model.cfg
+        self.logits = torch.zeros(max_batch, cfg.vocab_size, dtype=model.dtype, device=model.device)  # first drafts'
+        self.x = torch.zeros(max_batch, cfg.hidden_size, dtype=model.dtype, device=model.device)  # and hidden
 
-    def _read(self, ids: torch.Tensor, n: torch.Tensor, hidden: torch.Tensor, prefill: bool = False) -> None:
-        """Write pairs (hidden, ids) into the MTP cache; keep the first draft's logits and hidden."""
+    def _read(self, ids: torch.Tensor, n: torch.Tensor, hidden: torch.Tensor, start: int = 0,
+              prefill: bool = False) -> None:
+        """Write pairs (hidden, ids) into rows [start, start + k) of the MTP cache; keep each row's next
+        first-draft logits and hidden (rows with no new pair keep theirs)."""
         call = self.decoder.prefill if prefill else self.decoder.extend
-        logits, x = call(ids, n, hidden=hidden[:, : ids.shape[1]], return_hidden=True)
-        self.logits = logits  # [B, V] at each row's last pair
-        self.x = x[torch.arange(x.shape[0], device=x.device), n - 1]  # [B, d]
+        logits, x = call(ids, n, start=start, hidden=hidden[:, : ids.shape[1]], return_hidden=True)
+        got = n > 0
+        rows = torch.arange(start, start + ids.shape[0], device=ids.device)[got]
+        self.logits[rows] = logits[got].to(self.logits.dtype)  # [k, V] at each row's last pair
+        self.x[rows] = x[torch.arange(x.shape[0], device=x.device), (n - 1).clamp(min=0)][got].to(self.x.dtype)
 
-    def start(self, history: list[list[int]], hidden: torch.Tensor | None) -> None:
+    def start(self, history: list[list[int]], hidden: torch.Tensor | None, start: int = 0) -> None:
         ids, n = _pad([h[1:] for h in history], self.decoder.model.device)  # t_{i+1} next to h_i
-        self._read(ids, n, hidden, prefill=True)
+        self._read(ids, n, hidden, start, prefill=True)
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.decoder.move_row(src, dst)
+        self.logits[dst], self.x[dst] = self.logits[src], self.x[src]
 
     def propose(self, history: list[list[int]], limit: list[int], sampling: Sampling) -> Draft:
         B, dev = len(history), self.decoder.model.device
@@ -339,7 +367,7 @@ class MTPProposer(Proposer):
         if K == 0:
             return Draft.empty(B, dev)
         self.base = self.decoder.lens[:B].clone()
-        logits, x = self.logits, self.x
+        logits, x = self.logits[:B], self.x[:B]
         tokens, qs = [], []
         for j in range(K):
             if j:  # chain: the layer's own output stands in for the target's hidden state
@@ -357,8 +385,9 @@ class MTPProposer(Proposer):
         # pairs (h_{n+j}, t_{n+j+1}) for j = 0..a: the accepted drafts and the target's token (none for a
         # finished row)
         new = [h[len(h) - a - 1 :] if a >= 0 else [] for h, a in zip(history, accepted, strict=True)]
-        ids, n = _pad(new, self.decoder.model.device)
-        self._read(ids, n, hidden)
+        if any(new):
+            ids, n = _pad(new, self.decoder.model.device)
+            self._read(ids, n, hidden)
 
 
 def make_proposer(kind: str | Proposer, model, max_batch: int, max_len: int, draft_model=None,

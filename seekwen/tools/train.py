@@ -44,6 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "deepseek_v3 configs only; default: the config's)")
     p.add_argument("--mtp-weight", type=float, default=0.3,
                    help="lambda: weight of the MTP cross-entropy (mean over MTP depths), as in the V3 report")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from this checkpoint's weights (default config and tokenizer: its own); "
+                        "parameters it lacks, such as new --mtp-layers, are freshly initialised")
+    p.add_argument("--train-only", choices=["mtp"], default=None,
+                   help="mtp: train only the MTP layers, the main model frozen (its outputs stay exactly "
+                        "as they were; with --init-from, adds speculation to a trained model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -79,6 +85,8 @@ def _check(args: argparse.Namespace) -> None:
 def _model_config(args: argparse.Namespace) -> dict:
     from ..train.presets import preset
 
+    if args.init_from and not args.preset and not args.config:
+        args.config = str(Path(args.init_from) / "config.json")
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -118,7 +126,10 @@ def run(args: argparse.Namespace) -> int:
         eval_interval=args.eval_interval, save_interval=args.save_interval, log_interval=args.log_interval,
         seed=args.seed, bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha,
         mtp_weight=args.mtp_weight, device=device,
+        init_from=str(Path(args.init_from).resolve()) if args.init_from else None, train_only=args.train_only,
     )
+    if args.init_from and cfg.tokenizer is None:
+        cfg.tokenizer = cfg.init_from  # the checkpoint's own tokenizer (its ids are what its weights mean)
     log = _logger(args.quiet)
     trainer = Trainer(cfg, resume=args.resume, log=log, steps=args.steps)
     if args.resume and args.texts:

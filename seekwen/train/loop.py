@@ -59,6 +59,8 @@ class TrainConfig:
     bias_update_rate: float = 1e-3  # DeepSeek-V3 auxiliary-loss-free balancing speed u
     seq_aux_alpha: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (0: off)
     mtp_weight: float = 0.3  # lambda on the multi-token-prediction loss (model config num_nextn_predict_layers)
+    init_from: str | None = None  # start from this checkpoint's weights (parameters it lacks: initialised)
+    train_only: str | None = None  # "mtp": train the MTP layers only, the main model frozen
     device: str = "cpu"
 
     def to_json(self) -> dict:
@@ -120,12 +122,16 @@ class Trainer:
         self.model_cfg = parse_config(raw, "model config")
         self.model = build(self.model_cfg, torch.float32, self.device)
         share_embeddings(self.model)  # MTP layers read and write through the main embedding and head
+        if cfg.train_only is not None:
+            self._freeze(cfg.train_only)
         self.step = 0
         self._last_counts: dict[int, torch.Tensor] = {}
         self.history = History()
         self.optimizer = self._optimizer()
         if state is None:
             init_weights(self.model, std=float(raw.get("initializer_range", 0.02)))
+            if cfg.init_from is not None:
+                self._init_from(Path(cfg.init_from))
         else:
             self._restore(state)
 
@@ -157,6 +163,31 @@ class Trainer:
         self.log(f"training a byte-level BPE tokenizer (vocab {self.cfg.vocab_size})")
         return train_bpe(text_lines(read_texts(self.cfg.texts)), self.cfg.vocab_size)
 
+    def _freeze(self, part: str) -> None:
+        """Train only `part` ("mtp": the MTP layers' own parameters; the embedding and head they share
+        with the main model stay frozen with it, so the main model's outputs do not change at all)."""
+        if part != "mtp":
+            raise ValueError(f"train_only must be 'mtp' or None, got {part!r}")
+        if len(self.model.mtp) == 0:
+            raise ValueError("train_only='mtp' needs MTP layers (--mtp-layers N, deepseek_v3 configs)")
+        for name, p in self.model.named_parameters():  # tied embed/head are listed once, as the main ones
+            p.requires_grad_(name.startswith("mtp."))
+
+    def _init_from(self, folder: Path) -> None:
+        """Copy a checkpoint's weights into the model; what it lacks (e.g. new MTP layers) keeps its init."""
+        from ..hf.loader import load
+
+        src = load(folder, dtype=torch.float32, device=self.device, fast=False, mtp=False)
+        if src.cfg.vocab_size != self.model_cfg.vocab_size:
+            raise ValueError(f"{folder}: vocabulary {src.cfg.vocab_size} != this run's {self.model_cfg.vocab_size}")
+        missing, unexpected = self.model.load_state_dict(src.state_dict(), strict=False)
+        lacking = [k for k in missing if not k.startswith("mtp.")]
+        if unexpected or lacking:
+            raise ValueError(f"{folder}: its weights do not fit this model config "
+                             f"(unexpected {unexpected[:3]}, missing {lacking[:3]})")
+        share_embeddings(self.model)
+        self.log(f"initialised from {folder} ({len(missing)} MTP tensors freshly initialised)")
+
     def _optimizer(self) -> torch.optim.AdamW:
         decay, no_decay = [], []
         for _, p in self.model.named_parameters():
@@ -174,20 +205,23 @@ class Trainer:
             g["lr"] = lr
         batch = self.batches.next().to(self.device)
         balance.set_recording(model, indices=True, scores=cfg.seq_aux_alpha > 0)
-        with _autocast(self.device):
+        mtp_only = cfg.train_only == "mtp"
+        with _autocast(self.device), torch.set_grad_enabled(not mtp_only):  # frozen main: no graph for it
             logits, hidden = model(batch[:, :-1], return_hidden=True)
         loss = _ce(logits, batch[:, 1:])
-        total = loss
+        total = 0.0 if mtp_only else loss
         if len(model.mtp):
-            total = total + cfg.mtp_weight * self._mtp_loss(hidden, batch)
+            total = total + (1.0 if mtp_only else cfg.mtp_weight) * self._mtp_loss(hidden, batch)
         if cfg.seq_aux_alpha > 0:
-            total = loss + cfg.seq_aux_alpha * balance.sequence_balance_loss(model, batch.shape[0])
+            total = total + cfg.seq_aux_alpha * balance.sequence_balance_loss(model, batch.shape[0])
         total.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         counts = balance.expert_counts(model)
+        if mtp_only:  # the frozen main model's router biases stay as they are
+            counts = {i: c for i, c in counts.items() if i >= self.model_cfg.num_layers}
         balance.update_bias(model, counts, cfg.bias_update_rate)
         balance.set_recording(model, indices=False, scores=False)
         self.step += 1
