@@ -76,3 +76,38 @@ def test_mtp_layers_flag_needs_deepseek_v3(tmp_path, capsys):
                                "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 300}))
     assert main(["train", TEXT, "--config", str(cfg), "--out", str(tmp_path / "o"), "--mtp-layers", "1"]) == 2
     assert "--mtp-layers needs a deepseek_v3 model config" in capsys.readouterr().err
+
+
+def test_train_only_mtp_from_a_trained_model_keeps_the_main_model_exact(tmp_path):
+    """`--init-from DIR --mtp-layers 1 --train-only mtp`: the main model's weights and router biases are
+    those of DIR, bit for bit, after training (so are its logits); only the MTP layer learns."""
+    base = Trainer(tiny_cfg(tmp_path / "base", 6), log=quiet)
+    base.run(progress=False)
+    out = tmp_path / "mtp"
+    args = ["train", TEXT, "--init-from", str(tmp_path / "base"), "--mtp-layers", "1", "--train-only", "mtp",
+            "--out", str(out), "--steps", "12", "--lr", "1e-2", "--seq-len", "32", "--batch-size", "4",
+            "--eval-interval", "12", "--bias-update-rate", "1e-2", "--seq-aux-alpha", "1e-3", "--quiet"]
+    assert main(args) == 0
+    before = seekwen.load(tmp_path / "base", dtype=torch.float32, fast=False)
+    after = seekwen.load(out, dtype=torch.float32, fast=False)
+    assert len(after.mtp) == 1 and len(before.mtp) == 0
+    main_after = {n: p for n, p in after.state_dict().items() if not n.startswith("mtp.")}
+    assert main_after.keys() == before.state_dict().keys()
+    for n, p in before.state_dict().items():
+        assert torch.equal(p, main_after[n]), n
+    moments = [k for k in load_file(str(out / "optimizer.safetensors")) if not k.startswith("rng.")]
+    assert moments and all(k.startswith("mtp.0.") for k in moments)  # AdamW held only the MTP layer's
+    assert any(k.startswith("mtp.0.eh_proj.") for k in moments)
+    hist = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    val = [h for h in hist if h["kind"] == "val"]
+    assert val and "mtp_loss" in val[-1]
+    ids = torch.tensor([before.tokenizer.encode("And God said, Let there be light")])
+    with torch.no_grad():
+        assert torch.equal(before(ids), after(ids))  # the main model did not move
+
+
+def test_train_only_mtp_needs_mtp_layers(tmp_path):
+    cfg = tiny_cfg(tmp_path / "x", 2)
+    cfg.train_only = "mtp"
+    with pytest.raises(ValueError, match="needs MTP layers"):
+        Trainer(cfg, log=quiet)
