@@ -503,6 +503,9 @@ class Engine:
         self.last[:n] = tokens[torch.arange(n, device=dev), accepted]
         counts = draft.counts.tolist()
         self.spec_stats.add(counts, acc, len(events))
+        with self.stats.lock:
+            self.stats.spec_drafts = (self.stats.spec_drafts or 0) + sum(counts)
+            self.stats.spec_accepted = (self.stats.spec_accepted or 0) + sum(acc)
         # finished rows (possibly inside their run) are retired after this step: not updated
         self.proposer.update([r.prompt + r.output for r in reqs],
                              [-1 if r.reason is not None else a for r, a in zip(reqs, acc, strict=True)], hidden)

@@ -64,6 +64,8 @@ class EngineStats:
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))  # between a request's tokens
     e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))  # request added -> finished
     step_tokens: Histogram = field(default_factory=lambda: Histogram(STEP_BUCKETS))  # tokens computed per step
+    spec_drafts: int | None = None  # speculative decoding only: tokens drafted, total
+    spec_accepted: int | None = None  # of those, accepted by the target model
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -75,4 +77,5 @@ class EngineStats:
             return EngineStats(self.running, self.waiting, self.cache_tokens, self.cache_capacity,
                                self.prompt_tokens, self.generation_tokens, self.steps, self.prefix_hit_rate,
                                dict(self.finished),
-                               self.ttft.copy(), self.itl.copy(), self.e2e.copy(), self.step_tokens.copy())
+                               self.ttft.copy(), self.itl.copy(), self.e2e.copy(), self.step_tokens.copy(),
+                               self.spec_drafts, self.spec_accepted)

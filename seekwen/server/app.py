@@ -74,6 +74,9 @@ class ServeOptions:
     plain: bool = False
     seed: int | None = None
     paged: bool = False  # the serving runtime: block-paged cache, prefix caching, chunked prefill
+    speculative: str | None = None  # ngram | draft | mtp (row-pool engine)
+    num_speculative_tokens: int = 3
+    draft_model: str | None = None
 
 
 class State:
@@ -114,7 +117,12 @@ class State:
             self.max_model_len = o.max_model_len or limit
             self.vocab_size = int(model.cfg.vocab_size)
             self.defaults = generation_defaults(Path(model.path))
-            engine = Engine(model, max_batch=o.max_batch, max_len=self.max_model_len, seed=o.seed, paged=o.paged)
+            draft = None
+            if o.speculative == "draft":
+                draft = load_model(o.draft_model, o.dtype, o.device, quantize=o.quantize, fast=not o.plain)
+            engine = Engine(model, max_batch=o.max_batch, max_len=self.max_model_len, seed=o.seed, paged=o.paged,
+                            speculative=o.speculative, num_speculative_tokens=o.num_speculative_tokens,
+                            draft_model=draft)
             self.loop = EngineLoop(engine, o.max_queue)
             self.loop.start()
             self.model, self.tokenizer = model, tok

@@ -64,6 +64,11 @@ def render(model_name: str, stats: EngineStats | None, waiting: int, http: Count
     if st.prefix_hit_rate is not None:  # only an engine with a prefix cache (--paged) has one
         w.metric("seekwen_prefix_cache_hit_rate", "gauge", "Fraction of prompt tokens served from the prefix cache.",
                  round(st.prefix_hit_rate, 6))
+    if st.spec_drafts is not None:  # only an engine that speculates (--speculative)
+        w.metric("seekwen_spec_decode_num_draft_tokens_total", "counter", "Tokens drafted by the proposer.",
+                 st.spec_drafts)
+        w.metric("seekwen_spec_decode_num_accepted_tokens_total", "counter",
+                 "Drafted tokens the target model accepted.", st.spec_accepted)
     w.metric("seekwen_prompt_tokens_total", "counter", "Prompt tokens prefilled.", st.prompt_tokens)
     w.metric("seekwen_generation_tokens_total", "counter", "Tokens generated.", st.generation_tokens)
     w.metric("seekwen_engine_steps_total", "counter", "Engine steps (one batched forward each).", st.steps)

@@ -9,6 +9,7 @@ import signal
 
 from ..errors import UserError
 from .common import BUNDLED_NAME, add_model_arg, add_quantize_arg, add_runtime_args
+from .generate import add_speculative_args
 
 DESCRIPTION = """\
 Serve a model over HTTP with OpenAI's API (default: the bundled seekwen-kjv-v3), for the official
@@ -61,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
     add_runtime_args(p)
     add_quantize_arg(p)
+    add_speculative_args(p)
     p.set_defaults(func=run)
 
 
@@ -78,6 +80,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key must not be empty")
+    if args.speculative and args.paged:
+        raise UserError("--speculative runs on the row-pool engine: drop --paged")
+    if args.speculative == "draft" and args.draft_model is None:
+        raise UserError("--speculative draft needs --draft-model PATH")
+    if args.draft_model is not None and args.speculative != "draft":
+        raise UserError("--draft-model is only used with --speculative draft")
+    if args.num_speculative_tokens < 1:
+        raise UserError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     opts = ServeOptions(model=args.model, served_model_names=names, api_key=args.api_key, max_batch=args.max_batch,
                         max_model_len=args.max_model_len, max_queue=args.max_queue,
                         max_body_bytes=args.max_body_bytes, dtype=args.dtype, device=args.device,
-                        quantize=args.quantize, plain=args.plain, seed=args.seed, paged=args.paged)
+                        quantize=args.quantize, plain=args.plain, seed=args.seed, paged=args.paged,
+                        speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                        draft_model=args.draft_model)
     threads = args.threads
     if threads is None and not os.environ.get("OMP_NUM_THREADS"):
         threads = max(1, (os.cpu_count() or 2) - 1)

@@ -1,0 +1,66 @@
+"""`seekwen serve --speculative ngram`: the server speculates (n-gram prompt lookup) as a real process on a
+loopback port driven by the official client: greedy text, streamed or not, equals the model's own greedy
+generation; /metrics counts the drafted and accepted tokens; bad flag combinations fail at start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from serve_util import ServerProcess, http, metric, post_json
+
+import seekwen
+from seekwen.tools.common import bundled_model_path
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.skipif(not (bundled_model_path() / "model.safetensors").is_file(),
+                                reason="bundled model not built")
+
+NAME = "kjv"
+VERSE = "And God said, Let there be light: and there was light. And God saw the light, that it was good. "
+PROMPTS = [VERSE * 2 + "And God said", VERSE + "And God saw", "In the beginning God created"]
+N = 20
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-spec") / "server.log"
+    srv = ServerProcess("--served-model-name", NAME, "--speculative", "ngram", "--num-speculative-tokens", "4",
+                        "--max-batch", "3", log=log)
+    try:
+        yield srv.wait_ready()
+    finally:
+        assert srv.terminate() == 0, srv.output()
+
+
+def _reference(server, prompt: str) -> str:
+    ids = post_json(server.url + "/tokenize", {"model": NAME, "prompt": prompt})[1]["tokens"]
+    model = seekwen.load(bundled_model_path(), dtype=torch.float32)
+    new = model.generate(torch.tensor([ids]), max_new_tokens=N, stop_at_eos=False)[0].tolist()
+    return model.tokenizer.decode(new)
+
+
+def test_speculating_server_greedy_equals_generate(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    kw = dict(model=NAME, temperature=0, max_tokens=N, extra_body={"ignore_eos": True})
+    texts = [client.completions.create(prompt=p, **kw).choices[0].text for p in PROMPTS]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(prompt=PROMPTS[0], stream=True, **kw))
+    refs = [_reference(server, p) for p in PROMPTS]
+    assert texts == refs and streamed == refs[0]
+    text = http(server.url + "/metrics")[1].decode()
+    drafted = metric(text, "seekwen_spec_decode_num_draft_tokens_total")
+    accepted = metric(text, "seekwen_spec_decode_num_accepted_tokens_total")
+    assert drafted > 0 and 0 < accepted <= drafted  # the repeated verse is found and accepted
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--speculative", "ngram", "--paged"], "row-pool"),
+    (["--speculative", "draft"], "--draft-model"),
+    (["--draft-model", "x"], "only used with --speculative draft"),
+])
+def test_speculation_flag_errors(args, message):
+    r = subprocess.run([sys.executable, "-m", "seekwen", "serve", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr
