@@ -141,3 +141,16 @@ def test_generate_imports_no_plotting_or_table_libraries():
                        env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "[]", r.stdout
+
+
+@needs_bundled
+def test_bench_speculative_section_reports_acceptance_and_checks_the_output():
+    """`seekwen bench --sections speculative`: paired plain / n-gram decode on the bundled model, the output
+    checked equal, acceptance per position and tokens per forward printed (figures not asserted)."""
+    from seekwen.runtime.load import bundled_model_path
+
+    r = seekwen("bench", "--model", str(bundled_model_path()), "--sections", "speculative",
+                "--decode-tokens", "3", "--repeats", "1", "--spec-k", "2", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "decode b1, speculative ngram k=2" in r.stdout and "same tokens" in r.stdout, r.stdout
+    assert "acceptance per position [" in r.stdout and "tokens per target forward" in r.stdout

@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "-m", default=None, help="checkpoint to bench instead of the built-in shapes")
     p.add_argument("--models", default="dense,moe", help="built-in shapes to bench: dense, moe (default both)")
     p.add_argument("--sections", default="prefill,decode,batch,context",
-                   help="comma list of prefill, decode, batch, context, ppl (default all but ppl)")
+                   help="comma list of prefill, decode, batch, context, speculative, ppl (default: the first "
+                        "four)")
+    p.add_argument("--spec-k", type=int, default=3, help="speculative section: drafts per round")
     p.add_argument("--prompt-lens", default="32,512", help="batch-1 decode prompt lengths")
     p.add_argument("--batch-sizes", default="8,32", help="batched decode sizes (prompt 32)")
     p.add_argument("--contexts", default="32,512,2048,4096", help="context sweep: cache lengths (seekwen only)")

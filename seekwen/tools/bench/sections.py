@@ -4,6 +4,7 @@ always in this order: prefill, decode (batch 1), batch (batched decode), context
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +133,57 @@ def context(b: Bench) -> None:
         print(f"    context {T:>5}: {1 / t:7.2f} tok/s")
 
 
-SECTIONS = {"prefill": prefill, "decode": decode, "batch": batch, "context": context}
+PASSAGE = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+           "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters.")
+
+
+def speculative(b: Bench) -> None:
+    """Batch-1 greedy decode with and without speculative decoding, paired (order alternating), the output
+    checked equal: n-gram prompt lookup on a "rewrite this passage" prompt, and DeepSeek-V3's MTP layer
+    when the model has one; with each method's acceptance per draft position and tokens per forward.
+    Random weights rarely copy their prompt or agree with an untrained MTP layer: expect ~1x there."""
+    import statistics
+
+    from ...runtime.speculative import SpecStats
+
+    args, model = b.args, b.model
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        ids = tok.encode(PASSAGE + "\n\n" + PASSAGE[:40])
+    else:  # a random phrase, repeated: prompt lookup has something to find
+        ids = (b.prompt(1, 12)[0].tolist() * 8)[:96]
+    ids = torch.tensor([ids], device=b.device)
+    n = args.decode_tokens * 4
+    if ids.shape[1] + n + args.spec_k + 2 > model.cfg.max_position_embeddings:
+        n = model.cfg.max_position_embeddings - ids.shape[1] - args.spec_k - 2
+    methods = ["ngram"] + (["mtp"] if len(getattr(model, "mtp", [])) else [])
+
+    def run(**spec) -> tuple[float, torch.Tensor]:
+        stamps: list[float] = []
+        out = model.generate(ids, max_new_tokens=n, eos_token_id=[], **spec,
+                             on_token=lambda t: stamps.append(time.perf_counter()))
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0]), out
+
+    for method in methods:
+        plain, spec, stats = [], [], SpecStats()
+        for r in range(max(args.repeats, 2)):
+            for which in (("plain", "spec") if r % 2 == 0 else ("spec", "plain")):
+                if which == "plain":
+                    rate, ref = run()
+                    plain.append(rate)
+                else:
+                    stats = SpecStats()
+                    rate, out = run(speculative=method, num_speculative_tokens=args.spec_k, speculative_stats=stats)
+                    spec.append(rate)
+        same = "same tokens" if torch.equal(ref, out) else "OUTPUT DIFFERS"
+        ratios = [x / y for x, y in zip(spec, plain, strict=True)]
+        line(f"decode b1, speculative {method} k={args.spec_k}",
+             {"plain": statistics.median(plain), method: statistics.median(spec)}, "tok/s",
+             f"  [{statistics.median(ratios):.2f}x, pairs {min(ratios):.2f}-{max(ratios):.2f}; {same}]")
+        print(f"    {stats.format()}")
+
+
+SECTIONS = {"prefill": prefill, "decode": decode, "batch": batch, "context": context, "speculative": speculative}
 
 
 def run_sections(b: Bench) -> None:
