@@ -167,8 +167,6 @@ def test_engine_speculation_abort_and_errors(models):
         engine.step()
     assert engine.finished[ids[0]].reason == "abort"
     assert all(len(engine.finished[i].output) == 20 for i in ids[1:])
-    with pytest.raises(ValueError, match="row-pool"):
-        Engine(model, speculative="ngram", paged=True)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         Engine(model, speculative="ngram", num_speculative_tokens=0)
     with pytest.raises(ValueError, match="MTP|multi-token"):
@@ -192,3 +190,73 @@ def test_engine_speculation_stop_string_on_the_bundled_model():
     x, y = a.finished[ra], b.finished[rb]
     assert (x.output, x.text, x.reason, x.stop_reason) == (y.output, y.text, y.reason, y.stop_reason)
     assert y.reason == "stop" and stop not in y.text
+
+
+# ---- the paged engine: drafts verified through the block tables, rejected ones rolled back ----------
+
+PAGED = {
+    "prefix": dict(block_size=4),
+    "chunked": dict(block_size=4, max_num_batched_tokens=6, enable_prefix_caching=False),
+    "preempt": dict(block_size=4, num_blocks=14, max_num_batched_tokens=8),
+}
+
+
+def _paged_drained(engine: Engine) -> None:
+    s = engine.cache_stats()
+    assert s["blocks_used"] == 0 and s["running"] == 0 and s["waiting"] == 0
+    for m in engine.paged.scheduler.managers:
+        m.check()
+
+
+CASES = [(name, "prefix") for name in sorted(SPECS)] + [
+    (name, config) for name in ("deepseek_v2", "qwen2_sliding", "qwen3_moe") for config in ("chunked", "preempt")]
+
+
+@pytest.mark.parametrize("name, config", CASES)
+def test_paged_engine_greedy_ngram_equals_plain(models, name, config):
+    """Drafts ride in the scheduler's token budget, are verified in one forward through the block tables
+    and the rejected ones' keys and blocks are given back (`Scheduler.rollback`): the same tokens as the
+    row-pool engine without speculation, under chunked prefill and forced preemption, blocks all back."""
+    model = models(name)
+    prompts = _prompts(model.cfg.vocab_size, 5, seed=7)
+    params = [SamplingParams(max_tokens=8 + 3 * i, ignore_eos=True) for i in range(5)]
+    plain = _run(Engine(model, max_batch=3, max_len=64), prompts, params)
+    engine = Engine(model, max_batch=3, max_len=64, paged=True, speculative="ngram", num_speculative_tokens=3,
+                    **PAGED[config])
+    assert _run(engine, prompts, params) == plain
+    _paged_drained(engine)
+    assert sum(engine.spec_stats.accepted) > 0
+    assert sum(engine.spec_stats.accepted) < sum(engine.spec_stats.proposed)  # rejections were rolled back
+    if config == "preempt":
+        assert engine.cache_stats()["preemptions"] > 0
+
+
+def test_paged_rollback_returns_blocks_past_the_kept_tokens(models):
+    from seekwen.runtime.paged import PagedKVCache
+    from seekwen.runtime.scheduler import Scheduler, Sequence
+
+    model = models("qwen2")
+    cache = PagedKVCache(model.cfg, 8, block_size=4)
+    sched = Scheduler(cache.groups, 4, 2, 64)
+
+    class Req:
+        id, prompt, output = 0, list(range(3, 9)), []
+
+    seq = Sequence(Req())
+    sched.add(seq)
+    sched.schedule()
+    seq.n_computed = 6
+    sched._grow(seq, 15)  # as if 9 speculative tokens were planned: 4 blocks
+    seq.n_computed = 15
+    assert len(seq.tables[0]) == 4 and sched.managers[0].num_free() == 4
+    sched.rollback(seq, 7)
+    assert len(seq.tables[0]) == 2 and sched.managers[0].num_free() == 6
+    with pytest.raises(ValueError):
+        sched.rollback(seq, 9)
+    sched.finish(seq)
+    assert sched.managers[0].num_free() == 8
+
+
+def test_paged_engine_speculation_only_with_ngram(models):
+    with pytest.raises(ValueError, match="ngram"):
+        Engine(models("qwen2"), paged=True, speculative="draft", draft_model=models("qwen3"))

@@ -1,4 +1,5 @@
-"""`seekwen serve --speculative ngram`: the server speculates (n-gram prompt lookup) as a real process on a
+"""`seekwen serve --speculative ngram [--paged]`: the server speculates (n-gram prompt lookup), on the row-pool
+or the paged engine, as a real process on a
 loopback port driven by the official client: greedy text, streamed or not, equals the model's own greedy
 generation; /metrics counts the drafted and accepted tokens; bad flag combinations fail at start."""
 
@@ -25,11 +26,12 @@ PROMPTS = [VERSE * 2 + "And God said", VERSE + "And God saw", "In the beginning 
 N = 20
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["rows", "paged"])
+def server(request, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-spec") / "server.log"
+    paged = ["--paged"] if request.param == "paged" else []
     srv = ServerProcess("--served-model-name", NAME, "--speculative", "ngram", "--num-speculative-tokens", "4",
-                        "--max-batch", "3", log=log)
+                        "--max-batch", "3", *paged, log=log)
     try:
         yield srv.wait_ready()
     finally:
@@ -57,7 +59,7 @@ def test_speculating_server_greedy_equals_generate(server):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--speculative", "ngram", "--paged"], "row-pool"),
+    (["--speculative", "mtp", "--paged"], "ngram only"),
     (["--speculative", "draft"], "--draft-model"),
     (["--draft-model", "x"], "only used with --speculative draft"),
 ])

@@ -173,8 +173,9 @@ class Engine:
         if speculative is not None:
             from .speculative import SpecStats, make_proposer
 
-            if paged:
-                raise ValueError("speculative decoding runs on the row-pool engine (paged=False)")
+            if paged and speculative != "ngram":
+                raise ValueError("the paged engine speculates with ngram (prompt lookup) only; draft and mtp "
+                                 "run on the row-pool engine (paged=False)")
             if num_speculative_tokens < 1:
                 raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
             self.proposer = make_proposer(speculative, model, max_batch, max_len, draft_model)
@@ -501,15 +502,18 @@ class Engine:
         acc, toks = accepted.tolist(), tokens.tolist()
         events = self._emit_runs(reqs, [toks[b][: acc[b] + 1] for b in range(n)], logits)
         self.last[:n] = tokens[torch.arange(n, device=dev), accepted]
-        counts = draft.counts.tolist()
-        self.spec_stats.add(counts, acc, len(events))
-        with self.stats.lock:
-            self.stats.spec_drafts = (self.stats.spec_drafts or 0) + sum(counts)
-            self.stats.spec_accepted = (self.stats.spec_accepted or 0) + sum(acc)
+        self._spec_account(draft.counts.tolist(), acc, len(events))
         # finished rows (possibly inside their run) are retired after this step: not updated
         self.proposer.update([r.prompt + r.output for r in reqs],
                              [-1 if r.reason is not None else a for r, a in zip(reqs, acc, strict=True)], hidden)
         return events
+
+    def _spec_account(self, drafts: list[int], accepted: list[int], emitted: int) -> None:
+        """One round's drafts and acceptances in `spec_stats` and the server-facing `stats`."""
+        self.spec_stats.add(drafts, accepted, emitted)
+        with self.stats.lock:
+            self.stats.spec_drafts = (self.stats.spec_drafts or 0) + sum(drafts)
+            self.stats.spec_accepted = (self.stats.spec_accepted or 0) + sum(accepted)
 
     def _verify(self, logits, draft, target, reqs, verify) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [n, K+1], accepted [n]: rows without drafts sample their position-0 logits as a plain step
@@ -560,7 +564,7 @@ class Engine:
                 k = reqs[b].params.logprobs
                 if k is not None:
                     tok = torch.tensor([runs[b][j]], device=logits.device)
-                    chosen, top_i, top_v = logprobs(logits[b, j : j + 1], tok, k)
+                    chosen, top_i, top_v = logprobs(logits[b][j : j + 1], tok, k)
                     top = list(zip(top_i[0].tolist(), top_v[0].tolist(), strict=True))
                     reqs[b].pending_logprobs = (float(chosen[0]), top)
             events += self._emit([reqs[b] for b in rows], torch.tensor([runs[b][j] for b in rows]))

@@ -50,16 +50,22 @@ class ModelRunner:
 
     def run(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
         """Compute every planned row; returns (sequence, logits [V]) for those whose tokens are now all
-        computed (their next token is due). Does not advance the sequences (`Scheduler.computed`)."""
+        computed (their next token is due), or, for a sequence verifying speculative tokens, logits
+        [n, V] at each of its n new tokens. Does not advance the sequences (`Scheduler.computed`)."""
         out = []
-        for rows in ([r for r in plan if r[1] == 1], [r for r in plan if r[1] > 1]):
+        decode = [r for r in plan if r[1] == 1]
+        verify = [r for r in plan if r[1] > 1 and r[0].draft]
+        chunks = [r for r in plan if r[1] > 1 and not r[0].draft]
+        for rows, full in ((decode, False), (verify, True), (chunks, False)):
             if rows:
-                logits = self._forward(rows)
-                out += [(s, logits[i]) for i, (s, n) in enumerate(rows) if s.remaining == n]
+                logits = self._forward(rows, full)
+                out += [(s, logits[i, :n] if full else logits[i, 0]) for i, (s, n) in enumerate(rows)
+                        if s.remaining == n]
         return out
 
-    def _forward(self, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """rows of (sequence, n new tokens) -> logits at each row's last new token [k, V]."""
+    def _forward(self, rows: list[tuple[Sequence, int]], full: bool = False) -> torch.Tensor:
+        """rows of (sequence, n new tokens) -> logits at each row's last new token [k, 1, V], or (full)
+        at every new token [k, S, V]."""
         model, dev, bs = self.model, self.model.device, self.cache.block_size
         k, S = len(rows), max(n for _, n in rows)
         ids = torch.zeros(k, S, dtype=torch.long)
@@ -93,7 +99,7 @@ class ModelRunner:
         )
         if self.length_rope:
             self._length_rope(batch, positions, torch.tensor([s.prompt_len for s, _ in rows], device=dev))
-        return model(ids.to(dev), batch=batch, keep=(n_new - 1).to(dev))[:, 0]
+        return model(ids.to(dev), batch=batch, keep=None if full else (n_new - 1).to(dev))
 
     def _length_rope(self, batch, positions: torch.Tensor, prompt_lens: torch.Tensor) -> None:
         """Length-dependent RoPE (HF dynamic, longrope): give each token the rotation per-sequence
@@ -154,21 +160,32 @@ class PagedCore:
 
     def step(self) -> list:
         t0 = time.perf_counter()
+        speculating = self.engine.proposer is not None
+        if speculating:
+            self._propose()
         plan = self.scheduler.schedule()
+        if speculating:
+            self._fit_drafts(plan)
         if not plan:
             return []
         # prefill: tokens known before the sequence was (re)admitted; decode: feeding a sampled token
-        prefill = sum(n for s, n in plan if not (n == 1 and s.remaining == 1 and s.n_computed >= s.prompt_len))
+        # (drafts count as decode: only sequences that were decoding get them)
+        prefill = sum(n for s, n in plan
+                      if not (s.draft or (n == 1 and s.remaining == 1 and s.n_computed >= s.prompt_len)))
         due = self.runner.run(plan)
         self.scheduler.computed(plan)
         events = []
+        spec = [(s, lg) for s, lg in due if s.draft]
+        due = [(s, lg) for s, lg in due if not s.draft]
+        if spec:
+            events += self._verify(spec)
         if due:
-            seqs = [s for s, _ in due]
-            reqs = [s.req for s in seqs]
+            reqs = [s.req for s, _ in due]
             tokens = self.engine._sample(torch.stack([lg for _, lg in due]), reqs)
-            events = self.engine._emit(reqs, tokens)
+            events += self.engine._emit(reqs, tokens)
+        if due or spec:
             now = time.perf_counter()
-            for s in seqs:
+            for s in [s for s, _ in spec + due]:
                 if s.last_token is None:
                     self.metrics.ttft.append(now - s.arrival)
                 else:
@@ -189,3 +206,53 @@ class PagedCore:
 
     def stats(self) -> dict:
         return self.metrics.snapshot(self.scheduler)
+
+    # ---- speculative decoding (n-gram prompt lookup) ------------------------------------------------
+
+    def _propose(self) -> None:
+        """Drafts for every decoding sequence (its only uncomputed token is its last sampled one), as the
+        row-pool engine limits them (none for penalised requests, never past max_tokens)."""
+        eng = self.engine
+        seqs = [s for s in self.scheduler.running if s.remaining == 1 and s.n_computed >= s.prompt_len]
+        if not seqs:
+            return
+        reqs = [s.req for s in seqs]
+        limit = [0 if r.counts is not None else min(eng.spec_k, r.params.max_tokens - len(r.output) - 1)
+                 for r in reqs]
+        draft = eng.proposer.propose([r.prompt + r.output for r in reqs], limit, eng._spec_sampling(reqs, True))
+        tokens, counts = draft.tokens.tolist(), draft.counts.tolist()
+        for s, t, c in zip(seqs, tokens, counts, strict=True):
+            s.draft = t[:c]
+
+    def _fit_drafts(self, plan: list[tuple[Sequence, int]]) -> None:
+        """Drafts only live for this step: cut them to what the scheduler planned (a short budget or a
+        full cache plans fewer tokens), drop them for sequences not planned (preempted, waiting)."""
+        planned = {id(s): n for s, n in plan}
+        for s in self.scheduler.running + list(self.scheduler.waiting):
+            if s.draft:
+                n = planned.get(id(s))  # the last sampled token, then n - 1 drafts
+                s.draft = s.draft[: n - 1] if n is not None else []
+
+    def _verify(self, spec: list[tuple[Sequence, torch.Tensor]]) -> list:
+        """Each sequence's logits [1 + d, V] at [last, d drafts]: accept (runtime.speculative.verify), forget
+        the rejected drafts' keys and blocks (`Scheduler.rollback`), emit the run through the stop rules."""
+        from .speculative import Draft, verify
+
+        eng = self.engine
+        seqs, reqs = [s for s, _ in spec], [s.req for s, _ in spec]
+        d = [len(s.draft) for s in seqs]
+        K, V, dev = max(d), spec[0][1].shape[-1], spec[0][1].device
+        logits = torch.zeros(len(spec), K + 1, V, dtype=spec[0][1].dtype, device=dev)
+        tokens = torch.zeros(len(spec), K, dtype=torch.long, device=dev)
+        for i, (s, lg) in enumerate(spec):
+            logits[i, : lg.shape[0]] = lg
+            tokens[i, : d[i]] = torch.tensor(s.draft, dtype=torch.long)
+        draft = Draft(tokens, torch.tensor(d, dtype=torch.long, device=dev))
+        out, accepted = eng._verify(logits, draft, eng._spec_sampling(reqs, False), reqs, verify)
+        acc, toks = accepted.tolist(), out.tolist()
+        for s, a, n in zip(seqs, acc, d, strict=True):
+            s.draft = []
+            self.scheduler.rollback(s, s.n_computed - (n - a))
+        events = eng._emit_runs(reqs, [toks[i][: acc[i] + 1] for i in range(len(spec))], logits)
+        eng._spec_account(d, acc, len(events))
+        return events

@@ -46,21 +46,24 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     last_token: float | None = None
     preemptions: int = 0
+    draft: list[int] = field(default_factory=list)  # speculative tokens after the output, this step only
 
     @property
     def prompt_len(self) -> int:
         return len(self.req.prompt)
 
     def token(self, i: int) -> int:
-        p = self.req.prompt
-        return p[i] if i < len(p) else self.req.output[i - len(p)]
+        p, out = self.req.prompt, self.req.output
+        if i < len(p):
+            return p[i]
+        return out[i - len(p)] if i < len(p) + len(out) else self.draft[i - len(p) - len(out)]
 
     def tokens(self, start: int, stop: int) -> list[int]:
         return [self.token(i) for i in range(start, stop)]
 
     @property
     def length(self) -> int:
-        return len(self.req.prompt) + len(self.req.output)
+        return len(self.req.prompt) + len(self.req.output) + len(self.draft)
 
     @property
     def remaining(self) -> int:
@@ -179,6 +182,19 @@ class Scheduler:
             seq.n_computed += n
             if self.prefix_caching:
                 self._publish(seq)
+
+    def rollback(self, seq: Sequence, n_computed: int) -> None:
+        """Forget the keys of positions >= n_computed (rejected speculative tokens): the sequence's
+        blocks past them go back to the pool (never published: only prompt blocks are)."""
+        if n_computed > seq.n_computed:
+            raise ValueError("rollback can only forget keys")
+        seq.n_computed = n_computed
+        need = -(-n_computed // self.block_size)
+        for table, m in zip(seq.tables, self.managers, strict=True):
+            while len(table) > need:
+                b = table.pop()
+                if b >= 0:
+                    m.release(b)
 
     def counts(self) -> dict:
         return {

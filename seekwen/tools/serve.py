@@ -80,8 +80,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key must not be empty")
-    if args.speculative and args.paged:
-        raise UserError("--speculative runs on the row-pool engine: drop --paged")
+    if args.speculative not in (None, "ngram") and args.paged:
+        raise UserError(f"--paged speculates with ngram only; --speculative {args.speculative} runs on the "
+                        "row-pool engine (drop --paged)")
     if args.speculative == "draft" and args.draft_model is None:
         raise UserError("--speculative draft needs --draft-model PATH")
     if args.draft_model is not None and args.speculative != "draft":
