@@ -2,6 +2,7 @@
 
     python scripts/bench_speculative.py ngram --runs 5      # bundled model, rewriting a given passage
     python scripts/bench_speculative.py draft --runs 3      # Qwen2.5-0.5B-shaped random target, 2-layer draft
+    python scripts/bench_speculative.py mtp --runs 5 -k 1   # bundled model + its MTP layer, free continuation
 
 Each run times plain generation and speculative generation back to back (order alternating), so
 both see the same load on a shared host; decode tokens/s counts from the first new token to the last.
@@ -55,17 +56,27 @@ def paired(model, ids, n, runs, **spec):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("task", choices=["ngram", "draft"])
+    p.add_argument("task", choices=["ngram", "draft", "mtp"])
+    p.add_argument("--model", default=None, help="mtp/ngram: checkpoint (default: the bundled model)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("-n", type=int, default=128)
     p.add_argument("-k", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.task == "ngram":
+    if args.task == "mtp":
         from seekwen.tools.common import bundled_model_path
 
-        model = seekwen.load(bundled_model_path(), dtype=torch.float32, fast=True)
+        model = seekwen.load(args.model or bundled_model_path(), dtype=torch.float32, fast=True)
+        # a free continuation (nothing to copy): what the MTP layer predicts is all the speed-up there is
+        ids = torch.tensor([model.tokenizer.encode("And it came to pass, when the king heard these words,")])
+        print(f"{args.model or 'bundled model'} with {len(model.mtp)} MTP layer(s), prompt {ids.shape[1]} tokens, "
+              f"{args.n} new, k={args.k}")
+        paired(model, ids, args.n, args.runs, speculative="mtp", num_speculative_tokens=args.k)
+    elif args.task == "ngram":
+        from seekwen.tools.common import bundled_model_path
+
+        model = seekwen.load(args.model or bundled_model_path(), dtype=torch.float32, fast=True)
         # "rewrite the passage": the passage, then its first words again; the model copies it
         ids = torch.tensor([model.tokenizer.encode(PASSAGE + "\n\n" + PASSAGE[:40])])
         print(f"bundled model, prompt {ids.shape[1]} tokens, {args.n} new, k={args.k}")
