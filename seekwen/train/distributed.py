@@ -77,11 +77,13 @@ class DataParallel(Single):
             ids = [self.device.index] if self.device.type == "cuda" else None
             # the buffers (rotary tables) are computed, the same on every rank: no sync before each forward
             return nn.parallel.DistributedDataParallel(net, device_ids=ids, forward_sync_buffers=False)
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = init_device_mesh(self.device.type, (self.world,))  # the training device's, not the default
         for block in model.blocks():
-            fully_shard(block, ignored_params=biases or None)
-        fully_shard(net, ignored_params=biases or None)
+            fully_shard(block, mesh=mesh, ignored_params=biases or None)
+        fully_shard(net, mesh=mesh, ignored_params=biases or None)
         return net
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
