@@ -1,9 +1,10 @@
 """`serve` and `bench` under `torchrun --nproc-per-node 2` (tensor parallel, gloo) on the bundled model.
 
-- serve (loopback port): rank 0 serves HTTP and rank 1 follows its engine (`server.loop.follow`). The
-  official `openai` client gets the same greedy text as from the one-process server (completions, chat,
-  streaming, several requests batched together, echo with prompt logprobs: a model call every rank
-  runs), and SIGTERM to torchrun ends both ranks cleanly (rank 1 on rank 0's "stop");
+- serve (loopback port), on the row pool and with --paged: rank 0 serves HTTP and rank 1 follows its
+  engine (`server.loop.follow`). The official `openai` client gets the same greedy text as from the
+  one-process server (completions, chat, streaming, several requests batched together, echo with prompt
+  logprobs: a model call every rank runs), and SIGTERM to torchrun ends both ranks cleanly (rank 1 on
+  rank 0's "stop");
 - bench: rank 0 prints the report once, with a per-rank table whose model bytes are about half the
   one-process model's.
 """
@@ -65,13 +66,22 @@ def answers(url: str) -> dict:
     return out
 
 
-def test_torchrun_server_equals_one_process(tmp_path):
-    one = ServerProcess("--served-model-name", "kjv", log=tmp_path / "one.log").wait_ready()
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """The one-process server's answers (row pool)."""
+    log = tmp_path_factory.mktemp("one") / "one.log"
+    one = ServerProcess("--served-model-name", "kjv", log=log).wait_ready()
     try:
-        want = answers(one.url)
+        return answers(one.url)
     finally:
         assert one.terminate() == 0, one.output()
-    two = TorchrunServer("--served-model-name", "kjv", "--max-batch", "4", log=tmp_path / "tp.log")
+
+
+@pytest.mark.parametrize("runtime", ["rows", "paged"])
+def test_torchrun_server_equals_one_process(tmp_path, one_process, runtime):
+    want = one_process
+    extra = ["--paged"] if runtime == "paged" else []
+    two = TorchrunServer("--served-model-name", "kjv", "--max-batch", "4", *extra, log=tmp_path / "tp.log")
     try:
         two.wait_ready(timeout=400)
         got = answers(two.url)
