@@ -100,11 +100,12 @@ class ParallelMoE(MoE):
         return y.view(shape)
 
 
-def vocab_lookup(embed: nn.Embedding, ids: torch.Tensor, start: int, comm: Comm) -> torch.Tensor:
-    """ids [B, S] -> [B, S, d] from an embedding holding rows [start, start + n) of the vocabulary: ids
-    elsewhere look up zeros, one all-reduce completes the sum."""
+def vocab_lookup(embed: nn.Module, ids: torch.Tensor, start: int, n: int, comm: Comm) -> torch.Tensor:
+    """ids [B, S] -> [B, S, d] from an embedding holding rows [start, start + n) of the vocabulary (an
+    nn.Embedding, or the fast path's TiedEmbedding): ids elsewhere look up zeros, one all-reduce completes
+    the sum."""
     local = ids - start
-    elsewhere = (local < 0) | (local >= embed.num_embeddings)
+    elsewhere = (local < 0) | (local >= n)
     h = embed(local.masked_fill(elsewhere, 0)).masked_fill(elsewhere[..., None], 0.0)
     return comm.all_reduce(h)
 
@@ -126,14 +127,16 @@ class ParallelMTPLayer(MTPLayer):
         self.cfg, self.enorm, self.hnorm, self.eh_proj, self.norm = ref.cfg, ref.enorm, ref.hnorm, ref.eh_proj, ref.norm
         self.block = parallel_ffn(ref.block, plan, comm, n_routed)
         self.embed, self.head = ref.embed, ref.head
-        self.tp, self.comm, self.vocab_start = plan.tp, comm, plan.tp_rank * vocab_local
+        self.tp, self.comm, self.vocab_local, self.vocab_start = plan.tp, comm, vocab_local, plan.tp_rank * vocab_local
         if plan.tp > 1:
             d = ref.eh_proj.out_features
             self.embed = nn.Embedding(vocab_local, d)
             self.head = nn.Linear(d, vocab_local, bias=False)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(ids) if self.tp == 1 else vocab_lookup(self.embed, ids, self.vocab_start, self.comm)
+        if self.tp == 1:
+            return self.embed(ids)
+        return vocab_lookup(self.embed, ids, self.vocab_start, self.vocab_local, self.comm)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.head(h)  # [B, S, vocab / tp]
@@ -164,7 +167,7 @@ class ParallelTransformer(Transformer):
         """ids [B, S] -> [B, S, d]: each rank looks up its vocabulary range, one all-reduce completes it."""
         if self.parallel.tp == 1:
             return self.embed(ids)
-        return vocab_lookup(self.embed, ids, self.vocab_start, self.comm)
+        return vocab_lookup(self.embed, ids, self.vocab_start, self.vocab_local, self.comm)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, S, d] -> the whole logits [B, S, vocab] on every rank: each rank's vocabulary slice, gathered."""
