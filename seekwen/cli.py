@@ -47,7 +47,7 @@ def follower_rank() -> int:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .hf.loader import CheckpointError
-    from .parallel.comm import CollectiveTimeout
+    from .parallel.comm import CollectiveTimeout, RankFailure
 
     follower = follower_rank()
     if follower:  # rank 0 prints what the one-process command prints; the others stay silent
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"seekwen {args.command}: error: {e}", file=sys.stderr)  # (a follower: rank 0 says the same)
         return 2
-    except CollectiveTimeout as e:  # every rank says which rank it is and what it waited for
+    except (CollectiveTimeout, RankFailure) as e:  # every rank says which rank it is and what it waited for
         print(f"seekwen {args.command}: error: {e}", file=sys.__stderr__)
         return 2
     except KeyboardInterrupt:

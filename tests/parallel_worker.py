@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 import seekwen
 from seekwen.hf.loader import load as load_one
+from seekwen.model.mtp import mtp_logits
 from seekwen.runtime.engine import Engine, SamplingParams
 
 N_NEW = 8
@@ -35,6 +36,14 @@ def engine_run(model, prompts: list[list[int]]) -> list[list[int]]:
     eng = Engine(model, max_batch=2, max_len=64)
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (5, 9, 3, 7)]
     return eng.generate(prompts, params)
+
+
+def mtp_outputs(model, tokens: torch.Tensor) -> dict:
+    """DeepSeek-V3's MTP layer: its logits over `tokens` [B, T] (depth 1) and greedy MTP speculation."""
+    _, hidden = model(tokens[:, :-1], return_hidden=True)
+    depth1 = mtp_logits(model, hidden, tokens)[0]  # [B, T-2, vocab]
+    spec = model.generate(tokens, max_new_tokens=N_NEW, eos_token_id=[], stop_at_eos=False, speculative="mtp")
+    return {"n_mtp": len(model.mtp), "logits": depth1, "spec": spec}
 
 
 def same_on_every_rank(obj) -> bool:
@@ -55,6 +64,8 @@ def run_case(case: dict, out: dict) -> None:
         singles[fast] = dict(logits=m(ids, attention_mask=mask),
                              gen=m.generate(gen_ids, max_new_tokens=N_NEW, eos_token_id=[], stop_at_eos=False),
                              engine=engine_run(m, prompts))
+        if case.get("mtp"):
+            singles[fast]["mtp"] = mtp_outputs(m, gen_ids)
         del m
     for tp, ep in case["modes"]:
         for fast in case.get("fast_modes", {}).get(f"tp{tp}ep{ep}", [False, True]):
@@ -73,6 +84,12 @@ def run_case(case: dict, out: dict) -> None:
                 eng = engine_run(model, prompts)
                 r["engine_equal"] = eng == single["engine"]
                 r["ranks_agree"] = same_on_every_rank([gen.tolist(), eng])
+                if case.get("mtp"):
+                    got, want = mtp_outputs(model, gen_ids), single["mtp"]
+                    r["mtp_layers"] = got["n_mtp"]
+                    r["mtp_vs_single"] = max_err(got["logits"], want["logits"])
+                    r["mtp_spec_equal"] = bool(torch.equal(got["spec"], want["spec"]))
+                    r["mtp_spec_is_greedy"] = bool(torch.equal(got["spec"], gen))
                 r["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
                 r["kv_bytes_per_token"] = model.cfg.kv_bytes_per_token(4)
                 del model

@@ -30,6 +30,7 @@ from hf_models import SPECS, Spec, hf_positions, make_checkpoint
 from safetensors.torch import load_file, save_file
 from test_deepseek_v1 import write_deepseek_v1
 from test_qwen_v1 import write_qwen_v1
+from test_speculative import _add_mtp_layer
 
 import seekwen
 from seekwen.parallel import ParallelError
@@ -45,7 +46,7 @@ EXTRA = {
                                      tie_word_embeddings=True)),
 }
 MOE = {"qwen2_moe", "qwen2_moe_sliding", "qwen3_moe", "deepseek_v2", "deepseek_v2_no_q_lora", "deepseek_v3",
-       "deepseek_v1", "deepseek_v3_fp8"}
+       "deepseek_v1", "deepseek_v3_fp8", "deepseek_v3_mtp"}
 
 
 def torchrun(args: list[str], out: Path, nproc: int = 2, timeout: float = LAUNCH_TIMEOUT_S,
@@ -111,6 +112,9 @@ def results(tmp_path_factory) -> dict:
         if name == "deepseek_v3":
             to_fp8(folder, work / "deepseek_v3_fp8")
             cases.append(_case("deepseek_v3_fp8", work / "deepseek_v3_fp8", work))
+            shutil.copytree(folder, work / "deepseek_v3_mtp")  # + an MTP layer in the Hub layout
+            _add_mtp_layer(work / "deepseek_v3_mtp")
+            cases.append({**_case("deepseek_v3_mtp", work / "deepseek_v3_mtp", work), "mtp": True})
     write_qwen_v1(work / "qwen_v1")
     cases.append(_case("qwen_v1", work / "qwen_v1", work))
     write_deepseek_v1(work / "deepseek_v1")
@@ -140,7 +144,7 @@ ERROR_CONFIGS = [
 
 def _all_keys() -> list[str]:
     keys = []
-    for name in [*SPECS, *EXTRA, "deepseek_v3_fp8", "qwen_v1", "deepseek_v1"]:
+    for name in [*SPECS, *EXTRA, "deepseek_v3_fp8", "deepseek_v3_mtp", "qwen_v1", "deepseek_v1"]:
         modes = ["tp2ep1"] + (["tp1ep2", "tp2ep2"] if name in MOE else [])
         for mode in modes:
             paths = ["plain", "fast"] if mode == "tp2ep1" or name == "deepseek_v3" else ["fast"]
@@ -159,6 +163,17 @@ def test_parallel_equals_single_process_and_transformers(results, key):
     assert r["generate_equal"], f"{key}: greedy generate differs from one process"
     assert r["engine_equal"], f"{key}: the engine's staggered requests differ from one process"
     assert r["ranks_agree"], f"{key}: the ranks produced different tokens"
+
+
+@pytest.mark.parametrize("mode", ["tp2ep1/plain", "tp2ep1/fast", "tp1ep2/fast", "tp2ep2/fast"])
+def test_mtp_layer_under_tp_equals_single_process(results, mode):
+    """DeepSeek-V3's MTP layer sharded like the main layers (block split, embedding and head by vocabulary):
+    its logits equal the one-process layer's, and greedy MTP speculation gives the plain greedy tokens."""
+    r = results[f"deepseek_v3_mtp/{mode}"]
+    assert "error" not in r, r.get("traceback", r.get("error"))
+    assert r["mtp_layers"] == 1
+    assert r["mtp_vs_single"] <= TOL_SINGLE, r["mtp_vs_single"]
+    assert r["mtp_spec_equal"] and r["mtp_spec_is_greedy"]
 
 
 def test_every_spec_family_compared_to_transformers(results):

@@ -61,12 +61,20 @@ class MTPLayer(nn.Module):
         """input_ids [B, S] (t_{i+1}), hidden [B, S, d] (h_i) -> logits [B, S, vocab] for t_{i+2}
         (with `keep` [B]: [B, 1, vocab] at that index per row). `return_hidden`: (logits, x' [B, S, d]),
         the block's output before the head's norm: the h of the next chained step."""
-        e = self.enorm(self.embed(input_ids))
+        e = self.enorm(self.embed_tokens(input_ids))
         h = self.hnorm(hidden.to(e.dtype))
         x = self.block(self.eh_proj(torch.cat((e, h), dim=-1)), batch)  # [B, S, d]
         kept = x if keep is None else x[torch.arange(x.shape[0], device=x.device), keep][:, None]
-        logits = self.head(self.norm(kept))
+        logits = self.logits(self.norm(kept))
         return (logits, x) if return_hidden else logits
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, S] -> [B, S, d] (a tensor-parallel layer overrides it, as `Transformer.embed_tokens`)."""
+        return self.embed(ids)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, S, d] -> [B, S, vocab] (a tensor-parallel layer overrides it, as `Transformer.logits`)."""
+        return self.head(h)
 
 
 def share_embeddings(model) -> None:

@@ -37,11 +37,11 @@ def load(
     """`seekwen.load`: in one process, `hf.loader.load`; under torchrun (a process group, or WORLD_SIZE > 1)
     this rank's shard of the model, split `tp` ways (default: the world size) over attention heads, dense
     MLPs, shared experts and the vocabulary, and `ep` ways (default 1) over the routed experts by index.
-    The other arguments are `hf.loader.load`'s (under torchrun MTP layers are not loaded yet)."""
+    The other arguments are `hf.loader.load`'s (under torchrun the MTP layers are sharded as the main ones)."""
     if env_world_size() == 1:
         make_plan(1, 0, tp, ep)  # tp or ep > 1 without torchrun: says how to launch
         return load_one(path_or_id, dtype, device, config_overrides, quantize, fast, mtp)
-    return load_parallel(path_or_id, dtype, device, config_overrides, quantize, fast, tp, ep)
+    return load_parallel(path_or_id, dtype, device, config_overrides, quantize, fast, tp, ep, mtp)
 
 
 def is_main_process() -> bool:

@@ -23,6 +23,10 @@ class CollectiveTimeout(RuntimeError):
     """A collective did not complete within the process group's timeout."""
 
 
+class RankFailure(RuntimeError):
+    """A collective failed because another rank died or left (e.g. in a training step)."""
+
+
 def timeout_s() -> float:
     return float(os.environ.get("SEEKWEN_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
 

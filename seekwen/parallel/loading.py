@@ -29,6 +29,7 @@ from ..config import ConfigError, ModelConfig
 from ..hf.families import name_map
 from ..hf.loader import (
     CheckpointError,
+    _has_mtp_weights,
     _missing_label,
     _more,
     _Shards,
@@ -200,7 +201,7 @@ def build_local(cfg: ModelConfig, plan: ParallelPlan, comm: Comm, dtype: torch.d
     with torch.device("meta"):
         model = ParallelTransformer(cfg, plan, comm)
     model.to(dtype)
-    for layer in model.layers:  # the router bias stays fp32 (as in the reference)
+    for layer in model.blocks():  # the router bias stays fp32 (as in the reference)
         gate = getattr(layer.ffn, "gate", None)
         if getattr(gate, "bias", None) is not None:
             gate.bias.data = gate.bias.data.float()
@@ -227,8 +228,8 @@ def fingerprint(folder: Path, extra: dict) -> str:
 def _prepare_rank(path_or_id, config_overrides, tp, ep, world, rank, settings) -> tuple:
     """(folder, config, plan, fingerprint) for this rank; raises what a one-process load would."""
     folder, cfg = checkpoint_config(path_or_id, config_overrides)
-    if cfg.num_mtp_layers:  # DeepSeek-V3's MTP layers are not sharded yet: the main model only
-        cfg = cfg.replace(num_mtp_layers=0)
+    if cfg.num_mtp_layers and (not settings["mtp"] or not _has_mtp_weights(folder, cfg)):
+        cfg = cfg.replace(num_mtp_layers=0)  # as the one-process loader: the main model only
     plan = make_plan(world, rank, tp, ep)
     check(cfg, plan)
     return folder, cfg, plan, fingerprint(folder, {**settings, "tp": plan.tp, "ep": plan.ep,
@@ -259,13 +260,15 @@ def load_parallel(
     fast: bool = True,
     tp: int | None = None,
     ep: int | None = None,
+    mtp: bool = True,
 ) -> ParallelTransformer:
-    """`seekwen.load` on every rank of a torchrun job: this rank's shard (see the module docstring)."""
+    """`seekwen.load` on every rank of a torchrun job: this rank's shard (see the module docstring), with
+    DeepSeek-V3's MTP layers (sharded as the main layers) when `mtp` and the checkpoint has them."""
     dev = local_device(device)
     ensure_group(dev)
     comm = Comm()
     dtype = parse_dtype(dtype)
-    settings = {"dtype": str(dtype), "quantize": quantize, "fast": bool(fast or quantize)}
+    settings = {"dtype": str(dtype), "quantize": quantize, "fast": bool(fast or quantize), "mtp": bool(mtp)}
     try:
         folder, cfg, plan, fp = _prepare_rank(path_or_id, config_overrides, tp, ep, comm.world, comm.rank, settings)
         mine = (fp, None)

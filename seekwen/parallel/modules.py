@@ -12,7 +12,9 @@ siblings in exactly as for one process. Three sibling classes add the communicat
   `wo` columns) and one after a dense MLP (partial sums over the local intermediate slice);
 - `ParallelMoE`: router replicated; the routed experts this rank owns (a range of indices under ep,
   an intermediate slice of every expert under tp); the shared expert's partial sum joins the routed
-  one, so the whole MoE block costs one all-reduce.
+  one, so the whole MoE block costs one all-reduce;
+- `ParallelMTPLayer`: DeepSeek-V3's multi-token-prediction layer: its block a `ParallelBlock`, its own
+  embedding and head vocabulary-parallel like the main model's, `eh_proj` and the norms replicated.
 
 A row-parallel bias (`wo.bias`) is held by tp-rank 0 only (zeros elsewhere, see `loading.py`), so the
 all-reduce adds it once.
@@ -26,6 +28,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..model.batch import ForwardBatch
 from ..model.moe import Experts, MoE
+from ..model.mtp import MTPLayer
 from ..model.transformer import Block, Transformer
 from .comm import Comm
 from .plan import ParallelPlan, local_config
@@ -97,6 +100,49 @@ class ParallelMoE(MoE):
         return y.view(shape)
 
 
+def vocab_lookup(embed: nn.Module, ids: torch.Tensor, start: int, n: int, comm: Comm) -> torch.Tensor:
+    """ids [B, S] -> [B, S, d] from an embedding holding rows [start, start + n) of the vocabulary (an
+    nn.Embedding, or the fast path's TiedEmbedding): ids elsewhere look up zeros, one all-reduce completes
+    the sum."""
+    local = ids - start
+    elsewhere = (local < 0) | (local >= n)
+    h = embed(local.masked_fill(elsewhere, 0)).masked_fill(elsewhere[..., None], 0.0)
+    return comm.all_reduce(h)
+
+
+def parallel_ffn(block: Block, plan: ParallelPlan, comm: Comm, n_routed: int) -> ParallelBlock:
+    """`block` as a `ParallelBlock`, its MoE (if any) as a `ParallelMoE` over this rank's experts."""
+    if isinstance(block.ffn, MoE):
+        inter = block.ffn.experts.w1.shape[1]  # the local config's (the block is built from it)
+        block.ffn = ParallelMoE(block.ffn, n_routed // plan.ep, inter, plan, comm)
+    return ParallelBlock(block, plan, comm)
+
+
+class ParallelMTPLayer(MTPLayer):
+    """An `MTPLayer` holding one rank's shard: the block split as the main model's layers, the embedding and
+    head by vocabulary rows (lookup all-reduced, logits all-gathered), eh_proj and the norms whole."""
+
+    def __init__(self, ref: MTPLayer, plan: ParallelPlan, comm: Comm, vocab_local: int, n_routed: int):
+        nn.Module.__init__(self)
+        self.cfg, self.enorm, self.hnorm, self.eh_proj, self.norm = ref.cfg, ref.enorm, ref.hnorm, ref.eh_proj, ref.norm
+        self.block = parallel_ffn(ref.block, plan, comm, n_routed)
+        self.embed, self.head = ref.embed, ref.head
+        self.tp, self.comm, self.vocab_local, self.vocab_start = plan.tp, comm, vocab_local, plan.tp_rank * vocab_local
+        if plan.tp > 1:
+            d = ref.eh_proj.out_features
+            self.embed = nn.Embedding(vocab_local, d)
+            self.head = nn.Linear(d, vocab_local, bias=False)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp == 1:
+            return self.embed(ids)
+        return vocab_lookup(self.embed, ids, self.vocab_start, self.vocab_local, self.comm)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h)  # [B, S, vocab / tp]
+        return logits if self.tp == 1 else self.comm.all_gather_last(logits)
+
+
 class ParallelTransformer(Transformer):
     """A `Transformer` holding one rank's shard (see the module docstring). `cfg` is the rank's local
     config (global vocabulary size); `full_cfg` the checkpoint's."""
@@ -113,22 +159,15 @@ class ParallelTransformer(Transformer):
             self.head = nn.Linear(d, self.vocab_local, bias=False)
             if cfg.tie_word_embeddings:
                 self.head.weight = self.embed.weight
-        m = full_cfg.moe
-        blocks = []
-        for ref in self.layers:
-            if isinstance(ref.ffn, MoE):
-                ref.ffn = ParallelMoE(ref.ffn, m.n_routed_experts // plan.ep, cfg.moe.intermediate_size, plan, comm)
-            blocks.append(ParallelBlock(ref, plan, comm))
-        self.layers = nn.ModuleList(blocks)
+        n_routed = full_cfg.moe.n_routed_experts if full_cfg.moe is not None else 0
+        self.layers = nn.ModuleList(parallel_ffn(ref, plan, comm, n_routed) for ref in self.layers)
+        self.mtp = nn.ModuleList(ParallelMTPLayer(ref, plan, comm, self.vocab_local, n_routed) for ref in self.mtp)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, S] -> [B, S, d]: each rank looks up its vocabulary range, one all-reduce completes it."""
         if self.parallel.tp == 1:
             return self.embed(ids)
-        local = ids - self.vocab_start
-        elsewhere = (local < 0) | (local >= self.vocab_local)
-        h = self.embed(local.masked_fill(elsewhere, 0)).masked_fill(elsewhere[..., None], 0.0)
-        return self.comm.all_reduce(h)
+        return vocab_lookup(self.embed, ids, self.vocab_start, self.vocab_local, self.comm)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, S, d] -> the whole logits [B, S, vocab] on every rank: each rank's vocabulary slice, gathered."""

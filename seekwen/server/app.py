@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..runtime.engine import Event, SamplingParams
 from . import metrics
 from .errors import APIError, APIKeyMiddleware, BodyLimitMiddleware, bounded, error_body
-from .loop import EngineLoop, QueueFull, Sequence, prompt_logprobs
+from .loop import EngineLoop, QueueFull, Sequence
 from .reasoning import ReasoningSplitter, opens_thinking
 from .schemas import (
     ChatCompletionRequest,
@@ -505,7 +505,7 @@ def create_app(opts: ServeOptions, state: State | None = None, load: bool = True
         echo_lps: list[list] = [[] for _ in prompts]
         if body.echo and body.logprobs is not None:  # prompt logprobs, computed in the engine thread
             for i, p in enumerate(prompts):
-                scored = await state.loop.call(lambda p=p: prompt_logprobs(state.model, p, body.logprobs))
+                scored = await state.loop.call_model("prompt_logprobs", p, body.logprobs)
                 off = 0
                 for tid, lp, top in scored:
                     echo_lps[i].append((tid, lp, top, off))

@@ -8,17 +8,27 @@ requests join and leave between steps); the asyncio side talks to it only throug
 
 A step that raises fails the sequences it was running (they get an error), never the thread: the next
 requests are served normally.
+
+Under torchrun (a tensor/expert-parallel model) rank 0 serves HTTP and every other rank runs `follow`: an
+identical engine fed, before each of rank 0's steps, with a broadcast of what rank 0 applied since the last
+one (requests added with their ids and sampling parameters, aborts, prompt-logprob calls, a reset after a
+failed step) and whether it steps now. The engines then make the same plan and run the same forwards (the
+sampled tokens are rank 0's: `Decoder.agree`); an idle rank 0 sends an empty message every second, so the
+followers never reach the collective timeout; stopping rank 0 sends "stop" and ends every follower.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import queue
 import threading
 import traceback
 from dataclasses import dataclass, field
 
+from ..parallel.comm import Comm, env_world_size
 from ..runtime.engine import Engine, Event, SamplingParams
 
 log = logging.getLogger("seekwen.serve")
@@ -54,6 +64,9 @@ class EngineLoop:
         self._stop = threading.Event()
         self.step_errors = 0
         self.thread = threading.Thread(target=self._run, name="seekwen-engine", daemon=True)
+        # under torchrun: rank 0's plan, broadcast to the followers before each step (see `follow`)
+        self._comm = Comm() if env_world_size() > 1 else None
+        self._ops: list = []
 
     # ---- asyncio side -------------------------------------------------------------------------------
 
@@ -78,6 +91,20 @@ class EngineLoop:
         fut = aloop.create_future()
         self._cmds.put(("call", (fn, fut, aloop)))
         return fut
+
+    def call_model(self, name: str, *args) -> asyncio.Future:
+        """`MODEL_CALLS[name](model, *args)` in the engine thread (under torchrun every rank runs it: it may
+        run the parallel model's collectives; a plain `call` must not use the model there)."""
+        fn = MODEL_CALLS[name]
+        if self._comm is None:
+            return self.call(lambda: fn(self.engine.model, *args))
+
+        def run():
+            self._ops.append(["call", name, list(args)])
+            self._send(step=False)  # the followers run it with rank 0, before anything else
+            return fn(self.engine.model, *args)
+
+        return self.call(run)
 
     def abort(self, seqs: list[Sequence]) -> None:
         seqs = [s for s in seqs if not s.done]
@@ -132,25 +159,28 @@ class EngineLoop:
                     self._finish(seq, ("error", str(e)), posts)
                     continue
                 self._live[seq.rid] = seq
+                self._ops.append(["add", seq.rid, seq.prompt, dataclasses.asdict(seq.params)])
         elif kind == "abort":
             for seq in seqs:
                 if seq.done:
                     continue
                 if seq.rid is not None:
                     self.engine.abort(seq.rid)
+                    self._ops.append(["abort", seq.rid])
                 self._finish(seq, ("abort", None), posts)
 
     def _fail_all(self, message: str, posts: list) -> None:
+        rids = [seq.rid for seq in self._live.values()]
         for seq in list(self._live.values()):
-            try:
-                self.engine.abort(seq.rid)
-            except Exception:
-                pass
             self._finish(seq, ("error", message), posts)
-        self.engine.live.clear()
-        self.engine.waiting.clear()
-        self.engine.finished.clear()
-        self.engine._gauges()
+        reset(self.engine, rids)
+        self._ops.append(["reset", rids])
+
+    def _send(self, step: bool) -> None:
+        """Under torchrun: the ops applied since the last message, and whether rank 0 steps now."""
+        if self._comm is not None:
+            self._comm.broadcast_object(json.dumps({"ops": self._ops, "step": step}))
+        self._ops = []
 
     def _post(self, posts: list) -> None:
         if not posts:
@@ -184,7 +214,10 @@ class EngineLoop:
                     self.engine.abort(seq.rid)
                     self._finish(seq, ("abort", "the server is shutting down"), posts)
                 self._post(posts)
+                self._ops = [["stop"]]
+                self._send(step=False)
                 return
+            self._send(step=self.engine.has_work())
             if self.engine.has_work():
                 try:
                     events = self.engine.step()
@@ -203,6 +236,58 @@ class EngineLoop:
                         self._unqueue(seq)
                         posts.append((seq, ev))
             self._post(posts)
+
+
+def reset(engine: Engine, rids: list[int]) -> None:
+    """After a failed step: abort `rids` and drop whatever the engine still holds."""
+    for rid in rids:
+        try:
+            engine.abort(rid)
+        except Exception:
+            pass
+    engine.live.clear()
+    engine.waiting.clear()
+    engine.finished.clear()
+    engine._gauges()
+
+
+class OutOfStep(RuntimeError):
+    """A follower's engine no longer matches rank 0's (it would run other forwards)."""
+
+
+def follow(engine: Engine, comm: Comm | None = None) -> None:
+    """A follower rank of `seekwen serve` under torchrun: apply rank 0's broadcast ops to this rank's
+    engine and step with it, until rank 0 says "stop". A step that fails here ends the follower (and so
+    the job): its engine could no longer keep in step with rank 0's."""
+    comm = comm or Comm()
+    while True:
+        msg = json.loads(comm.broadcast_object(None))
+        for op in msg["ops"]:
+            if op[0] == "stop":
+                return
+            _apply(engine, op)
+        if msg["step"]:
+            if not engine.has_work():
+                raise OutOfStep(f"rank {comm.rank}: rank 0 steps its engine, this rank's has no work")
+            engine.step()
+            engine.finished.clear()  # rank 0 reports the results; nothing reads them here
+
+
+def _apply(engine: Engine, op: list) -> None:
+    kind = op[0]
+    if kind == "add":
+        rid, prompt, params = op[1:]
+        got = engine.add_request(prompt, SamplingParams(**params))
+        if got != rid:
+            raise OutOfStep(f"request id {got} here, {rid} on rank 0")
+    elif kind == "abort":
+        engine.abort(op[1])
+    elif kind == "reset":
+        reset(engine, op[1])
+    elif kind == "call":
+        MODEL_CALLS[op[1]](engine.model, *op[2])
+    else:
+        raise OutOfStep(f"unknown op {kind!r} from rank 0")
 
 
 def _deliver(items: list[tuple[Sequence, Event | tuple]]) -> None:
@@ -228,3 +313,7 @@ def prompt_logprobs(model, ids: list[int], k: int) -> list[tuple[int, float | No
             for j, t in enumerate(nxt.tolist()):
                 out.append((t, chosen[j], list(zip(top_i[j].tolist(), top_v[j].tolist(), strict=True))))
     return out
+
+
+# what `EngineLoop.call_model` may run: every rank runs the same function on its model
+MODEL_CALLS = {"prompt_logprobs": prompt_logprobs}

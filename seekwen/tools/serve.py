@@ -1,4 +1,9 @@
-"""`seekwen serve [MODEL]`: an OpenAI-compatible HTTP server (FastAPI + uvicorn; the `serve` extra)."""
+"""`seekwen serve [MODEL]`: an OpenAI-compatible HTTP server (FastAPI + uvicorn; the `serve` extra).
+
+    torchrun --standalone --nproc-per-node 2 -m seekwen serve MODEL --port 8000
+
+serves a tensor-parallel model: rank 0 answers HTTP, the other ranks follow its engine step by step
+(`server.loop.follow`)."""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 
 from ..errors import UserError
 from .common import BUNDLED_NAME, add_model_arg, add_quantize_arg, add_runtime_args
@@ -93,6 +99,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
+    from ..parallel import env_rank, env_world_size
+
+    if env_world_size() > 1 and env_rank() != 0:
+        return follow(args)
     try:
         import uvicorn
 
@@ -111,13 +121,7 @@ def run(args: argparse.Namespace) -> int:
                         quantize=args.quantize, plain=args.plain, seed=args.seed, paged=args.paged,
                         speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
                         draft_model=args.draft_model)
-    threads = args.threads
-    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
-        threads = max(1, (os.cpu_count() or 2) - 1)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    _set_threads(args.threads)
     app = create_app(opts)
     state = app.state
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
@@ -131,6 +135,35 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(state.error)
     if not server.started:
         return 1  # could not bind (uvicorn logged why)
+    return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        threads = max(1, (os.cpu_count() or 2) - 1)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def follow(args: argparse.Namespace) -> int:
+    """A rank other than 0 under torchrun: load this rank's shard, build the engine rank 0 builds (same
+    batch, context, seed and runtime) and run it in step with rank 0's until rank 0 stops serving. SIGTERM
+    (torchrun forwards it to every rank) is left to rank 0: it drains its requests, then says stop."""
+    from ..parallel import env_rank
+    from ..runtime.engine import Engine
+    from ..runtime.load import load_model
+    from ..server.loop import follow as follow_engine
+
+    _set_threads(args.threads)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    model = load_model(args.model, args.dtype, args.device, quantize=args.quantize, fast=not args.plain)
+    max_len = args.max_model_len or int(model.cfg.max_position_embeddings)
+    engine = Engine(model, max_batch=args.max_batch, max_len=max_len, seed=args.seed, paged=args.paged)
+    follow_engine(engine)
+    # (the CLI silences a follower's stdout and stderr; this line says it ended cleanly)
+    print(f"seekwen serve: rank {env_rank()}: rank 0 stopped serving; exiting", file=sys.__stderr__, flush=True)
     return 0
 
 

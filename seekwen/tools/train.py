@@ -1,5 +1,9 @@
 """`seekwen train`: train a model of any supported family from text files; writes a Hugging Face
-checkpoint that resumes exactly (`--resume`) and loads with `seekwen.load` and transformers."""
+checkpoint that resumes exactly (`--resume`) and loads with `seekwen.load` and transformers.
+
+    torchrun --standalone --nproc-per-node 2 -m seekwen train TEXT --out RUN [--fsdp]
+
+runs it data-parallel (DDP; FSDP2 with --fsdp): --batch-size stays the global batch (seekwen/train/distributed.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="folder with tokenizer.json to use (default: train a byte-level BPE)")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size when training one")
     p.add_argument("--seq-len", type=int, default=256, help="training context in tokens")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per optimizer step; under torchrun the global batch, split evenly over the ranks")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default 1000)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
@@ -54,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2 fully_shard) "
+                        "instead of replicating them (DDP)")
     p.add_argument("--export", help="also write a clean HF checkpoint (no resume files) here at the end")
     p.add_argument("--export-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -130,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.init_from and cfg.tokenizer is None:
         cfg.tokenizer = cfg.init_from  # the checkpoint's own tokenizer (its ids are what its weights mean)
-    log = _logger(args.quiet)
-    trainer = Trainer(cfg, resume=args.resume, log=log, steps=args.steps)
+    trainer = Trainer(cfg, resume=args.resume, log=_logger(args.quiet), steps=args.steps, fsdp=args.fsdp)
+    log = trainer.log  # rank 0's; silent on the other ranks
     if args.resume and args.texts:
         log("note: --resume uses the text files and settings saved with the run")
     _describe(trainer, log)
@@ -158,3 +166,7 @@ def _describe(trainer, log) -> None:
     log(f"model {trainer.model_cfg.model_type}: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token; "
         f"{len(trainer.split.train):,} training tokens, {len(trainer.split.val):,} validation chunks of {c.seq_len}; "
         f"{c.steps} steps x {c.batch_size * c.seq_len:,} tokens")
+    dp = trainer.dp
+    if dp.world > 1:
+        log(f"data parallel: {dp.world} ranks ({'FSDP2' if dp.fsdp else 'DDP'}), {c.batch_size // dp.world} "
+            f"sequences each per step (--batch-size {c.batch_size} is the global batch)")

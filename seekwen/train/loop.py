@@ -1,5 +1,6 @@
 """The training loop: AdamW, linear warmup + cosine decay, gradient clipping, bf16 autocast on CUDA,
-DeepSeek-V3 load balancing, periodic validation, and checkpoints that resume exactly.
+DeepSeek-V3 load balancing, periodic validation, and checkpoints that resume exactly. Under torchrun the
+same loop runs data-parallel (DDP, or FSDP2 with `fsdp`): see `distributed.py`.
 
 A checkpoint is the output folder itself: a Hugging Face checkpoint (config.json, model.safetensors in
 fp32, tokenizer.json, tokenizer_config.json, generation_config.json) plus two side files that loaders
@@ -21,14 +22,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
+from torch import nn
 
 from ..hf.export import save_hf
 from ..hf.families import parse_config
-from ..hf.loader import build
+from ..hf.loader import build, load_state
 from ..model.mtp import mtp_logits, share_embeddings
+from ..model.transformer import Transformer
 from . import balance
 from .bpe import save_tokenizer, special_ids, train_bpe
 from .data import Batches, Split, read_texts, split, stream_hash, text_lines, tokenize
+from .distributed import data_parallel, local_rows
 from .init import init_weights
 
 STATE_FILE = "trainer_state.json"
@@ -100,11 +104,32 @@ def _autocast(device: str):
     return torch.autocast("cpu", enabled=False)
 
 
+class Objective(nn.Module):
+    """The training forward of a model as one module (what DDP and FSDP2 wrap): tokens [B, T+1] ->
+    (logits [B, T, vocab] for t_1..t_T, the MTP depths' logits [B, T-k, vocab], k = 1, 2, ...)."""
+
+    def __init__(self, model: Transformer, frozen_main: bool = False):
+        super().__init__()
+        self.model, self.frozen_main = model, frozen_main  # frozen_main: only the MTP layers learn
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_main):
+            logits, hidden = self.model(tokens[:, :-1], return_hidden=True)
+        return logits, mtp_logits(self.model, hidden, tokens)
+
+
+def _silent(_msg: str) -> None:
+    pass
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, steps: int | None = None):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, steps: int | None = None,
+                 fsdp: bool = False):
         """With `resume`, the run saved in `cfg.out` continues with its saved settings (only the device
-        and, when given, the total number of `steps` change)."""
-        self.log = log
+        and, when given, the total number of `steps` change). Under torchrun every rank builds a Trainer:
+        DDP, or FSDP2 with `fsdp`; only rank 0 logs and writes (`distributed.py`)."""
+        self.dp, device = data_parallel(cfg.device, fsdp)
+        self.log = log if self.dp.is_main else _silent
         self.out = Path(cfg.out)
         state = self._read_state() if resume else None
         if state is not None:
@@ -114,10 +139,11 @@ class Trainer:
         if steps is not None:
             cfg.steps = steps
         self.cfg = cfg
-        self.device = cfg.device
-        torch.manual_seed(cfg.seed)
+        self.device = device
+        torch.manual_seed(cfg.seed)  # the same seed, so the same initialisation, on every rank
         self.tok = self._tokenizer(state)
         self._prepare_data(state)
+        self.rows = local_rows(cfg.batch_size, self.dp)  # this rank's rows of each global batch
         raw = {**cfg.model, "vocab_size": self.tok.get_vocab_size(), **special_ids(self.tok)}
         self.model_cfg = parse_config(raw, "model config")
         self.model = build(self.model_cfg, torch.float32, self.device)
@@ -127,12 +153,15 @@ class Trainer:
         self.step = 0
         self._last_counts: dict[int, torch.Tensor] = {}
         self.history = History()
-        self.optimizer = self._optimizer()
         if state is None:
             init_weights(self.model, std=float(raw.get("initializer_range", 0.02)))
             if cfg.init_from is not None:
                 self._init_from(Path(cfg.init_from))
         else:
+            load_state(self.model, self.out)  # the whole model on every rank, before FSDP2 shards it
+        self.net = self.dp.wrap(Objective(self.model, frozen_main=cfg.train_only == "mtp"), self.model)
+        self.optimizer = self._optimizer()
+        if state is not None:
             self._restore(state)
 
     # ------------------------------------------------------------------ setup
@@ -161,7 +190,10 @@ class Trainer:
                 raise FileNotFoundError(f"{path}: no tokenizer.json")
             return Tokenizer.from_file(str(path))
         self.log(f"training a byte-level BPE tokenizer (vocab {self.cfg.vocab_size})")
-        return train_bpe(text_lines(read_texts(self.cfg.texts)), self.cfg.vocab_size)
+        text = None
+        if self.dp.is_main:  # rank 0 trains it, the others get the same one
+            text = train_bpe(text_lines(read_texts(self.cfg.texts)), self.cfg.vocab_size).to_str()
+        return Tokenizer.from_str(self.dp.broadcast_object(text))
 
     def _freeze(self, part: str) -> None:
         """Train only `part` ("mtp": the MTP layers' own parameters; the embedding and head they share
@@ -198,77 +230,106 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> float:
+        """One optimizer step on one global batch; returns its mean loss (over every rank's rows)."""
+        try:
+            return self._train_step()
+        except RuntimeError as e:
+            err = self.dp.failure(e, self.step)
+            if err is e:
+                raise
+            raise err from e
+
+    def _train_step(self) -> float:
         cfg, model = self.cfg, self.model
         model.train()
         lr = lr_at(cfg, self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        batch = self.batches.next().to(self.device)
+        batch = self.batches.next()[self.rows].to(self.device)  # [batch_size / world, seq_len + 1]
         balance.set_recording(model, indices=True, scores=cfg.seq_aux_alpha > 0)
-        mtp_only = cfg.train_only == "mtp"
-        with _autocast(self.device), torch.set_grad_enabled(not mtp_only):  # frozen main: no graph for it
-            logits, hidden = model(batch[:, :-1], return_hidden=True)
+        mtp_only = cfg.train_only == "mtp"  # (the objective then runs the frozen main model without a graph)
+        with _autocast(self.device):
+            logits, depths = self.net(batch)
         loss = _ce(logits, batch[:, 1:])
         total = 0.0 if mtp_only else loss
-        if len(model.mtp):
-            total = total + (1.0 if mtp_only else cfg.mtp_weight) * self._mtp_loss(hidden, batch)
+        if depths:
+            total = total + (1.0 if mtp_only else cfg.mtp_weight) * self._mtp_loss(depths, batch)
         if cfg.seq_aux_alpha > 0:
             total = total + cfg.seq_aux_alpha * balance.sequence_balance_loss(model, batch.shape[0])
-        total.backward()
+        total.backward()  # DDP / FSDP2: the gradients are averaged over the ranks here
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        counts = balance.expert_counts(model)
+        mean_loss, counts = self._global_stats(loss, balance.expert_counts(model))
         if mtp_only:  # the frozen main model's router biases stay as they are
             counts = {i: c for i, c in counts.items() if i >= self.model_cfg.num_layers}
-        balance.update_bias(model, counts, cfg.bias_update_rate)
+        balance.update_bias(model, counts, cfg.bias_update_rate)  # the same step on every rank
         balance.set_recording(model, indices=False, scores=False)
         self.step += 1
         self._last_counts = counts
-        return float(loss.detach())
+        return mean_loss
 
-    def _mtp_loss(self, hidden: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    def _global_stats(self, loss: torch.Tensor, counts: dict[int, torch.Tensor]) -> tuple[float, dict]:
+        """The global batch's mean loss and expert counts {layer: [E]}: this rank's summed with the other
+        ranks' in one all-reduce (the ranks' shares are equal, so the mean of their means is the mean)."""
+        layers = sorted(counts)
+        flat = torch.cat([loss.detach().double().reshape(1).cpu(), *(counts[i] for i in layers)])
+        self.dp.all_reduce(flat)
+        parts = flat[1:].split([len(counts[i]) for i in layers])
+        return float(flat[0]) / self.dp.world, dict(zip(layers, parts, strict=True))
+
+    def _mtp_loss(self, depths: list[torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3's MTP objective: the mean over depths k of the cross-entropy of t_{i+k+1}."""
-        with _autocast(self.device):
-            depths = mtp_logits(self.model, hidden, batch)
         losses = [_ce(lg, batch[:, k + 1 :]) for k, lg in enumerate(depths, start=1)]
         self._last_mtp = [float(x.detach()) for x in losses]
         return torch.stack(losses).mean()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean cross-entropy (nats/token) and perplexity over every held-out chunk."""
+        """Mean cross-entropy (nats/token) and perplexity over every held-out chunk (under torchrun the
+        batches of chunks are dealt round-robin to the ranks and the sums added)."""
         self.model.eval()
-        val = self.split.val
+        val, bs, world = self.split.val, self.cfg.batch_size, self.dp.world
         if len(val) == 0:
             return {"step": self.step, "loss": float("nan"), "ppl": float("nan")}
-        total, n = 0.0, 0
-        mtp_total, mtp_hits, mtp_n = 0.0, 0, 0
-        for i in range(0, len(val), self.cfg.batch_size):
-            chunk = val[i : i + self.cfg.batch_size].long().to(self.device)
-            with _autocast(self.device):
-                logits, hidden = self.model(chunk[:, :-1], return_hidden=True)
-                depth1 = mtp_logits(self.model, hidden, chunk)[:1]
-            total += float(_ce(logits, chunk[:, 1:], reduction="sum"))
-            n += chunk[:, 1:].numel()
-            for lg in depth1:  # the first MTP layer: its loss, and how often its argmax is the
-                target = chunk[:, 2:]  # main model's own greedy choice (what greedy speculation accepts)
-                mtp_total += float(_ce(lg, target, reduction="sum"))
-                mtp_hits += int((lg.argmax(-1) == logits[:, 1:].argmax(-1)).sum())
-                mtp_n += target.numel()
+        sums = torch.zeros(5, dtype=torch.float64)  # loss sum, tokens, MTP loss sum, MTP hits, MTP tokens
+        rounds = -(-len(val) // (bs * world))
+        for r in range(rounds):
+            start = (r * world + self.dp.rank) * bs
+            if start >= len(val) and not self.dp.fsdp:
+                continue
+            # FSDP2: every rank runs every forward (its all-gathers); one without chunks counts nothing
+            chunk = val[start : start + bs] if start < len(val) else val[:1]
+            sums += self._eval_sums(chunk.long().to(self.device)) * float(start < len(val))
+        self.dp.all_reduce(sums)
+        total, n, mtp_total, mtp_hits, mtp_n = sums.tolist()
         mean = total / n
         rec = {"step": self.step, "loss": mean, "ppl": math.exp(min(mean, 50.0))}
         if mtp_n:
             rec.update(mtp_loss=mtp_total / mtp_n, mtp_agree=mtp_hits / mtp_n)
         return rec
 
+    def _eval_sums(self, chunk: torch.Tensor) -> torch.Tensor:
+        """chunk [b, seq_len + 1] -> [loss sum, tokens, MTP loss sum, MTP hits, MTP tokens] (float64)."""
+        with _autocast(self.device):
+            logits, depths = self.net(chunk)
+        out = torch.zeros(5, dtype=torch.float64)
+        out[0] = float(_ce(logits, chunk[:, 1:], reduction="sum"))
+        out[1] = chunk[:, 1:].numel()
+        for lg in depths[:1]:  # the first MTP layer: its loss, and how often its argmax is the
+            target = chunk[:, 2:]  # main model's own greedy choice (what greedy speculation accepts)
+            out[2] = float(_ce(lg, target, reduction="sum"))
+            out[3] = int((lg.argmax(-1) == logits[:, 1:].argmax(-1)).sum())
+            out[4] = target.numel()
+        return out
+
     # ------------------------------------------------------------------ loop
     def run(self, stop_at: int | None = None, progress: bool = True) -> History:
         """Train to `cfg.steps` (or stop, with a checkpoint, at `stop_at`); returns the history."""
         cfg = self.cfg
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
-        bar = _progress(self.step, cfg.steps, progress)
+        bar = _progress(self.step, cfg.steps, progress and self.dp.is_main)
         window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
         load_counts: dict[int, torch.Tensor] = {}
         while self.step < end:
@@ -313,16 +374,27 @@ class Trainer:
         self._append_log({"kind": "val", **rec})
 
     def _append_log(self, rec: dict) -> None:
+        if not self.dp.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "train_log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
-        """Write the HF checkpoint (fp32) and the resume side files into the output folder."""
+        """Write the HF checkpoint (fp32) and the resume side files into the output folder (under torchrun:
+        every rank takes part in gathering FSDP2's shards, rank 0 writes)."""
         out = self.out
-        self._write_model(out, torch.float32)
+        model = self._full_model()
         tensors = self._optimizer_tensors()
+        if self.dp.is_main:
+            self._write_files(model, tensors)
+        self.dp.barrier()
+        return out
+
+    def _write_files(self, model: Transformer, tensors: dict[str, torch.Tensor]) -> None:
+        out = self.out
+        self._write_model(model, out, torch.float32)
         tmp = out / (OPTIM_FILE + ".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, out / OPTIM_FILE)
@@ -333,22 +405,39 @@ class Trainer:
         tmp = out / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=1) + "\n")
         os.replace(tmp, out / STATE_FILE)
-        return out
+
+    def _full_model(self) -> Transformer | None:
+        """The model with whole tensors: itself, or under FSDP2 a copy gathered from the shards (every rank
+        takes part; the copy lives on rank 0, None elsewhere)."""
+        if not self.dp.fsdp:
+            return self.model
+        plain = None
+        if self.dp.is_main:
+            plain = build(self.model_cfg, torch.float32, "cpu")
+            share_embeddings(plain)
+        dst = dict(plain.named_parameters()) if plain is not None else {}
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                full = self.dp.full(p.detach())
+                if name in dst:
+                    dst[name].copy_(full)
+        return plain
 
     def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        """AdamW's state per parameter (whole tensors) and the RNG states; under FSDP2 every rank gathers,
+        rank 0 keeps them."""
         tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and self.device.startswith("cuda"):
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        for p, st in self.optimizer.state.items():
-            for key, value in st.items():
-                tensors[f"{names[id(p)]}.{key}"] = value.detach().to("cpu").contiguous()
+        for name, p in self.model.named_parameters():
+            for key, value in self.optimizer.state.get(p, {}).items():
+                full = self.dp.full(value.detach())
+                if self.dp.is_main:
+                    tensors[f"{name}.{key}"] = full.to("cpu").contiguous()
         return tensors
 
     def _restore(self, state: dict) -> None:
-        from ..hf.loader import load_state
-
-        load_state(self.model, self.out)
+        """The optimizer, RNG, step and data position of the saved run (the weights are already loaded)."""
         tensors = load_file(str(self.out / OPTIM_FILE))
         torch.set_rng_state(tensors.pop("rng.cpu"))
         cuda_rng = tensors.pop("rng.cuda", None)
@@ -358,8 +447,7 @@ class Trainer:
         for key, value in tensors.items():
             name, slot = key.rsplit(".", 1)
             p = params[name]
-            dev = p.device if slot != "step" else value.device
-            self.optimizer.state[p][slot] = value.to(dev)
+            self.optimizer.state[p][slot] = value if slot == "step" else self.dp.shard_like(value, p)
         self.step = int(state["step"])
         self.batches.load_state(state["data"])
         h = state.get("history", {})
@@ -367,12 +455,16 @@ class Trainer:
         self.log(f"resumed {self.out} at step {self.step} (epoch {self.batches.epoch}, batch {self.batches.index})")
 
     def export(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-        """A clean HF checkpoint (no side files), e.g. in bf16 for shipping."""
-        return self._write_model(Path(folder), dtype)
+        """A clean HF checkpoint (no side files), e.g. in bf16 for shipping (rank 0 writes it)."""
+        model = self._full_model()
+        if self.dp.is_main:
+            self._write_model(model, Path(folder), dtype)
+        self.dp.barrier()
+        return Path(folder)
 
-    def _write_model(self, folder: Path, dtype: torch.dtype) -> Path:
+    def _write_model(self, model: Transformer, folder: Path, dtype: torch.dtype) -> Path:
         ids = special_ids(self.tok)
-        save_hf(self.model, folder, dtype, **ids)
+        save_hf(model, folder, dtype, **ids)
         save_tokenizer(self.tok, folder, self.model_cfg.max_position_embeddings)
         gen = {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"], "do_sample": True,
                "temperature": 0.8, "top_p": 0.95}

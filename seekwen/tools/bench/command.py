@@ -8,6 +8,10 @@ and how close decode gets to the read-bandwidth roofline (weight bytes read per 
 and prefill to the measured matmul peak. `--vs-hf` runs transformers on the same checkpoint in the
 same process, interleaved section by section, and prints the ratios. `--quantize int8` also prints
 the perplexity change on held-out text.
+
+Under torchrun (`torchrun --nproc-per-node 2 -m seekwen bench --model PATH`) the model is this rank's
+tensor-parallel shard; every rank runs every measurement together, rank 0 prints, and each model ends
+with a per-rank table: model bytes, memory after load, peak memory, tok/s.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
+from ...parallel import env_world_size
 from . import report, sections
 from .checkpoints import build_checkpoint
 from .machine import measure_machine
@@ -65,6 +70,8 @@ def bench_model(args: argparse.Namespace, folder: Path, machine: tuple[float, fl
     report.print_summary(b, count_params(b.model.cfg))
     sections.run_sections(b)
     report.print_peak_memory(b.device)
+    if env_world_size() > 1:
+        report.print_ranks(b)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     ppl section, the perplexity change."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if env_world_size() > 1 and args.vs_hf:
+        raise UserError("--vs-hf under torchrun: transformers' model is not sharded; bench it in one process")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to this torch build")
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")

@@ -68,3 +68,34 @@ def print_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         print(f"  peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
     print(f"  peak RSS of the process: {peak_rss_gb():.2f} GB")
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor the model holds (parameters and buffers, each storage once): under torchrun,
+    this rank's shard."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def print_ranks(b: Bench) -> None:
+    """Under torchrun: every rank's model bytes, memory and tok/s, gathered to rank 0 and printed as one
+    table (the ranks run each measurement together, so their tok/s agree up to timer noise)."""
+    from ...parallel import Comm
+
+    comm = Comm()
+    peak = torch.cuda.max_memory_allocated() / 1e9 if b.device.type == "cuda" else peak_rss_gb()
+    mine = {"bytes": model_bytes(b.model), "load": b.mem_ours, "peak": peak, **b.results}
+    rows = comm.all_gather_object(mine)
+    plan = getattr(b.model, "parallel", None)
+    where = "GPU allocated" if b.device.type == "cuda" else "RSS"
+    print(f"  per rank ({plan.describe().split(',')[0] if plan else ''}, {comm.backend}; {where}):")
+    names = list(b.results)
+    print("    " + f"{'rank':<5} {'model MB':>9} {'load GB':>8} {'peak GB':>8}" + "".join(f" {n:>16}" for n in names))
+    for r, row in enumerate(rows):
+        cells = "".join(f" {row.get(n, float('nan')):>12.2f} tok/s" for n in names)
+        print(f"    {r:<5} {row['bytes'] / 1e6:>9.2f} {row['load']:>8.2f} {row['peak']:>8.2f}{cells}")

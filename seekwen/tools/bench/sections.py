@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ class Bench:
     graphs: bool  # CUDA graphs for decode
     blocker: str | None  # why decode cannot be graphed, if it cannot
     generator: torch.Generator  # prompts: the same token ids for every runner and every run
+    results: dict[str, float] = field(default_factory=dict)  # seekwen's tok/s per measurement (torchrun table)
 
     def prompt(self, B: int, S: int) -> torch.Tensor:
         """B random prompts of S tokens, on the bench device."""
@@ -86,6 +87,7 @@ def prefill(b: Bench) -> None:
     flops = 2 * matmul_params_per_token(b.model) * args.prefill_len
     pct = f"  [seekwen {flops / res['seekwen'] / 1e9 / b.peak:.0%} of matmul peak]"
     line(f"prefill {args.prefill_len} tokens", tps, "tok/s", pct)
+    b.results[f"prefill {args.prefill_len}"] = tps["seekwen"]
     ids = b.prompt(1, 32)
     res = interleaved(b.runners, lambda r: time_prefill(r, ids), args.repeats)
     line("time to first token, 32-token prompt", {k: v * 1000 for k, v in res.items()}, "ms", higher_better=False)
@@ -102,6 +104,7 @@ def decode(b: Bench) -> None:
         if "transformers" in res:
             roof += f", transformers {b.hf_bytes / res['transformers'] / 1e9 / b.bw:.0%}"
         line(f"decode batch 1, {S}-token prompt", tps, "tok/s", roof + "]")
+        b.results[f"decode b1 @{S}"] = tps["seekwen"]
 
 
 def batch(b: Bench) -> None:
@@ -111,6 +114,7 @@ def batch(b: Bench) -> None:
         ids = b.prompt(B, 32)
         res = interleaved(b.runners, lambda r, ids=ids: time_decode(r, ids, args.decode_tokens), args.repeats)
         line(f"decode batch {B}, 32-token prompts", {k: B / v for k, v in res.items()}, "tok/s")
+        b.results[f"decode b{B}"] = B / res["seekwen"]
 
 
 def context(b: Bench) -> None:
