@@ -36,8 +36,10 @@ def med(xs: list[float]) -> str:
     return f"{statistics.median(xs):.4g} (range {min(xs):.4g}-{max(xs):.4g}, n={len(xs)})"
 
 
-def decode_runs(model, steps: int, repeats: int) -> list[float]:
-    """Seconds per step of `repeats` runs of `steps` greedy decode steps after an 8-token prompt."""
+def decode_runs(model, steps: int, repeats: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall seconds per step of `repeats` runs of `steps` greedy decode steps after an 8-token prompt;
+    `cpu` receives this process's CPU seconds per step (on a shared host, time spent descheduled is not
+    in it: with one torch thread it is the step's own work)."""
     from seekwen.runtime.decoder import Decoder
 
     dec = Decoder(model, 1, 8 + steps + 1)
@@ -45,11 +47,13 @@ def decode_runs(model, steps: int, repeats: int) -> list[float]:
     out = []
     for r in range(repeats + 1):
         tok = dec.prefill(ids).argmax(-1)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(steps):
             tok = dec.step(tok).argmax(-1)
         if r:  # the first run warms up
             out.append((time.perf_counter() - t) / steps)
+            if cpu is not None:
+                cpu.append((time.process_time() - c) / steps)
     return out
 
 
@@ -62,7 +66,7 @@ def kernel_split(model, steps: int) -> dict:
     prof.disable()
     stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
     n = 2 * steps  # decode_runs ran 2 x steps (warm-up + 1), plus two prefills (counted in, negligible)
-    kern = [v for (_, _, name), v in stats.items() if "seekwen_kernels" in name]
+    kern = [v for (_, _, name), v in stats.items() if "seekwen_kernels" in name or "seekwen_step" in name]
     ops = OpCounter()
     with ops:
         decode_runs(model, steps, 1)
@@ -87,7 +91,8 @@ def bench_decode(args) -> dict:
     from seekwen.runtime.load import bundled_model_path
 
     model = seekwen.load(bundled_model_path(), dtype=torch.float32)
-    runs = decode_runs(model, args.steps, args.repeats)
+    cpu: list[float] = []
+    runs = decode_runs(model, args.steps, args.repeats, cpu)
     ids = torch.arange(3, 11)[None]
     gen = []
     for r in range(args.repeats + 1):
@@ -96,6 +101,7 @@ def bench_decode(args) -> dict:
         if r:
             gen.append(n / (time.perf_counter() - t))
     return {"step_ms": [s * 1e3 for s in runs], "tok_s": [1 / s for s in runs], "generate_tok_s": gen,
+            "cpu_step_ms": [s * 1e3 for s in cpu], "cpu_tok_s": [1 / s for s in cpu],
             **kernel_split(model, args.steps)}
 
 
@@ -135,6 +141,7 @@ def report(label: str, res: dict) -> None:
     print(f"[{label}] seekwen from {res['seekwen']}, torch threads {res['threads']}")
     if "tok_s" in res:
         print(f"  bundled b1 decode   {med(res['tok_s'])} tok/s   ms/step {med(res['step_ms'])}")
+        print(f"  by CPU time         {med(res['cpu_tok_s'])} tok/s   ms/step {med(res['cpu_step_ms'])}")
         print(f"  bundled generate    {med(res['generate_tok_s'])} tok/s (prefill + steps + sampling)")
         k, p = res["kernel_ms"], res["profiled_step_ms"]
         print(f"  under cProfile      {p:.3f} ms/step, {k:.3f} in C++ kernels ({100 * k / p:.0f}%), rest host work")

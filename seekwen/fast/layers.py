@@ -7,7 +7,8 @@ replaces it in the model; the reference classes are never edited and keep no fas
 - `FastMLP`: gate and up in one product;
 - `GroupedExperts`: per expert one fused gate/up layer and one down layer (fp32 on CPU: all chosen
   experts in one kernel call, `moe_experts`);
-- `FastRMSNorm`: one fused `F.rms_norm`; `TiedEmbedding`: the tied LM head's rows as the embedding.
+- `FastRMSNorm`: one C++ pass per row (fp32 on CPU, `step_ops`) or one fused `F.rms_norm`;
+- `TiedEmbedding`: the tied LM head's rows as the embedding.
 
 Every class has `describe()`: which implementation runs, for `fast.plan`.
 """
@@ -25,7 +26,7 @@ from ..model.mlp import MLP
 from ..model.moe import Experts, dispatch, dispatch_sorted
 from ..model.norm import RMSNorm
 from ..model.rope import apply_rope
-from . import kernels, paged_kernels
+from . import kernels, paged_kernels, step_ops
 from .linear import FastLinear, describe_linear, fuse, isa_name, make_linear
 
 
@@ -341,23 +342,29 @@ class GroupedExperts(FromReference, nn.Module):
 
 
 class FastRMSNorm(FromReference, RMSNorm):
-    """RMSNorm as one fused op (`F.rms_norm`), sharing the reference's weight. For fp32 it is the
-    reference's math exactly. On CUDA it is used for every dtype (one kernel instead of ~7 per norm, which
-    matters when a decode step is a few hundred tiny kernels): it normalises in fp32 and rounds once,
-    where the reference (HF) rounds the normalised value to bf16 before scaling; the difference is within
-    one bf16 rounding."""
+    """RMSNorm as one fused op, sharing the reference's weight: fp32 on CPU one C++ pass per row
+    (`step_ops.rms_norm`; `F.rms_norm` costs ~10 us a call there, a decode step has 2-3 per layer), else
+    `F.rms_norm`. For fp32 both are the reference's math (up to summation order). On CUDA `F.rms_norm`
+    is used for every dtype (one kernel instead of ~7 per norm, which matters when a decode step is a few
+    hundred tiny kernels): it normalises in fp32 and rounds once, where the reference (HF) rounds the
+    normalised value to bf16 before scaling; the difference is within one bf16 rounding."""
 
     def __init__(self, ref: RMSNorm):
         nn.Module.__init__(self)
         self.eps, self.weight = ref.eps, ref.weight
-
+        cpu_fp32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
+        self.use_ops = cpu_fp32 and step_ops.get() is not None  # a flag, so the module copies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_ops and step_ops.usable(x, self.weight):
+            return step_ops.get().rms_norm(x, self.weight, self.eps)
         if (x.dtype == torch.float32 or x.is_cuda) and self.weight.dtype == x.dtype:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return super().forward(x)
 
     def describe(self) -> str:
+        if self.use_ops:
+            return "one C++ pass per row (step_ops.rms_norm)"
         fused = self.weight.dtype == torch.float32 or self.weight.is_cuda
         return "one fused F.rms_norm" if fused else "RMSNorm in fp32, rounded as transformers does"
 
