@@ -41,6 +41,7 @@ class KVCache:
         self.batch_size = batch_size
         B, T = batch_size, max_len
         self.windows: dict[int, int] = {}  # layer -> window, for layers kept in a ring buffer
+        self._slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, flat slots) of the last call
         self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(cfg.num_layers):
             if cfg.mla is not None:
@@ -101,7 +102,7 @@ class KVCache:
     def decode_slots(self, positions: torch.Tensor) -> torch.Tensor:
         """Row b's slot positions[b, 0] as an index into the flattened [B * max_len, ...] store, computed once
         per call (the layers of one forward share `positions`) and kept on this view."""
-        cached = getattr(self, "_slots", None)
+        cached = self._slots
         if cached is None or cached[0] is not positions:
             B = positions.shape[0]
             cached = (positions, positions[:, 0] + torch.arange(B, device=positions.device) * self.max_len)
@@ -140,7 +141,7 @@ class KVCache:
         """A view of rows [start, stop): same storage, so writes and `lens` updates go through."""
         view = KVCache.__new__(KVCache)
         view.cfg, view.max_len, view.windows = self.cfg, self.max_len, self.windows
-        view.batch_size = stop - start
+        view.batch_size, view._slots = stop - start, None
         view.layers = [{name: t[start:stop] for name, t in layer.items()} for layer in self.layers]
         return view
 
