@@ -7,7 +7,8 @@ replaces it in the model; the reference classes are never edited and keep no fas
 - `FastMLP`: gate and up in one product;
 - `GroupedExperts`: per expert one fused gate/up layer and one down layer (fp32 on CPU: all chosen
   experts in one kernel call, `moe_experts`);
-- `FastRMSNorm`: one fused `F.rms_norm`; `TiedEmbedding`: the tied LM head's rows as the embedding.
+- `FastRMSNorm`: one C++ pass per row (fp32 on CPU, `step_ops`) or one fused `F.rms_norm`;
+- `TiedEmbedding`: the tied LM head's rows as the embedding.
 
 Every class has `describe()`: which implementation runs, for `fast.plan`.
 """
@@ -25,7 +26,7 @@ from ..model.mlp import MLP
 from ..model.moe import Experts, dispatch, dispatch_sorted
 from ..model.norm import RMSNorm
 from ..model.rope import apply_rope
-from . import kernels, paged_kernels
+from . import kernels, paged_kernels, step_ops
 from .linear import FastLinear, describe_linear, fuse, isa_name, make_linear
 
 
@@ -35,6 +36,18 @@ class FromReference:
     @classmethod
     def from_reference(cls, ref: nn.Module, *args, **kwargs):
         return cls(ref, *args, **kwargs)
+
+
+ROTATION_MAX_TOKENS = 64  # up to this many tokens per call, fp32 on CPU: rotary as one product per tensor
+
+
+def rotate(x: torch.Tensor, batch: ForwardBatch, interleaved: bool) -> torch.Tensor:
+    """`apply_rope(x [B, S, H, d], batch.cos, batch.sin)`; for a few fp32 tokens on CPU as one product
+    with the call's shared rotation matrices (`ForwardBatch.rotation`) instead of a dozen small ops."""
+    B, S = x.shape[:2]
+    if x.dtype == torch.float32 and x.device.type == "cpu" and B * S <= ROTATION_MAX_TOKENS:
+        return torch.matmul(x, batch.rotation(interleaved, x.dtype))  # [B, S, H, d] @ [B, S, d, d]
+    return apply_rope(x, batch.cos, batch.sin, interleaved)
 
 
 def fast_linear(layer: nn.Module, quantize: str | None, group_size: int) -> nn.Module:
@@ -82,6 +95,11 @@ class FastAttention(FromReference, Attention):
         q, k = self.q_norm(q.view(B, S, H, hd)), self.k_norm(k.view(B, S, Hkv, hd))
         return self.rotate(q, batch), self.rotate(k, batch), v.view(B, S, Hkv, hd)
 
+    def rotate(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if self.rope_dim != x.shape[-1]:  # partial rotary (Qwen v1): the reference's slicing
+            return super().rotate(x, batch)
+        return rotate(x, batch, self.interleaved)
+
     def describe(self) -> str:
         decode = "grouped-query matmuls" if self.n_kv_heads != self.n_heads else "SDPA"
         return (f"fused qkv ({describe_linear(self.wqkv)}); prefill SDPA causal kernel, decode {decode} "
@@ -118,19 +136,47 @@ class FastMLA(FromReference, MLA):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         kern = paged_kernels.decode_kernel(x, batch)
-        if kern is None:
-            return super().forward(x, batch)
-        # decode over a block-paged cache: absorbed attention reading the latent blocks in place
+        if kern is not None:
+            return self.paged_decode(kern, x, batch)
+        if self.kernel_decode(x, batch):
+            return self.decode(x, batch)
+        return super().forward(x, batch)
+
+    def kernel_decode(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
+        """Whether this call is one new token per row over the slot cache that `mla_decode` serves whole
+        (the reference forward then does host work it does not need: the mask, the mode choice)."""
+        B, S, _ = x.shape
+        return (S == 1 and batch.kv is not None and batch.key_counts is not None and self.window is None
+                and self.use_absorbed(S, True) and self.mla_kernel(B, x.dtype) is not None
+                and self.one_kernel_decode(S, batch.key_counts, x.dtype))
+
+    def decode_inputs(self, x: torch.Tensor, batch: ForwardBatch):
+        """One new token per row x [B, 1, d] -> (q_nope [B, 1, H, d_nope], rotated q_pe [B, 1, H, dr],
+        latent c_kv [B, 1, r], rotated k_pe [B, 1, dr]), LogN applied: what both decode paths start from."""
         B, H = x.shape[0], self.n_heads
         q, kv_a = self.project(x)
         q_nope, q_pe = q.view(B, 1, H, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
         kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = self.kv_norm(kv)
-        q_pe = apply_rope(q_pe, batch.cos, batch.sin, self.interleaved)
-        k_pe = apply_rope(k_pe[:, :, None, :], batch.cos, batch.sin, self.interleaved)[:, :, 0]
+        q_pe = rotate(q_pe, batch, self.interleaved)
+        k_pe = rotate(k_pe[:, :, None, :], batch, self.interleaved)[:, :, 0]
         if batch.logn is not None:
             s = batch.logn[:, :, None, None].to(q_nope.dtype)
             q_nope, q_pe = q_nope * s, q_pe * s
+        return q_nope, q_pe, kv, k_pe
+
+    def decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Absorbed decode over the slot cache, the attention one `mla_decode` call (no mask is built)."""
+        B = x.shape[0]
+        q_nope, q_pe, kv, k_pe = self.decode_inputs(x, batch)
+        stored = batch.kv.write(self.layer, batch.positions, batch.n_keys, kv=kv, pe=k_pe)
+        out = self.absorbed(q_nope, q_pe, stored["kv"], stored["pe"], None, batch.key_counts)  # [B, 1, H, d_v]
+        return self.wo(out.reshape(B, 1, self.n_heads * self.v_dim))
+
+    def paged_decode(self, kern, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Decode over a block-paged cache: absorbed attention reading the latent blocks in place."""
+        B, H = x.shape[0], self.n_heads
+        q_nope, q_pe, kv, k_pe = self.decode_inputs(x, batch)
         batch.kv.write(self.layer, batch.positions, 0, kv=kv, pe=k_pe)
         pools, table, _ = batch.kv.blocks(self.layer)
         q_lat = self.latent_query(q_nope).view(H, B, -1).transpose(0, 1)  # [B, H, r]
@@ -252,14 +298,26 @@ class GroupedExperts(FromReference, nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
         N, k = indices.shape
-        if self.use_kernels and kernels.usable(x, self.w13[0].weight):
+        fused = self.use_kernels and kernels.usable(x, self.w13[0].weight)
+        if N == 1:
+            return self._one_token(kernels.get() if fused else None, x, weights, indices)
+        if fused:
             return self._fused_forward(kernels.get(), x, weights, indices)
-        if N == 1:  # decode, one token: k experts, no grouping needed
-            out = torch.zeros_like(x)
-            for j, e in enumerate(indices[0].tolist()):
-                out.add_(self.expert(e, x) * weights[0, j].to(x.dtype))
-            return out
         return dispatch(x, weights, indices, self.n_experts, self.expert)
+
+    def _one_token(self, kern, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Decode, one token x [1, dim]: its k experts in ascending order (the order `dispatch` sums them
+        in), without the grouping machinery (no argsort, bincount, gather or index_add)."""
+        chosen = indices[0].tolist()
+        order = sorted(range(len(chosen)), key=chosen.__getitem__)
+        experts = [chosen[j] for j in order]
+        w = weights[0, order]  # [k] in the experts' order
+        if kern is not None:  # every chosen expert in one kernel call: k rows, one per expert
+            ys = kern.moe_experts(x.expand(len(experts), -1).contiguous(), [self.w13[e].weight for e in experts],
+                                  [self.w2[e].weight for e in experts], [1] * len(experts))  # [k, dim]
+        else:
+            ys = torch.cat([self.expert(e, x) for e in experts])  # [k, dim]
+        return (ys * w[:, None]).sum(0, keepdim=True).to(x.dtype)
 
     def _fused_forward(self, kern, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """`dispatch`'s grouping, with the experts themselves in one C++ call over the chosen experts'
@@ -284,23 +342,29 @@ class GroupedExperts(FromReference, nn.Module):
 
 
 class FastRMSNorm(FromReference, RMSNorm):
-    """RMSNorm as one fused op (`F.rms_norm`), sharing the reference's weight. For fp32 it is the
-    reference's math exactly. On CUDA it is used for every dtype (one kernel instead of ~7 per norm, which
-    matters when a decode step is a few hundred tiny kernels): it normalises in fp32 and rounds once,
-    where the reference (HF) rounds the normalised value to bf16 before scaling; the difference is within
-    one bf16 rounding."""
+    """RMSNorm as one fused op, sharing the reference's weight: fp32 on CPU one C++ pass per row
+    (`step_ops.rms_norm`; `F.rms_norm` costs ~10 us a call there, a decode step has 2-3 per layer), else
+    `F.rms_norm`. For fp32 both are the reference's math (up to summation order). On CUDA `F.rms_norm`
+    is used for every dtype (one kernel instead of ~7 per norm, which matters when a decode step is a few
+    hundred tiny kernels): it normalises in fp32 and rounds once, where the reference (HF) rounds the
+    normalised value to bf16 before scaling; the difference is within one bf16 rounding."""
 
     def __init__(self, ref: RMSNorm):
         nn.Module.__init__(self)
         self.eps, self.weight = ref.eps, ref.weight
-
+        cpu_fp32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
+        self.use_ops = cpu_fp32 and step_ops.get() is not None  # a flag, so the module copies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_ops and step_ops.usable(x, self.weight):
+            return step_ops.get().rms_norm(x, self.weight, self.eps)
         if (x.dtype == torch.float32 or x.is_cuda) and self.weight.dtype == x.dtype:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return super().forward(x)
 
     def describe(self) -> str:
+        if self.use_ops:
+            return "one C++ pass per row (step_ops.rms_norm)"
         fused = self.weight.dtype == torch.float32 or self.weight.is_cuda
         return "one fused F.rms_norm" if fused else "RMSNorm in fp32, rounded as transformers does"
 

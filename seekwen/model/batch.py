@@ -21,6 +21,8 @@ from typing import Protocol
 
 import torch
 
+from .rope import rope_matrix
+
 
 class KVStore(Protocol):
     """Per-layer key/value storage for the rows of one forward call."""
@@ -59,10 +61,18 @@ class ForwardBatch:
     # cache before it; right padding allowed, pads come last): the mask is plain causal, so attention
     # can run as a causal kernel (flash / memory-efficient) without building an S x T mask
     causal: bool = False
-    masks: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)  # derived once per call, shared by the layers (masks, rotations)
 
     def causal_ok(self, window: int | None, n_new: int) -> bool:
         return self.causal and (window is None or window >= n_new)
+
+    def rotation(self, interleaved: bool, dtype: torch.dtype) -> torch.Tensor:
+        """The rotary tables as one [B, S, d, d] rotation matrix per token (`rope.rope_matrix`), built once
+        per call and shared by every layer: rotating a few tokens is then one product per tensor."""
+        key = ("rotation", interleaved, dtype)
+        if key not in self.masks:
+            self.masks[key] = rope_matrix(self.cos, self.sin, interleaved).to(dtype)
+        return self.masks[key]
 
     def key_mask(self, window: int, key_pos: torch.Tensor) -> torch.Tensor:
         """Boolean [B, 1, S, T] for keys at explicit positions key_pos [B, T] (-1: empty slot); used by

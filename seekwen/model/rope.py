@@ -178,3 +178,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     else:
         x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """`apply_rope` as one product: the rotation of each position as a [d, d] matrix R, so that
+    apply_rope(x, cos, sin) == x @ R for x [B, S, H, d] and R [B, S, d, d] (broadcast over the heads).
+    Pair i = (a, b) (rotate-half: (i, i + d/2); interleaved: (2i, 2i+1)) goes to output columns i and
+    i + d/2: out_i = x_a cos - x_b sin, out_{i+d/2} = x_b cos + x_a sin. For a few tokens (decode) one
+    small matmul replaces the dozen elementwise ops of apply_rope; the products are the same up to
+    rounding (every other entry of R is an exact zero). cos/sin [B, S, d/2] -> R [B, S, d, d]."""
+    B, S, half = cos.shape
+    i = torch.arange(half, device=cos.device)
+    a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+    R = cos.new_zeros(B, S, 2 * half, 2 * half)
+    R[:, :, a, i] = cos
+    R[:, :, b, i] = -sin
+    R[:, :, b, i + half] = cos
+    R[:, :, a, i + half] = sin
+    return R

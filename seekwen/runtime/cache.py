@@ -41,6 +41,7 @@ class KVCache:
         self.batch_size = batch_size
         B, T = batch_size, max_len
         self.windows: dict[int, int] = {}  # layer -> window, for layers kept in a ring buffer
+        self._slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, flat slots) of the last call
         self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(cfg.num_layers):
             if cfg.mla is not None:
@@ -86,15 +87,27 @@ class KVCache:
         `n_keys` (max position + 1, or max_len for a static step) is computed once per call by the runtime."""
         store = self.layers[layer]
         B, S = positions.shape
-        if S == 1:  # decode: one slot per row
-            rows = torch.arange(B, device=positions.device)
+        if S == 1:  # decode: one slot per row, as rows of the flattened [B * T, ...] store
+            slots = self.decode_slots(positions)
             for name, t in new.items():
-                store[name].index_put_((rows, positions[:, 0]), t[:, 0].to(store[name].dtype))
+                dest = store[name]
+                assert dest.shape[1] == self.max_len, "a ring layer writes through write_ring"
+                dest.view(-1, *dest.shape[2:]).index_copy_(0, slots, t[:, 0].to(dest.dtype))
         else:
             rows = torch.arange(B, device=positions.device)[:, None]
             for name, t in new.items():
                 store[name][rows, positions] = t.to(store[name].dtype)
         return {name: t[:, :n_keys] for name, t in store.items()}
+
+    def decode_slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Row b's slot positions[b, 0] as an index into the flattened [B * max_len, ...] store, computed once
+        per call (the layers of one forward share `positions`) and kept on this view."""
+        cached = self._slots
+        if cached is None or cached[0] is not positions:
+            B = positions.shape[0]
+            cached = (positions, positions[:, 0] + torch.arange(B, device=positions.device) * self.max_len)
+            self._slots = cached
+        return cached[1]
 
     def write_ring(
         self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
@@ -128,7 +141,7 @@ class KVCache:
         """A view of rows [start, stop): same storage, so writes and `lens` updates go through."""
         view = KVCache.__new__(KVCache)
         view.cfg, view.max_len, view.windows = self.cfg, self.max_len, self.windows
-        view.batch_size = stop - start
+        view.batch_size, view._slots = stop - start, None
         view.layers = [{name: t[start:stop] for name, t in layer.items()} for layer in self.layers]
         return view
 

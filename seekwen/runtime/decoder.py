@@ -40,6 +40,7 @@ class Decoder:
         dev = model.device
         self.cache = KVCache(model.cfg, max_batch, max_len, dtype=model.dtype, device=dev, ring=ring)
         self.lens = torch.zeros(max_batch, dtype=torch.long, device=dev)  # [max_batch] tokens held per row
+        self.views: dict[int, KVCache] = {}  # n -> the cache's rows [0, n) (`rows`)
         rope = model.cfg.rope
         # Qwen v1 dynamic NTK: alpha is the sequence's, fixed from its prompt length at prefill
         self.ntk_alpha = torch.ones(max_batch, dtype=torch.float64) if rope.type == "qwen_dynamic" else None
@@ -86,7 +87,7 @@ class Decoder:
         padded = bool((n_new < S).any()) if k > 1 else int(n_new[0]) < S
         batch = self.model.batch(
             positions,
-            kv=self.cache.rows(start, start + k),
+            kv=self.rows(start, start + k),
             n_keys=n_keys,
             new_valid=(torch.arange(S, device=dev)[None, :] < n_new[:, None]) if padded else None,
             # max position S - 1 means every row starts at 0: the keys are exactly the new tokens (right
@@ -115,7 +116,7 @@ class Decoder:
             self.cache.check(n_keys)
             batch = self.model.batch(
                 self.lens[:n, None],
-                kv=self.cache.rows(0, n),
+                kv=self.rows(0, n),
                 n_keys=n_keys,
                 key_counts=counts,
                 ntk_alpha=None if self.ntk_alpha is None else self.ntk_alpha[:n],
@@ -123,6 +124,16 @@ class Decoder:
             logits = self.model(tokens[:, None], batch=batch)[:, 0]
         self.lens[:n] += 1
         return logits
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """The cache's view of rows [start, stop). Decode steps run on rows [0, n): those views are made once
+        per n and kept (at most max_batch of them), so a step does not slice every layer's tensors again."""
+        if start:
+            return self.cache.rows(start, stop)
+        view = self.views.get(stop)
+        if view is None:
+            view = self.views[stop] = self.cache.rows(0, stop)
+        return view
 
     # ---- row bookkeeping ----------------------------------------------------------------------------
 

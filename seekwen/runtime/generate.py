@@ -86,8 +86,10 @@ def generate(
     eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []
+    greedy = isinstance(temperature, (int, float)) and temperature <= 0  # one argmax per step, nothing else
     for step in range(max_new_tokens):
-        tok = decoder.agree(sample(logits, temperature, top_k, top_p, generator))  # rank 0's under torchrun
+        tok = logits.argmax(dim=-1) if greedy else sample(logits, temperature, top_k, top_p, generator)
+        tok = decoder.agree(tok)  # rank 0's under torchrun
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         out.append(tok)
         if on_token is not None:

@@ -1,0 +1,50 @@
+"""Fused CPU ops for the per-step host work of decode (C++ in `csrc_step/step.cpp`, compiled at first use
+like `kernels.py`, cached under ~/.cache/torch_extensions):
+
+- `rms_norm(x, w, eps)`: RMSNorm over the last dimension in one pass per row (fp32); `F.rms_norm` costs
+  ~10 us per call on CPU in torch 2.13 for a few hundred numbers, and a decode step has 2-3 per layer.
+
+`get()` returns the module, or None where it cannot be built (no compiler, SEEKWEN_NO_KERNELS set, not
+x86): callers then use `F.rms_norm` (the same math up to summation order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc_step"
+_module = None
+_tried = False
+
+
+def get():
+    """The compiled ops, or None (see the module docstring)."""
+    global _module, _tried
+    if _tried:
+        return _module
+    _tried = True
+    from . import kernels
+
+    if kernels._why_not():  # the same conditions as the linear kernels (disabled, not x86, no AVX2)
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        name = "seekwen_step_" + hashlib.sha1(str(CSRC.resolve()).encode()).hexdigest()[:8]
+        _module = load(name, sources=[str(CSRC / "step.cpp")], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no headers, a compile error: fall back
+        warnings.warn(f"seekwen: fused step ops unavailable, using F.rms_norm ({e})", stacklevel=2)
+        _module = None
+    return _module
+
+
+def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the ops serve x [..., n] with weight w [n]: fp32 on CPU, and not under autograd (they have
+    no backward)."""
+    return (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
