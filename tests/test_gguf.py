@@ -507,3 +507,57 @@ def test_real_converter_fixtures(family, file):
     tok = Tokenizer.from_folder(hf_folder)
     for text in SAMPLES:
         assert model.tokenizer.encode(text) == tok.encode(text), text
+
+
+# ----------------------------------------------------------------------------------------------------
+# seekwen bench --vs-llamacpp (CI has no llama.cpp: stand-ins print llama-bench's JSON and
+# llama-batched-bench's JSONL exactly as those tools do)
+
+FAKE_BENCH = """#!{python}
+import json, sys
+if "--version" in sys.argv:
+    print("version: 1 (fake)"); sys.exit(0)
+args = sys.argv
+n = int(args[args.index("-n") + 1])
+rows = [dict(n_prompt=int(p), n_gen=0, avg_ts=100.0 * (i + 1), stddev_ts=1.0, model_size=1)
+        for i, p in enumerate(args[args.index("-p") + 1].split(","))]
+rows.append(dict(n_prompt=0, n_gen=n, avg_ts=50.0, stddev_ts=1.0, model_size=1))
+print(json.dumps(rows))
+"""
+FAKE_BATCHED = """#!{python}
+import json
+for pl, speed in ((1, 40.0), (8, 160.0)):
+    row = dict(pp=32, tg=4, pl=pl, n_kv=0, t_pp=0.1, speed_pp=1.0, t_tg=0.1, speed_tg=speed, t=0.2, speed=1.0)
+    print(json.dumps(row))
+"""
+
+
+@pytest.mark.slow
+def test_bench_vs_llamacpp(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from seekwen.cli import main
+
+    path = FIXTURES / "qwen2" / "qwen2-q8_0.gguf"
+    args = ["bench", "--vs-llamacpp", str(path), "--decode-tokens", "4", "--repeats", "1"]
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(tmp_path / "none"))
+    import os
+
+    # no llama-bench on PATH either (the rest of PATH stays: the C++ kernels' build needs ninja from it)
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    monkeypatch.setenv("PATH", os.pathsep.join(d for d in dirs if not (Path(d) / "llama-bench").exists()))
+    assert main(args) in (0, None)
+    out = capsys.readouterr().out
+    assert "llama.cpp not found" in out and "decode b1 (after 32)" in out and "seekwen / llama.cpp" not in out
+    for name, text in (("llama-bench", FAKE_BENCH), ("llama-batched-bench", FAKE_BATCHED)):
+        (tmp_path / name).write_text(text.format(python=sys.executable))
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(tmp_path))
+    assert main(args) in (0, None)
+    out = capsys.readouterr().out
+    assert f"llama-bench -m {path} -t" in out and "-p 32,512 -n 4" in out and "version: 1 (fake)" in out
+    b1 = next(x for x in out.splitlines() if "decode b1 (after 32)" in x)
+    b8 = next(x for x in out.splitlines() if "decode b8 (after 32)" in x)
+    assert "llama.cpp    40.00 tok/s" in b1 and "llama.cpp   160.00 tok/s" in b8 and "seekwen / llama.cpp" in b8
+    assert "llama.cpp    50.00 tok/s" in next(x for x in out.splitlines() if x.strip().startswith("decode b1 "))
+    assert "(llama.cpp " in out.splitlines()[-1]  # its roofline fraction
