@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 ARCH = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
         "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "deepseek_v2": gguf.MODEL_ARCH.DEEPSEEK2,
-        "deepseek_v3": gguf.MODEL_ARCH.DEEPSEEK2}
+        "deepseek_v3": gguf.MODEL_ARCH.DEEPSEEK2, "deepseek": gguf.MODEL_ARCH.DEEPSEEK}
 FTYPE = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
          "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
          "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
@@ -45,11 +45,21 @@ def hf_tensors(folder: Path, cfg: dict) -> list[tuple[str, torch.Tensor]]:
             out.append((name.replace("kv_b_proj", "k_b_proj"), k_b.transpose(1, 2).contiguous()))
             out.append((name.replace("kv_b_proj", "v_b_proj"), v_b.contiguous()))
             continue
+        if cfg["model_type"] == "deepseek" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg["num_attention_heads"] if "q_proj" in name else cfg.get("num_key_value_heads",
+                                                                                 cfg["num_attention_heads"])
+            t = permute(t, heads)
         out.append((name.replace("e_score_correction_bias", "e_score_correction.bias"), t))
     for (layer, proj), per_expert in sorted(experts.items()):
         stacked = torch.stack([per_expert[e] for e in range(len(per_expert))])
         out.append((f"model.layers.{layer}.mlp.experts.{proj}.weight", stacked))
     return out
+
+
+def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The converter's LLaMA-style q/k row permutation (DeepseekModel.permute): per head, rotate-half rows
+    (i, i + d/2) -> adjacent pairs (2i, 2i + 1)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def tensor_type(gguf_name: str, t: torch.Tensor, wanted: str) -> str:
@@ -79,7 +89,8 @@ def write_metadata(w: gguf.GGUFWriter, cfg: dict, kind: str) -> None:
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(1 if mt.startswith("deepseek") else cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
+    mla = mt in ("deepseek_v2", "deepseek_v3")
+    w.add_head_count_kv(1 if mla else cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
     w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     rope = cfg.get("rope_scaling") or {}
@@ -111,8 +122,16 @@ def write_metadata(w: gguf.GGUFWriter, cfg: dict, kind: str) -> None:
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if cfg.get("shared_expert_intermediate_size"):
             w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
-    if mt.startswith("deepseek"):
+    if mla:
         _deepseek_metadata(w, cfg)
+    if mt == "deepseek":  # DeepSeek-MoE v1 (DeepseekModel.set_gguf_parameters)
+        w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+        w.add_vocab_size(cfg["vocab_size"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        w.add_expert_weights_scale(1.0)
+        w.add_expert_shared_count(cfg["n_shared_experts"])
     w.add_file_type(FTYPE[kind])
 
 

@@ -90,6 +90,23 @@ def test_f32_gguf_equals_checkpoint_and_transformers(name, checkpoint, gguf_file
         assert torch.equal(p, q)  # every weight bit for bit, the converter's splits undone
 
 
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_deepseek_moe_v1_permuted_qk_undone(kind, tmp_path):
+    """DeepSeek-MoE v1 (`deepseek`): the one family whose converter permutes q/k rows (LLaMA-style, for
+    ggml's rope); loading undoes it, on floats and on Q8_0 block rows alike."""
+    from test_deepseek_v1 import write_deepseek_v1
+
+    write_deepseek_v1(tmp_path / "hf")
+    ref = seekwen.load(tmp_path / "hf", dtype=torch.float32, fast=False)
+    write_gguf(tmp_path / "hf", tmp_path / "m.gguf", kind)
+    model = seekwen.load(tmp_path / "m.gguf", fast=False)
+    assert model.cfg.model_type == "deepseek"
+    ids = ids_for(80)
+    with torch.no_grad():
+        want = ref(ids) if kind == "F32" else _dequantized_reference(ref, tmp_path / "m.gguf", permuted=True)(ids)
+        assert (model(ids) - want).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("name", ["qwen2", "deepseek_v3"])
 def test_fast_path_on_gguf_equals_plain(name, gguf_file):
     path = gguf_file(name, "Q8_0")
@@ -158,9 +175,10 @@ def test_blocks_are_ggml_exact(kind):
     assert bool((err <= step * (0.5 + 127 / 2048 if kind == "Q8_0" else 1.0 + 8 / 2048) + 1e-7).all())
 
 
-def _dequantized_reference(ref, path: Path):
+def _dequantized_reference(ref, path: Path, permuted: bool = False):
     """`ref` with every weight replaced by the file's dequantized tensor of the same name (gguf's own
-    dequantizer): the dequantize-then-run model a block-quantized file must equal."""
+    dequantizer): the dequantize-then-run model a block-quantized file must equal. permuted: q/k rows
+    were permuted by the converter (DeepSeek-MoE v1): undone here with the converter's rule read backwards."""
     import copy
 
     from seekwen.gguf.names import our_name
@@ -172,8 +190,11 @@ def _dequantized_reference(ref, path: Path):
         for t in reader.tensors:
             name = our_name(t.name)
             if name in params and t.tensor_type.name in ("Q8_0", "Q4_0"):
-                w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-                params[name].copy_(torch.from_numpy(w).reshape(params[name].shape))
+                w = torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type))
+                if permuted and ".attn_q." in t.name or permuted and ".attn_k." in t.name:
+                    heads = ref.cfg.num_heads if ".attn_q." in t.name else ref.cfg.num_kv_heads
+                    w = w.reshape(heads, -1, 2, w.shape[-1]).swapaxes(1, 2)
+                params[name].copy_(w.reshape(params[name].shape))
             elif name in params and t.tensor_type.name == "F16":  # rows too short for blocks: F16
                 params[name].copy_(params[name].half().float())
         for n, p in params.items():

@@ -9,7 +9,8 @@ package (`pip install 'seekwen[gguf]'`).
 - `quant`: F32/F16/BF16, Q8_0/Q4_0 blocks -> (q, d), K-quants dequantized; `linear_from_blocks`;
 - `tokenizer`: HF files beside the GGUF, else a byte-level BPE rebuilt from the metadata;
 - `loader`: `load(path, ...)`, `is_gguf(path)`.
-Supported: llama.cpp architectures qwen2, qwen3, qwen2moe, qwen3moe, deepseek2 (DeepSeek-V2/V3/R1).
+Supported: llama.cpp architectures qwen2, qwen3, qwen2moe, qwen3moe, deepseek2 (DeepSeek-V2/V3/R1) and
+deepseek (DeepSeek-MoE v1).
 """
 
 from .loader import gguf_file, is_gguf, load

@@ -12,7 +12,8 @@ itself reads the file:
   latent's) or `key_length` / `value_length` (older ones);
 - YaRN: `rope.scaling.yarn_log_multiplier` is 0.1 * mscale_all_dim for deepseek2, and llama.cpp takes
   mscale = mscale_all_dim (true of every DeepSeek config on the Hub), so seekwen does too;
-- Qwen2-MoE never renormalises its top-k weights and Qwen3-MoE always does (llama.cpp hard-codes both).
+- Qwen2-MoE never renormalises its top-k weights and Qwen3-MoE always does (llama.cpp hard-codes both);
+- DeepSeek-MoE v1 (`deepseek`) routes softmax top-k without renormalising (its Hub configs, llama.cpp).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .reader import GGUFError, GGUFFile
 
 # llama.cpp architecture -> HF model_type (deepseek2 -> V2 or V3, decided from the file)
 ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
-                 "deepseek2": "deepseek_v2"}
+                 "deepseek2": "deepseek_v2", "deepseek": "deepseek"}
 FILE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}  # general.file_type: ALL_F32, MOSTLY_F16, MOSTLY_BF16
 GATING = {1: "softmax", 2: "sigmoid"}  # {arch}.expert_gating_func
 
@@ -68,6 +69,8 @@ def hf_config(f: GGUFFile) -> dict[str, Any]:
         raw.update(_qwen_moe(f, n_layers))
     if f.arch == "deepseek2":
         raw.update(_deepseek2(f, n_layers))
+    if f.arch == "deepseek":
+        raw.update(_deepseek_moe(f))
     return raw
 
 
@@ -147,6 +150,18 @@ def _deepseek2(f: GGUFFile, n_layers: int) -> dict[str, Any]:
             "moe_layer_freq": 1,
         })
     return out
+
+
+def _deepseek_moe(f: GGUFFile) -> dict[str, Any]:
+    """DeepSeek-MoE v1 (llama.cpp `deepseek`): softmax top-k, greedy, never renormalised, no scaling."""
+    return {
+        "n_routed_experts": int(f.require("expert_count")),
+        "num_experts_per_tok": int(f.require("expert_used_count")),
+        "moe_intermediate_size": int(f.require("expert_feed_forward_length")),
+        "n_shared_experts": int(f.get("expert_shared_count") or 0),
+        "first_k_dense_replace": int(f.get("leading_dense_block_count") or 0),
+        "moe_layer_freq": 1, "scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False,
+    }
 
 
 def model_config(f: GGUFFile) -> tuple[dict, ModelConfig]:

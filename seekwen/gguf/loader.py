@@ -27,7 +27,7 @@ from ..hf.families import parse_config
 from ..hf.loader import build, parse_dtype
 from ..model.transformer import Transformer
 from .config import model_config
-from .names import IGNORED, composites, gguf_name, our_name
+from .names import IGNORED, PERMUTED_QK, composites, gguf_name, our_name, qk_heads, unpermute_qk
 from .quant import BLOCKS, check_type, linear_from_blocks, to_torch
 from .reader import GGUFError, GGUFFile
 from .tokenizer import gguf_tokenizer
@@ -141,12 +141,18 @@ def load_tensors(model: Transformer, f: GGUFFile) -> None:
             unexpected.append(name)
             continue
         check_type(t, str(f.path))
+        heads = qk_heads(model.cfg, name) if f.arch in PERMUTED_QK else None
         if t.type in BLOCKS and _linear_of(model, param) is not None:
             q, d = BLOCKS[t.type](t.data)  # q [N, K], d [N, K // 32]
             _check_shape(f, name, tuple(q.shape), params[param], param)
+            if heads:  # whole rows of blocks move: the blocks stay exact
+                q, d = unpermute_qk(q, heads), unpermute_qk(d, heads)
             blocks[param] = (t.type, q, d)
         else:
-            _copy(f, params, param, to_torch(t, str(f.path)), name)
+            w = to_torch(t, str(f.path))
+            if heads and tuple(w.shape) == tuple(params[param].shape):
+                w = unpermute_qk(w, heads)
+            _copy(f, params, param, w, name)
         filled.add(param)
     if unexpected:
         raise GGUFError(f"{f.path}: unexpected tensor(s) for {model.cfg.model_type}: {_more(unexpected)}")

@@ -9,8 +9,11 @@
   llama.cpp's absorbed attention) and `attn_v_b` [H, v, r]; older converters kept `attn_kv_b`;
 - an optional flag fuses q, k and v into `attn_qkv` (rows q, then k, then v);
 - DeepSeek-V3's `e_score_correction_bias` becomes `exp_probs_b.bias`.
-Qwen2/Qwen3/DeepSeek-V2/V3 get no q/k permutation (that is the LLaMA-architecture converter's) and no
-other numerical change. GGUF's reversed dimension order is undone by the reader (`reader.py`).
+- DeepSeek-MoE v1 (`deepseek`) alone gets the LLaMA converter's q/k permutation: each head's rows
+  reordered from rotate-half pairs (i, i + d/2) to adjacent pairs (2i, 2i + 1) for ggml's rope;
+  `unpermute_qk` puts them back.
+Qwen2/Qwen3/DeepSeek-V2/V3 get no q/k permutation and no other numerical change. GGUF's reversed
+dimension order is undone by the reader (`reader.py`).
 """
 
 from __future__ import annotations
@@ -131,3 +134,22 @@ def _join_kv_b(ts: list[torch.Tensor]) -> list[torch.Tensor]:
         raise ValueError(f"attn_k_b {tuple(k_b.shape)} and attn_v_b {tuple(v_b.shape)} do not fit together")
     r = k_b.shape[1]
     return [torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, r).contiguous()]  # [H * (nope + v), r]
+
+
+PERMUTED_QK = {"deepseek"}  # llama.cpp architectures whose converter permutes attn_q / attn_k rows
+
+
+def qk_heads(cfg: ModelConfig, name: str) -> int | None:
+    """How many heads `name`'s rows were permuted over (attn_q: query heads, attn_k: KV heads), else None."""
+    if re.match(r"^blk\.\d+\.attn_q\.(weight|bias)$", name):
+        return cfg.num_heads
+    if re.match(r"^blk\.\d+\.attn_k\.(weight|bias)$", name):
+        return cfg.num_kv_heads
+    return None
+
+
+def unpermute_qk(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo `convert_hf_to_gguf`'s `permute` on the rows (dim 0) of a q/k weight, bias or block scales:
+    rows [H, d/2, 2] (as the file has them) -> [H, 2, d/2] (as the checkpoint had them)."""
+    rows = t.shape[0]
+    return t.reshape(heads, rows // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()

@@ -83,9 +83,9 @@ def linear_from_blocks(kind: str, q: torch.Tensor, d: torch.Tensor, bias: torch.
     return layer
 
 
-def to_torch(t: GGUFTensor, file: str, bf16: bool = False) -> torch.Tensor:
+def to_torch(t: GGUFTensor, file: str) -> torch.Tensor:
     """Any supported tensor as a torch tensor in PyTorch order: F32/F16/BF16 as stored (a copy, not the
-    memory map), quantized types dequantized to float32 (bfloat16 if `bf16`)."""
+    memory map), quantized types dequantized to float32 (the loader then casts to the model's dtype)."""
     check_type(t, file)
     if t.type == "F32" or t.type == "F16":
         return torch.from_numpy(np.array(t.data)).reshape(t.shape)
@@ -100,7 +100,7 @@ def to_torch(t: GGUFTensor, file: str, bf16: bool = False) -> torch.Tensor:
 
         w = torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType[t.type]))
         w = w.reshape(t.shape)
-    return w.bfloat16() if bf16 else w
+    return w
 
 
 def check_type(t: GGUFTensor, file: str) -> None:
