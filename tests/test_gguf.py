@@ -486,6 +486,8 @@ def test_clear_errors(tmp_path, gguf_file):
     shutil.copy(good, two / "b.gguf")
     with pytest.raises(GGUFError, match="expected one .gguf file in the folder, found 2"):
         seekwen.load(two)
+    with pytest.raises(GGUFError, match="no such GGUF file"):
+        seekwen.load(tmp_path / "missing.gguf")
     split = tmp_path / "m-00001-of-00002.gguf"
     shutil.copy(good, split)
     with pytest.raises(GGUFError, match="split GGUF files are not supported"):

@@ -36,10 +36,11 @@ _SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
-    """A `.gguf` file, or a folder without config.json holding at least one `.gguf` file."""
+    """A `.gguf` path (existing or not: a missing one gets GGUF's error), or a folder without config.json
+    holding at least one `.gguf` file."""
     p = Path(path).expanduser()
-    if p.is_file():
-        return p.suffix.lower() == ".gguf"
+    if p.suffix.lower() == ".gguf" and not p.is_dir():
+        return True
     return p.is_dir() and not (p / "config.json").is_file() and any(p.glob("*.gguf"))
 
 
