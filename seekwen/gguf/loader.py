@@ -117,8 +117,31 @@ def tensor_types(f: GGUFFile) -> dict[str, int]:
 def load_tensors(model: Transformer, f: GGUFFile) -> None:
     """Fill every parameter of `model` from the file; error on anything missing, unexpected or misshapen."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    filled: set[str] = set()
-    consumed: set[str] = set()
+    filled, consumed = _load_composites(model, f, params)
+    blocks: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # param -> (kind, q, d)
+    unexpected = []
+    for name in f.tensors:
+        if name in consumed or IGNORED.match(name):
+            continue
+        param = our_name(name)
+        if param is None or param not in params:
+            unexpected.append(name)
+            continue
+        _load_one(model, f, name, param, params, blocks)
+        filled.add(param)
+    if unexpected:
+        raise GGUFError(f"{f.path}: unexpected tensor(s) for {model.cfg.model_type}: {_more(unexpected)}")
+    tied = model.cfg.tie_word_embeddings
+    missing = [f"{gguf_name(p)} (for {p})" for p in params if p not in filled and not (tied and p == "head.weight")]
+    if missing:
+        raise GGUFError(f"{f.path}: missing tensor(s): {_more(missing)}")
+    for param, (kind, q, d) in blocks.items():
+        _swap_linear(model, param, kind, q, d)
+
+
+def _load_composites(model: Transformer, f: GGUFFile, params: dict) -> tuple[set[str], set[str]]:
+    """The parameters built from the converter's split / fused tensors: (params filled, tensors used)."""
+    filled, consumed = set(), set()
     for comp in composites(model.cfg, set(f.tensors)):
         missing = [s for s in comp.sources if s not in f.tensors]
         if missing:
@@ -132,37 +155,26 @@ def load_tensors(model: Transformer, f: GGUFFile) -> None:
             _copy(f, params, param, t, " + ".join(comp.sources))
             filled.add(param)
         consumed.update(comp.sources)
-    blocks: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
-    unexpected = []
-    for name, t in f.tensors.items():
-        if name in consumed or IGNORED.match(name):
-            continue
-        param = our_name(name)
-        if param is None or param not in params:
-            unexpected.append(name)
-            continue
-        check_type(t, str(f.path))
-        heads = qk_heads(model.cfg, name) if f.arch in PERMUTED_QK else None
-        if t.type in BLOCKS and _linear_of(model, param) is not None:
-            q, d = BLOCKS[t.type](t.data)  # q [N, K], d [N, K // 32]
-            _check_shape(f, name, tuple(q.shape), params[param], param)
-            if heads:  # whole rows of blocks move: the blocks stay exact
-                q, d = unpermute_qk(q, heads), unpermute_qk(d, heads)
-            blocks[param] = (t.type, q, d)
-        else:
-            w = to_torch(t, str(f.path))
-            if heads and tuple(w.shape) == tuple(params[param].shape):
-                w = unpermute_qk(w, heads)
-            _copy(f, params, param, w, name)
-        filled.add(param)
-    if unexpected:
-        raise GGUFError(f"{f.path}: unexpected tensor(s) for {model.cfg.model_type}: {_more(unexpected)}")
-    tied = model.cfg.tie_word_embeddings
-    missing = [f"{gguf_name(p)} (for {p})" for p in params if p not in filled and not (tied and p == "head.weight")]
-    if missing:
-        raise GGUFError(f"{f.path}: missing tensor(s): {_more(missing)}")
-    for param, (kind, q, d) in blocks.items():
-        _swap_linear(model, param, kind, q, d)
+    return filled, consumed
+
+
+def _load_one(model: Transformer, f: GGUFFile, name: str, param: str, params: dict, blocks: dict) -> None:
+    """GGUF tensor `name` into `param`: a linear layer's Q8_0/Q4_0 weight kept as blocks (in `blocks`, the
+    layer swapped once all is read), anything else copied (dequantized) into the parameter."""
+    t = f.tensors[name]
+    check_type(t, str(f.path))
+    heads = qk_heads(model.cfg, name) if f.arch in PERMUTED_QK else None
+    if t.type in BLOCKS and _linear_of(model, param) is not None:
+        q, d = BLOCKS[t.type](t.data)  # q [N, K], d [N, K // 32]
+        _check_shape(f, name, tuple(q.shape), params[param], param)
+        if heads:  # whole rows of blocks move: the blocks stay exact
+            q, d = unpermute_qk(q, heads), unpermute_qk(d, heads)
+        blocks[param] = (t.type, q, d)
+        return
+    w = to_torch(t, str(f.path))
+    if heads and tuple(w.shape) == tuple(params[param].shape):
+        w = unpermute_qk(w, heads)
+    _copy(f, params, param, w, name)
 
 
 def _linear_of(model: nn.Module, param: str) -> nn.Linear | None:
