@@ -76,14 +76,17 @@ def llama_batched(ll: LlamaCpp, gguf: Path, threads: int, n_gen: int) -> dict[st
     cmd = [str(ll.batched), "-m", str(gguf), "-t", str(threads), "-c", str(8 * (32 + n_gen) + 64),
            "-npp", "32", "-ntg", str(n_gen), "-npl", "1,8", "--output-format", "jsonl"]
     print(f"  $ {' '.join(cmd)}")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if r.returncode != 0:
-        raise RuntimeError(f"llama-batched-bench failed ({r.returncode}): {r.stderr.strip()[-500:]}")
-    out = {}
-    for text in r.stdout.splitlines():
-        if text.startswith("{"):
-            row = json.loads(text)
-            out[f"decode b{row['pl']} (after 32)"] = float(row["speed_tg"])
+    out: dict[str, float] = {}
+    for _ in range(3):  # its asynchronous logger sometimes loses the last line at exit: run again
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama-batched-bench failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+        for text in r.stdout.splitlines():
+            if text.startswith("{"):
+                row = json.loads(text)
+                out.setdefault(f"decode b{row['pl']} (after 32)", float(row["speed_tg"]))
+        if len(out) == 2:
+            break
     return out
 
 
