@@ -189,7 +189,7 @@ def _dequantized_reference(ref, path: Path, permuted: bool = False):
     with torch.no_grad():
         for t in reader.tensors:
             name = our_name(t.name)
-            if name in params and t.tensor_type.name in ("Q8_0", "Q4_0"):
+            if name in params and t.tensor_type.name not in ("F32", "F16", "BF16"):  # any quantized type
                 w = torch.from_numpy(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type))
                 if permuted and ".attn_q." in t.name or permuted and ".attn_k." in t.name:
                     heads = ref.cfg.num_heads if ".attn_q." in t.name else ref.cfg.num_kv_heads
@@ -526,7 +526,8 @@ def test_real_converter_fixtures(family, file):
         else:  # == dequantize-then-run; dense models also within the format's error
             assert (got - _dequantized_reference(ref, folder / file)(ids)).abs().max() <= 1e-4
             rel = ((got - want).norm() / want.norm()).item()
-            assert rel > 0 and (ref.cfg.moe is not None or rel < (0.02 if kind == "Q8_0" else 0.25)), rel
+            # (a random tiny model has no redundancy: 4-bit blocks move its logits by ~25%)
+            assert rel > 0 and (ref.cfg.moe is not None or rel < (0.02 if kind == "Q8_0" else 0.35)), rel
     tok = Tokenizer.from_folder(hf_folder)
     for text in SAMPLES:
         assert model.tokenizer.encode(text) == tok.encode(text), text
@@ -549,7 +550,7 @@ print(json.dumps(rows))
 """
 FAKE_BATCHED = """#!{python}
 import json
-for pl, speed in ((1, 40.0), (8, 160.0)):
+for pl, speed in ((1, 40.0), (8, 160.0), (1, 41.0)):
     row = dict(pp=32, tg=4, pl=pl, n_kv=0, t_pp=0.1, speed_pp=1.0, t_tg=0.1, speed_tg=speed, t=0.2, speed=1.0)
     print(json.dumps(row))
 """

@@ -6,7 +6,7 @@ skipped. What runs, both engines with the same threads:
 
 - llama.cpp: `llama-bench -m FILE -t T -p 32,512 -n N -o json` (prefill 32 / 512 tokens, decode N tokens
   from an empty context) and, when present, `llama-batched-bench -npp 32 -ntg N -npl 1,8 --output-format
-  jsonl` (decode of 1 and 8 sequences after 32-token prompts);
+  jsonl` (decode of 1 and 8 sequences after 32-token prompts; `-npl 1,8,1`: see llama_batched);
 - seekwen: `seekwen.load(FILE)` (the fast path), prefill 32 / 512 and decode at batch 1 and 8 after
   32-token prompts, through the bench's runners (median step time, best of --repeats).
 Printed: tokens/s of each, seekwen / llama.cpp, and each engine's batch-1 decode as a fraction of the
@@ -74,10 +74,12 @@ def llama_bench(ll: LlamaCpp, gguf: Path, threads: int, n_gen: int, repeats: int
 def llama_batched(ll: LlamaCpp, gguf: Path, threads: int, n_gen: int) -> dict[str, float]:
     """llama-batched-bench's decode tokens/s of 1 and 8 sequences after 32-token prompts."""
     cmd = [str(ll.batched), "-m", str(gguf), "-t", str(threads), "-c", str(8 * (32 + n_gen) + 64),
-           "-npp", "32", "-ntg", str(n_gen), "-npl", "1,8", "--output-format", "jsonl"]
+           "-npp", "32", "-ntg", str(n_gen), "-npl", "1,8,1", "--output-format", "jsonl"]
     print(f"  $ {' '.join(cmd)}")
     out: dict[str, float] = {}
-    for _ in range(3):  # its asynchronous logger sometimes loses the last line at exit: run again
+    # its asynchronous logger sometimes loses the last line at exit: a cheap repeat of batch 1 comes last
+    # (the first figure of each batch size is kept), and a run still short of a size is repeated
+    for _ in range(3):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if r.returncode != 0:
             raise RuntimeError(f"llama-batched-bench failed ({r.returncode}): {r.stderr.strip()[-500:]}")
