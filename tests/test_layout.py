@@ -10,7 +10,7 @@ import seekwen
 
 ROOT = Path(seekwen.__file__).parent
 # docs/design.md, "Layout": each package may import the ones before it, never one after it
-ORDER = ["errors", "config", "model", "fast", "hf", "parallel", "runtime", "server", "train", "tools", "cli"]
+ORDER = ["errors", "config", "model", "fast", "hf", "gguf", "parallel", "runtime", "server", "train", "tools", "cli"]
 
 
 def _package(module: str) -> str | None:

@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from ..gguf.loader import is_gguf
+from ..gguf.loader import load as load_gguf
 from ..hf.loader import load as load_one
 from .comm import CollectiveTimeout, Comm, env_rank, env_world_size
 from .loading import load_parallel
@@ -40,7 +42,11 @@ def load(
     The other arguments are `hf.loader.load`'s (under torchrun the MTP layers are sharded as the main ones)."""
     if env_world_size() == 1:
         make_plan(1, 0, tp, ep)  # tp or ep > 1 without torchrun: says how to launch
+        if is_gguf(path_or_id):  # a llama.cpp / ollama file (seekwen.gguf)
+            return load_gguf(path_or_id, dtype, device, config_overrides, quantize, fast)
         return load_one(path_or_id, dtype, device, config_overrides, quantize, fast, mtp)
+    if is_gguf(path_or_id):
+        raise ParallelError(f"{path_or_id}: GGUF files load in one process only (not under torchrun yet)")
     return load_parallel(path_or_id, dtype, device, config_overrides, quantize, fast, tp, ep, mtp)
 
 

@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-tokens", type=int, default=24, help="decode steps timed per measurement")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats per measurement (best kept)")
     p.add_argument("--vs-hf", action="store_true", help="also run transformers, same checkpoint, interleaved")
+    p.add_argument("--vs-llamacpp", default=None, metavar="GGUF_OR_DIR",
+                   help="seekwen and llama.cpp (LLAMA_CPP_BIN or llama-bench on PATH) on this GGUF file (llamacpp.py)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size")
     p.add_argument("--no-fast", action="store_true", help="run seekwen's plain reference path (no prepare)")
@@ -89,12 +91,18 @@ def run(args: argparse.Namespace) -> int:
     where = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     print(f"machine: {where}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(f"  {probe}")
+    if args.vs_llamacpp:
+        from .llamacpp import run_vs_llamacpp
+
+        return run_vs_llamacpp(args, bw)
     chosen = args.sections.split(",")
     if args.model:
+        from ...gguf import gguf_file, is_gguf
         from ...hf.loader import resolve
         from ..common import model_path
 
-        folders = [resolve(model_path(args.model))]
+        path = model_path(args.model)
+        folders = [gguf_file(path) if is_gguf(path) else resolve(path)]
     else:
         folders = [build_checkpoint(name, args.cache_dir) for name in args.models.split(",") if name]
     if chosen != ["ppl"]:

@@ -1,0 +1,215 @@
+"""Load a GGUF file (llama.cpp / ollama) into the same `Transformer` a Hugging Face checkpoint gives.
+
+    model = seekwen.load("qwen2.5-0.5b-instruct-q8_0.gguf")     # or a folder holding one .gguf
+
+1. metadata -> HF config dict -> `ModelConfig` (`config.py`), so every family rule is the HF parser's;
+2. `hf.loader.build` allocates the model; each GGUF tensor is mapped onto our parameter names
+   (`names.py`), the converter's splits and fusions undone, shapes checked;
+3. F32/F16/BF16 tensors are copied as they are; a Q8_0 / Q4_0 weight of a linear layer becomes a layer
+   built from its blocks (`quant.linear_from_blocks`), any other quantized tensor (K-quants, quantized
+   embeddings and stacked experts) is dequantized to the model's dtype;
+4. the tokenizer: HF files beside the GGUF, else rebuilt from the metadata (`tokenizer.py`); then the
+   fast path, as for any checkpoint.
+Every error names the file and the tensor or key (`GGUFError`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, ModelConfig
+from ..hf.families import parse_config
+from ..hf.loader import build, parse_dtype
+from ..model.transformer import Transformer
+from .config import model_config
+from .names import IGNORED, PERMUTED_QK, composites, gguf_name, our_name, qk_heads, unpermute_qk
+from .quant import BLOCKS, check_type, linear_from_blocks, to_torch
+from .reader import GGUFError, GGUFFile
+from .tokenizer import gguf_tokenizer
+
+_SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """A `.gguf` path (existing or not: a missing one gets GGUF's error), or a folder without config.json
+    holding at least one `.gguf` file."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() == ".gguf" and not p.is_dir():
+        return True
+    return p.is_dir() and not (p / "config.json").is_file() and any(p.glob("*.gguf"))
+
+
+def gguf_file(path: str | os.PathLike) -> Path:
+    """The one GGUF file `path` names (itself, or the only .gguf in a folder)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(p.glob("*.gguf"))
+        if len(files) != 1:
+            names = ", ".join(f.name for f in files) or "none"
+            raise GGUFError(f"{p}: expected one .gguf file in the folder, found {len(files)} ({names}); "
+                            "pass the file itself")
+        p = files[0]
+    if not p.is_file():
+        raise GGUFError(f"{p}: no such GGUF file")
+    if _SPLIT.search(p.name):
+        raise GGUFError(f"{p}: split GGUF files are not supported; merge them first "
+                        "(llama-gguf-split --merge FIRST-PART OUT.gguf)")
+    return p
+
+
+def load(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    config_overrides: dict | None = None,
+    quantize: str | None = None,
+    fast: bool = True,
+) -> Transformer:
+    """`seekwen.load` of a GGUF file; the arguments mean what they mean for a HF checkpoint. dtype: default
+    the file's (F16 -> float16, BF16 -> bfloat16, F32 and quantized files -> float32)."""
+    f = GGUFFile(gguf_file(path))
+    cfg = read_config(f, config_overrides)
+    model = build(cfg, parse_dtype(dtype), device)
+    load_tensors(model, f)
+    model.eval()
+    model.path = f.path
+    model.gguf_types = tensor_types(f)
+    model.tokenizer = gguf_tokenizer(f)
+    if fast or quantize:
+        from ..fast import prepare
+
+        prepare(model, quantize=quantize)
+    return model
+
+
+def read_config(f: GGUFFile, config_overrides: dict | None = None) -> ModelConfig:
+    """The file's ModelConfig (overrides applied as HF config.json fields), llama.cpp's end-of-generation
+    tokens (eos, eot, eom) as its EOS ids."""
+    raw, cfg = model_config(f)
+    if config_overrides:
+        try:
+            cfg = parse_config({**raw, **config_overrides}, f"{f.path} (GGUF metadata, with overrides)")
+        except ConfigError as e:
+            raise GGUFError(str(e)) from e
+    ids = cfg.eos_ids
+    for key in ("eot", "eom"):
+        i = f.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    cfg.eos_token_id = ids or None
+    return cfg
+
+
+def tensor_types(f: GGUFFile) -> dict[str, int]:
+    """How many tensors of each ggml type the file holds, e.g. {"Q4_K": 97, "Q6_K": 13, "F32": 121}."""
+    out: dict[str, int] = {}
+    for t in f.tensors.values():
+        out[t.type] = out.get(t.type, 0) + 1
+    return out
+
+
+@torch.no_grad()
+def load_tensors(model: Transformer, f: GGUFFile) -> None:
+    """Fill every parameter of `model` from the file; error on anything missing, unexpected or misshapen."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    filled, consumed = _load_composites(model, f, params)
+    blocks: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # param -> (kind, q, d)
+    unexpected = []
+    for name in f.tensors:
+        if name in consumed or IGNORED.match(name):
+            continue
+        param = our_name(name)
+        if param is None or param not in params:
+            unexpected.append(name)
+            continue
+        _load_one(model, f, name, param, params, blocks)
+        filled.add(param)
+    if unexpected:
+        raise GGUFError(f"{f.path}: unexpected tensor(s) for {model.cfg.model_type}: {_more(unexpected)}")
+    tied = model.cfg.tie_word_embeddings
+    missing = [f"{gguf_name(p)} (for {p})" for p in params if p not in filled and not (tied and p == "head.weight")]
+    if missing:
+        raise GGUFError(f"{f.path}: missing tensor(s): {_more(missing)}")
+    for param, (kind, q, d) in blocks.items():
+        _swap_linear(model, param, kind, q, d)
+
+
+def _load_composites(model: Transformer, f: GGUFFile, params: dict) -> tuple[set[str], set[str]]:
+    """The parameters built from the converter's split / fused tensors: (params filled, tensors used)."""
+    filled, consumed = set(), set()
+    for comp in composites(model.cfg, set(f.tensors)):
+        missing = [s for s in comp.sources if s not in f.tensors]
+        if missing:
+            raise GGUFError(f"{f.path}: missing tensor(s) {', '.join(missing)} (the other half of "
+                            f"{', '.join(s for s in comp.sources if s in f.tensors)})")
+        try:
+            outs = comp.build([to_torch(f.tensors[s], str(f.path)) for s in comp.sources])
+        except (ValueError, RuntimeError) as e:
+            raise GGUFError(f"{f.path}: {' + '.join(comp.sources)}: {e}") from e
+        for param, t in zip(comp.params, outs, strict=True):
+            _copy(f, params, param, t, " + ".join(comp.sources))
+            filled.add(param)
+        consumed.update(comp.sources)
+    return filled, consumed
+
+
+def _load_one(model: Transformer, f: GGUFFile, name: str, param: str, params: dict, blocks: dict) -> None:
+    """GGUF tensor `name` into `param`: a linear layer's Q8_0/Q4_0 weight kept as blocks (in `blocks`, the
+    layer swapped once all is read), anything else copied (dequantized) into the parameter."""
+    t = f.tensors[name]
+    check_type(t, str(f.path))
+    heads = qk_heads(model.cfg, name) if f.arch in PERMUTED_QK else None
+    if t.type in BLOCKS and _linear_of(model, param) is not None:
+        q, d = BLOCKS[t.type](t.data)  # q [N, K], d [N, K // 32]
+        _check_shape(f, name, tuple(q.shape), params[param], param)
+        if heads:  # whole rows of blocks move: the blocks stay exact
+            q, d = unpermute_qk(q, heads), unpermute_qk(d, heads)
+        blocks[param] = (t.type, q, d)
+        return
+    w = to_torch(t, str(f.path))
+    if heads and tuple(w.shape) == tuple(params[param].shape):
+        w = unpermute_qk(w, heads)
+    _copy(f, params, param, w, name)
+
+
+def _linear_of(model: nn.Module, param: str) -> nn.Linear | None:
+    """The nn.Linear whose weight `param` is, if it is one."""
+    if not param.endswith(".weight"):
+        return None
+    module = model.get_submodule(param.removesuffix(".weight"))
+    return module if isinstance(module, nn.Linear) else None
+
+
+def _swap_linear(model: Transformer, param: str, kind: str, q: torch.Tensor, d: torch.Tensor) -> None:
+    """Replace the linear layer owning `param` by the one built from its blocks (same bias, device)."""
+    path = param.removesuffix(".weight")
+    old = model.get_submodule(path)
+    layer = linear_from_blocks(kind, q, d, None if old.bias is None else old.bias.detach())
+    if isinstance(layer, nn.Linear) and old.weight.dtype != torch.float32:
+        layer = layer.to(old.weight.dtype)  # the plain stand-in computes in the model's dtype
+    layer = layer.to(old.weight.device)
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+
+
+def _check_shape(f: GGUFFile, name: str, shape: tuple[int, ...], p: torch.Tensor, param: str) -> None:
+    if shape != tuple(p.shape):
+        raise GGUFError(f"{f.path}: tensor '{name}' has shape {shape}, expected {tuple(p.shape)} "
+                        f"(for {param}) from the GGUF metadata")
+
+
+def _copy(f: GGUFFile, params: dict[str, torch.Tensor], param: str, t: torch.Tensor, name: str) -> None:
+    p = params[param]
+    if tuple(t.shape) != tuple(p.shape) and t.numel() == p.numel() and t.squeeze().shape == p.squeeze().shape:
+        t = t.reshape(p.shape)  # [1, dim] vs [dim]: Qwen2-MoE's shared-expert gate
+    _check_shape(f, name, tuple(t.shape), p, param)
+    p.data.copy_(t)
+
+
+def _more(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
