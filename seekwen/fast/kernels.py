@@ -39,12 +39,12 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, vec_avx2.h, vec_avx512.h and int4_avx2.h
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: else at::parallel_for runs serially
+SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, vec_avx2.h and vec_avx512.h
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: else at::parallel_for runs serially
 LDFLAGS = ["-fopenmp"]
-FUNCTIONS = ("f32_mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa")
+FUNCTIONS = ("f32_mm", "mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa")
 
-MAX_ROWS = 8  # the kernels serve up to this many activation rows (decode); more: BLAS
+MAX_ROWS = 16  # the kernels serve up to this many activation rows (decode, small batches); more: BLAS
 
 _module = None
 _tried = False

@@ -26,7 +26,7 @@ from ..model.moe import Experts, dispatch, dispatch_sorted
 from ..model.norm import RMSNorm
 from ..model.rope import apply_rope
 from . import kernels, paged_kernels
-from .linear import FastLinear, describe_linear, fuse, isa_name, make_linear
+from .linear import FastLinear, describe_linear, fuse, isa_name, kernel_operands, make_linear, weight_format
 
 
 class FromReference:
@@ -241,8 +241,11 @@ class GroupedExperts(FromReference, nn.Module):
             for e in range(E)
         )
         self.w2 = nn.ModuleList(make_linear(experts.w2[e].detach(), None, quantize, group_size) for e in range(E))
-        cpu_fp32 = quantize is None and experts.w1.dtype == torch.float32 and experts.w1.device.type == "cpu"
-        self.use_kernels = cpu_fp32 and kernels.get() is not None  # moe_experts' case, decided once
+        # moe_experts' case, decided once: fp32 weights as loaded, or bf16 / f16 / q8_0 / q4_0, on CPU
+        ops = [kernel_operands(la) for la in (*self.w13, *self.w2)]
+        on_cpu = experts.w1.device.type == "cpu"
+        fp32_or_format = quantize is not None or experts.w1.dtype == torch.float32
+        self.use_kernels = on_cpu and fp32_or_format and all(op is not None for op in ops) and kernels.get() is not None
 
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
@@ -252,7 +255,7 @@ class GroupedExperts(FromReference, nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
         N, k = indices.shape
-        if self.use_kernels and kernels.usable(x, self.w13[0].weight):
+        if self.use_kernels and x.dtype == torch.float32 and 0 < x.shape[0] <= kernels.MAX_ROWS:
             return self._fused_forward(kernels.get(), x, weights, indices)
         if N == 1:  # decode, one token: k experts, no grouping needed
             out = torch.zeros_like(x)
@@ -267,11 +270,16 @@ class GroupedExperts(FromReference, nn.Module):
 
         def run(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
             active = [e for e, n in enumerate(counts) if n]
+            op13 = [kernel_operands(self.w13[e]) for e in active]  # (weight, block scales or None)
+            op2 = [kernel_operands(self.w2[e]) for e in active]
+            scaled = op13[0][1] is not None, op2[0][1] is not None
             return kern.moe_experts(
                 xs.contiguous(),
-                [self.w13[e].weight for e in active],
-                [self.w2[e].weight for e in active],
+                [w for w, _ in op13],
+                [w for w, _ in op2],
                 [counts[e] for e in active],
+                [d for _, d in op13] if scaled[0] else [],
+                [d for _, d in op2] if scaled[1] else [],
             )
 
         return dispatch_sorted(x, weights, indices, self.n_experts, run)
@@ -279,7 +287,7 @@ class GroupedExperts(FromReference, nn.Module):
     def describe(self) -> str:
         if self.use_kernels:
             return (f"{self.n_experts} experts, chosen ones in one moe_experts kernel call "
-                    f"({isa_name()}, <= {kernels.MAX_ROWS} tokens), else grouped per expert")
+                    f"({weight_format(self.w13[0])}, {isa_name()}, <= {kernels.MAX_ROWS} tokens), else grouped per expert")
         return f"{self.n_experts} experts grouped by expert, one fused product each ({describe_linear(self.w13[0])})"
 
 

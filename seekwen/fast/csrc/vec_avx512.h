@@ -1,9 +1,10 @@
-// AVX-512 vector traits `V` (__m512, 16 fp32 lanes) for loops.h. Included by kernels.cpp inside
-// namespace avx512, under `#pragma GCC target("avx512f,...")`; no include guard, no #includes of its own.
+// AVX-512 vector traits `V` (__m512, 16 fp32 lanes) for loops.h: arithmetic, and the loads that widen
+// each weight format to fp32 lanes. Included by kernels.cpp inside namespace avx512, under
+// `#pragma GCC target("avx512f,...")`; no include guard, no #includes of its own.
 struct V {
   using vec = __m512;
   static constexpr int64_t L = 16;
-  static constexpr int MBMAX = 8;  // all decode rows in one pass: 8 x 3 accumulators + 3 weights + x of 32
+  static constexpr int MBMAX = 8;  // 8 rows in one pass: 8 x 3 accumulators + 3 weights + x of 32
   static constexpr int KN_COLS = 3;  // f32_mm_kn: 8 x 3 accumulators + 3 loads + 1 broadcast
   static constexpr int rows(int mb) { return mb <= 6 ? 4 : 3; }
   static inline __mmask16 mask(int64_t r) { return (__mmask16)((1u << r) - 1); }
@@ -11,6 +12,7 @@ struct V {
   static inline vec set1(float a) { return _mm512_set1_ps(a); }
   static inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
   static inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
   static inline float sum(vec v) { return _mm512_reduce_add_ps(v); }
   static inline vec load(const float* p) { return _mm512_loadu_ps(p); }
   static inline vec tail(const float* p, int64_t r) { return _mm512_maskz_loadu_ps(mask(r), p); }
@@ -19,5 +21,23 @@ struct V {
   }
   static inline vec tail_i8(const int8_t* p, int64_t r) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask(r), p)));
+  }
+  static inline vec widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static inline vec load_bf16(const uint16_t* p) { return widen_bf16(_mm256_loadu_si256((const __m256i*)p)); }
+  static inline vec tail_bf16(const uint16_t* p, int64_t r) { return widen_bf16(_mm256_maskz_loadu_epi16(mask(r), p)); }
+  static inline vec load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static inline vec tail_f16(const uint16_t* p, int64_t r) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(r), p)); }
+  // Q4_0: the low (hi = false) or high nibbles of 16 bytes, minus 8, as fp32
+  static inline vec load_q4(const uint8_t* p, bool hi) {
+    __m128i v = _mm_loadu_si128((const __m128i*)p);
+    if (hi) v = _mm_srli_epi16(v, 4);
+    v = _mm_sub_epi8(_mm_and_si128(v, _mm_set1_epi8(15)), _mm_set1_epi8(8));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+  }
+  // int4 (group-asymmetric): 16 codes from 8 bytes, two per byte in order (code 2j low, 2j + 1 high)
+  static inline vec load_u4seq(const uint8_t* p) {
+    const __m128i v = _mm_loadl_epi64((const __m128i*)p), lo4 = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(v, lo4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), lo4);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
   }
 };
