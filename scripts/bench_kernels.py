@@ -10,6 +10,13 @@ as `x.sum()` over 1 GiB of fp32 (2 threads, the best of 5). Each figure is the m
 passes over all copies. `--isa avx2` forces the AVX2 code. Also the older BLAS baseline (F.linear) for fp32.
 
     python scripts/bench_kernels.py [--formats fp32,q4_0] [--shapes up,head] [--rows 1,8,16] [--isa avx2]
+
+`--decode` instead times whole-model decode on `seekwen bench`'s Qwen2.5-0.5B-shaped checkpoint (random
+weights, built once under ~/.cache/seekwen/bench): the fp32 model prepared in each format, batch 1 and
+batch 8 (prompt 32), tokens/s as the median step time over `--steps` steps, the formats interleaved
+`--repeats` times (best kept), with the weight bytes a batch-1 step reads and that over the read bandwidth:
+
+    python scripts/bench_kernels.py --decode [--formats fp32,bf16,f16,q8_0,q4_0] [--batches 1,8]
 """
 
 from __future__ import annotations
@@ -90,6 +97,36 @@ def bench_blas(out_f: int, in_f: int, rows: list[int], repeats: int) -> dict[int
     return res
 
 
+def bench_decode(formats: list[str], batches: list[int], steps: int, repeats: int, bw: float) -> None:
+    """Decode tokens/s per format and batch size on the dense bench checkpoint, formats interleaved."""
+    import copy
+
+    import seekwen
+    from seekwen.fast import prepare
+    from seekwen.tools.bench.checkpoints import build_checkpoint
+    from seekwen.tools.bench.roofline import decode_bytes
+    from seekwen.tools.bench.runners import Ours, time_decode
+
+    plain = seekwen.load(build_checkpoint("dense", "~/.cache/seekwen/bench"), dtype=torch.float32, fast=False)
+    models = {f: prepare(copy.deepcopy(plain), quantize=None if f == "fp32" else f) for f in formats}
+    del plain
+    g = torch.Generator().manual_seed(0)
+    prompts = {B: torch.randint(0, models[formats[0]].cfg.vocab_size, (B, 32), generator=g) for B in batches}
+    best: dict[tuple[str, int], float] = {}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for f in formats:
+                for B in batches:
+                    t = time_decode(Ours(models[f]), prompts[B], steps)
+                    best[f, B] = min(best.get((f, B), float("inf")), t)
+    for f in formats:
+        gb = decode_bytes(models[f]) / 1e9
+        cells = "  ".join(f"b{B} {B / best[f, B]:6.1f} tok/s" for B in batches)
+        roof = bw / gb
+        print(f"{f:<5} {gb:5.2f} GB/step  {cells}   b1 roofline {roof:5.1f} tok/s "
+              f"({100 * (1 / best[f, batches[0]]) / roof:3.0f}% of it)" if batches[0] == 1 else f"{f:<5} {cells}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--formats", default=",".join(FORMATS))
@@ -98,6 +135,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--isa", default=None, help="force avx2 or avx512")
     p.add_argument("--blas", action="store_true", help="also F.linear with fp32 weights")
+    p.add_argument("--decode", action="store_true", help="whole-model decode per format instead (see above)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--steps", type=int, default=16)
     a = p.parse_args()
     k = kernels.get()
     assert k is not None, f"kernels unavailable: {kernels.describe()}"
@@ -106,6 +146,10 @@ def main() -> None:
     rows = [int(r) for r in a.rows.split(",")]
     bw = read_bandwidth()
     print(f"{torch.get_num_threads()} threads, kernels {k.isa()}; read bandwidth (x.sum over 1 GiB) {bw:.1f} GB/s")
+    if a.decode:
+        formats = a.formats.split(",") if a.formats != ",".join(FORMATS) else ["fp32", "bf16", "f16", "q8_0", "q4_0"]
+        bench_decode(formats, [int(b) for b in a.batches.split(",")], a.steps, max(1, a.repeats // 2), bw)
+        return
     print("format  shape           " + "  ".join(f"M={M:<2} GB/s (% of read)" for M in rows))
     for fmt in a.formats.split(","):
         for name in a.shapes.split(","):

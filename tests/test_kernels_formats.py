@@ -220,7 +220,7 @@ def _ids(vocab: int, B: int, S: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab, (B, S), generator=torch.Generator().manual_seed(seed))
 
 
-COS = {"bf16": 0.9999, "f16": 0.99999, "q8_0": 0.9995, "q4_0": 0.97}  # logits vs fp32, cosine
+COS = {"bf16": 0.9999, "f16": 0.99999, "q8_0": 0.9995, "q4_0": 0.95}  # logits vs fp32, cosine
 
 
 def _check_model(plain: nn.Module, fmt: str) -> None:

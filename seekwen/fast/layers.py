@@ -286,8 +286,9 @@ class GroupedExperts(FromReference, nn.Module):
 
     def describe(self) -> str:
         if self.use_kernels:
-            return (f"{self.n_experts} experts, chosen ones in one moe_experts kernel call "
-                    f"({weight_format(self.w13[0])}, {isa_name()}, <= {kernels.MAX_ROWS} tokens), else grouped per expert")
+            fmt = weight_format(self.w13[0])
+            return (f"{self.n_experts} experts, chosen ones in one moe_experts kernel call ({fmt}, {isa_name()}, "
+                    f"<= {kernels.MAX_ROWS} tokens), else grouped per expert")
         return f"{self.n_experts} experts grouped by expert, one fused product each ({describe_linear(self.w13[0])})"
 
 

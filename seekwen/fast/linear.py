@@ -3,13 +3,19 @@
 The plain model uses `nn.Linear` (weight [out, in], `F.linear`), the reference. Batch-1/batch-8 decode
 on this kind of CPU is bound by streaming weights, and the BLAS serves few-row products poorly (see
 /work/shared/cpu-measurements.md), so up to `kernels.MAX_ROWS` rows on CPU every layer uses an AVX2 or
-AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) use the BLAS.
+AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) use the
+BLAS (the quantized formats dequantize first). One class per weight format (`make_linear(w, b, fmt)`):
 
-- `FastLinear`: fp32/bf16 weight [out, in] contiguous; `kernels.f32_mm` (fp32, few rows) or `F.linear`.
+- `FastLinear`: fp32 weight [out, in] as loaded; `kernels.f32_mm` (few rows) or `F.linear`.
+- `Half16Linear`: bf16 or fp16 weight [out, in] (`--quantize bf16|f16`), widened to fp32 in registers.
+- `Q8_0Linear`, `Q4_0Linear`: GGUF's block formats, 32 input channels per block with one fp16 scale d:
+  w = q * d with q int8 (Q8_0) or q in -8..7 stored as 4-bit codes q + 8 (Q4_0). `from_float` quantizes
+  exactly as ggml does; `from_blocks(q, d)` takes GGUF's blocks (the GGUF loader's entry point).
+  in % 32 != 0: `make_linear` keeps that layer in bf16.
 - `Int8Linear`: int8 weight [out, in] with one fp32 scale per output channel (symmetric, absmax/127).
 - `Int4Linear`: 4-bit weight in groups of `group_size` input channels, asymmetric (scale and zero per
   group and output channel), two codes per byte.
-Both are weight-only: activations stay fp32; see `kernels.py` for why not PyTorch's int8/int4 ops.
+All are weight-only: activations stay fp32; see `kernels.py` for why not PyTorch's int8/int4 ops.
 
 Every class also has `dequantized()` -> the fp32 [out, in] weight it computes with, the exact reference
 the tests compare against. `fuse(linears)` stacks several projections of the same input (q/k/v,
@@ -277,13 +283,13 @@ class Q8_0Linear(_BlockLinear):
         self._setup(q, d, q.shape[1], bias)
 
     @classmethod
-    def from_blocks(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> "Q8_0Linear":
+    def from_blocks(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> Q8_0Linear:
         """q int8 [N, K], d [N, K // 32] (any float dtype; kept as fp16, as GGUF stores it):
         weight = (q.view(N, K // 32, 32) * d[..., None]).reshape(N, K)."""
         return cls(q, d, bias)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Q8_0Linear":
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> Q8_0Linear:
         return cls(*quantize_q8_0(w), bias)
 
     def int_codes(self) -> torch.Tensor:
@@ -304,13 +310,13 @@ class Q4_0Linear(_BlockLinear):
         self._setup(pack_q4_0(q), d, q.shape[1], bias)
 
     @classmethod
-    def from_blocks(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> "Q4_0Linear":
+    def from_blocks(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> Q4_0Linear:
         """q int8 [N, K] in -8..7, d [N, K // 32] (kept as fp16, as GGUF stores it):
         weight = (q.view(N, K // 32, 32) * d[..., None]).reshape(N, K)."""
         return cls(q, d, bias)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> "Q4_0Linear":
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> Q4_0Linear:
         return cls(*quantize_q4_0(w), bias)
 
     def int_codes(self) -> torch.Tensor:

@@ -1,6 +1,6 @@
-// seekwen's few-row CPU kernels, y[M, N] = x[M, K] . W[N, K]^T for M <= 8 (decode); see kernels.py for
+// seekwen's few-row CPU kernels, y[M, N] = x[M, K] . W[N, K]^T for M <= 16 (decode); see kernels.py for
 // what each function computes and why it exists. Compiled at first use by kernels.py
-// (torch.utils.cpp_extension.load, -O3 -mavx2 -mfma -fopenmp).
+// (torch.utils.cpp_extension.load, -O3 -mavx2 -mfma -mf16c -fopenmp).
 //
 // Two instruction sets, one build. The loop code (loops.h) is compiled twice from the same text, in
 // namespace avx2 (__m256, 8 lanes) and in namespace avx512 (__m512, 16 lanes) under
@@ -8,8 +8,12 @@
 // chosen at run time (__builtin_cpu_supports), or forced with set_isa (SEEKWEN_KERNELS=avx2 in kernels.py).
 // AVX-512 pays at 5-8 activation rows: with 32 vector registers all 8 rows x 3 weight rows (24
 // accumulators) fit in one pass, and each FMA does 16 lanes, so batch-8 decode stops being FMA-bound.
-// int4 stays AVX2 (its per-group decode is not what limits it). Clang has no `#pragma GCC target`, so
-// there only the AVX2 code is built.
+// Clang has no `#pragma GCC target`, so there only the AVX2 code is built.
+//
+// Weight formats: each is a decoder in loops.h (fp32, bf16, fp16, int8 per-channel, GGUF Q8_0 and Q4_0,
+// group-asymmetric int4) that hands the one loop V::L fp32 weights at a time, with a per-block state
+// (the block's scale; for Q4_0 on AVX-512 a 16-entry lookup table of d * (code - 8)) loaded once per
+// block of 32. Activations and accumulation are fp32 for every format.
 //
 // Loop structure: output rows are split across threads (at::parallel_for) in tiles of 12 rows; a tile is
 // walked in blocks of R = 3-4 weight rows, each streamed once, sequentially, one vector at a time, FMA'd
@@ -17,7 +21,7 @@
 // accumulator per (activation row, weight row) pair (they stay in registers, and enough FMA chains are in
 // flight to hide the FMA latency). The next tile's weights are prefetched while a tile streams. More than
 // MBMAX activation rows: the tile is run again for the next ones; its weights then come from L1/L2.
-// K tails use masked loads.
+// K tails use masked loads (the block formats need K % 32 == 0).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

@@ -72,23 +72,24 @@ struct Q80W {
   static constexpr int64_t B = 32, LINE = 64;
   static constexpr bool TAILS = false;
   Scale block(int64_t n, int64_t k) const { return {V::set1(half_to_float(d[n * (K / 32) + k / 32]))}; }
-  V::vec load(Scale s, int64_t n, int64_t k) const { return V::mul(V::load_i8(q + n * K + k), s.d); }
+  V::vec load(const Scale& s, int64_t n, int64_t k) const { return V::mul(V::load_i8(q + n * K + k), s.d); }
   const void* line(int64_t n, int64_t k) const { return q + n * K + k; }
 };
 
 // Q4_0 (GGUF): w[n, k] = (code - 8) * d[n, k / 32], 16 bytes per block of 32 codes with GGUF's order:
 // byte j of a block holds code j in its low nibble and code j + 16 in its high nibble. p uint8 [N, K / 2],
 // d fp16 [N, K / 32]. Lanes k..k+L-1 of a block are the low (k % 32 < 16) or high nibbles of L bytes.
+// The per-block state (V::Q4Block: the scale, or with AVX-512 the 16 values d * (code - 8) as a lookup
+// table) and the decode of L codes are the instruction set's (vec_*.h).
 struct Q40W {
   const uint8_t* p;
   const uint16_t* d;
   int64_t K;
   static constexpr int64_t B = 32, LINE = 128;
   static constexpr bool TAILS = false;
-  Scale block(int64_t n, int64_t k) const { return {V::set1(half_to_float(d[n * (K / 32) + k / 32]))}; }
-  V::vec load(Scale s, int64_t n, int64_t k) const {
-    const uint8_t* b = p + n * (K / 2) + (k / 32) * 16 + k % 16;
-    return V::mul(V::load_q4(b, k % 32 >= 16), s.d);
+  V::Q4Block block(int64_t n, int64_t k) const { return V::q4_block(half_to_float(d[n * (K / 32) + k / 32])); }
+  V::vec load(const V::Q4Block& s, int64_t n, int64_t k) const {
+    return V::q4_load(s, p + n * (K / 2) + (k / 32) * 16 + k % 16, k % 32 >= 16);
   }
   const void* line(int64_t n, int64_t k) const { return p + n * (K / 2) + k / 2; }
 };
@@ -109,7 +110,7 @@ struct I4GW {
     const int64_t i = n * (K / group) + k / group;
     return {V::set1(sc[i]), V::set1(ze[i] - 8.f * sc[i])};
   }
-  V::vec load(GroupScale s, int64_t n, int64_t k) const {
+  V::vec load(const GroupScale& s, int64_t n, int64_t k) const {
     return V::fma(V::load_u4seq(p + n * (K / 2) + k / 2), s.s, s.z);
   }
   const void* line(int64_t n, int64_t k) const { return p + n * (K / 2) + k / 2; }

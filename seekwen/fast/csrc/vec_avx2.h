@@ -49,12 +49,16 @@ struct V {
     std::memcpy(b, p, 2 * r);
     return load_f16(b);
   }
-  // Q4_0: the low (hi = false) or high nibbles of 8 bytes, minus 8, as fp32
-  static inline vec load_q4(const uint8_t* p, bool hi) {
+  // Q4_0: per block its scale d; lanes = the low (hi = false) or high nibbles of 8 bytes, (code - 8) * d
+  struct Q4Block {
+    vec d;
+  };
+  static inline Q4Block q4_block(float d) { return {set1(d)}; }
+  static inline vec q4_load(const Q4Block& b, const uint8_t* p, bool hi) {
     __m128i v = _mm_loadl_epi64((const __m128i*)p);
     if (hi) v = _mm_srli_epi16(v, 4);
     v = _mm_sub_epi8(_mm_and_si128(v, _mm_set1_epi8(15)), _mm_set1_epi8(8));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    return mul(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), b.d);
   }
   // int4 (group-asymmetric): 8 codes from 4 bytes, two per byte in order (code 2j low, 2j + 1 high)
   static inline vec load_u4seq(const uint8_t* p) {
