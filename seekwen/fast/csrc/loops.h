@@ -174,7 +174,7 @@ static inline void dots(const W& w, const float* x, int64_t n, int64_t K, int64_
 template <class W, int MB = 1>
 static inline void tile_rows(int64_t mb, const W& w, const float* x, int64_t n, int64_t K, float* out) {
   if (mb == MB) {
-    constexpr int R = V::rows(MB);
+    constexpr int R = W::TAILS ? V::rows(MB) : V::scaled_rows(MB);  // block formats: fewer (scale registers)
     static_assert(TILE % R == 0, "R divides TILE");
     for (int64_t r = 0; r < TILE; r += R) dots<W, MB, R>(w, x, n + r, K, TILE, out + r, TILE);
   } else if constexpr (MB < V::MBMAX) {

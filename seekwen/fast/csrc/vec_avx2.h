@@ -18,6 +18,7 @@ struct V {
   static constexpr int MBMAX = 4;  // activation rows per pass: MB x R <= 12 accumulators of 16 registers
   static constexpr int KN_COLS = 2;  // f32_mm_kn: MBMAX x 2 accumulators + 2 loads + 1 broadcast
   static constexpr int rows(int mb) { return mb <= 2 ? 4 : 3; }
+  static constexpr int scaled_rows(int mb) { return mb <= 2 ? 3 : 2; }  // + a block scale per row
   static inline vec zero() { return _mm256_setzero_ps(); }
   static inline vec set1(float a) { return _mm256_set1_ps(a); }
   static inline void store(float* p, vec v) { _mm256_storeu_ps(p, v); }

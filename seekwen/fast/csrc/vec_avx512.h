@@ -7,6 +7,7 @@ struct V {
   static constexpr int MBMAX = 8;  // 8 rows in one pass: 8 x 3 accumulators + 3 weights + x of 32
   static constexpr int KN_COLS = 3;  // f32_mm_kn: 8 x 3 accumulators + 3 loads + 1 broadcast
   static constexpr int rows(int mb) { return mb <= 6 ? 4 : 3; }
+  static constexpr int scaled_rows(int mb) { return mb <= 4 ? 4 : 3; }  // + a block scale per row
   static inline __mmask16 mask(int64_t r) { return (__mmask16)((1u << r) - 1); }
   static inline vec zero() { return _mm512_setzero_ps(); }
   static inline vec set1(float a) { return _mm512_set1_ps(a); }
