@@ -58,8 +58,8 @@ def make(fmt: str, w: torch.Tensor):
     return L.make_linear(w, None, None if fmt == "fp32" else fmt)
 
 
-def bench_shape(fmt: str, out_f: int, in_f: int, rows: list[int], repeats: int) -> dict[int, float]:
-    """GB/s of weights streamed per row count, the median of `repeats` passes over the copies."""
+def bench_shape(fmt: str, out_f: int, in_f: int, rows: list[int], repeats: int) -> dict[int, tuple[float, float]]:
+    """(median, best) GB/s of weights streamed per row count, over `repeats` passes over the copies."""
     w = torch.randn(out_f, in_f) * 0.05
     layers = [make(fmt, w)]
     nbytes = weight_bytes(layers[0])
@@ -76,8 +76,8 @@ def bench_shape(fmt: str, out_f: int, in_f: int, rows: list[int], repeats: int) 
                 for la in layers:
                     la(x)
 
-            t = statistics.median(_timed(one_pass) for _ in range(repeats))
-            res[M] = nbytes * len(layers) / t / 1e9
+            ts = [_timed(one_pass) for _ in range(repeats)]
+            res[M] = (nbytes * len(layers) / statistics.median(ts) / 1e9, nbytes * len(layers) / min(ts) / 1e9)
     return res
 
 
@@ -114,7 +114,8 @@ def bench_decode(formats: list[str], batches: list[int], steps: int, repeats: in
     prompts = {B: torch.randint(0, models[formats[0]].cfg.vocab_size, (B, 32), generator=g) for B in batches}
     best: dict[tuple[str, int], float] = {}
     with torch.inference_mode():
-        for _ in range(repeats):
+        for rep in range(repeats):
+            print(f"  decode round {rep + 1}/{repeats}", flush=True)
             for f in formats:
                 for B in batches:
                     t = time_decode(Ours(models[f]), prompts[B], steps)
@@ -150,12 +151,13 @@ def main() -> None:
         formats = a.formats.split(",") if a.formats != ",".join(FORMATS) else ["fp32", "bf16", "f16", "q8_0", "q4_0"]
         bench_decode(formats, [int(b) for b in a.batches.split(",")], a.steps, max(1, a.repeats // 2), bw)
         return
-    print("format  shape           " + "  ".join(f"M={M:<2} GB/s (% of read)" for M in rows))
+    print(f"GB/s of weights streamed, median of {a.repeats} [best] (% of read bandwidth, median)")
+    print("format  shape           " + "  ".join(f"M={M:<2} GB/s              " for M in rows))
     for fmt in a.formats.split(","):
         for name in a.shapes.split(","):
             out_f, in_f = SHAPES[name]
             res = bench_shape(fmt, out_f, in_f, rows, a.repeats)
-            cells = "  ".join(f"{res[M]:6.1f} ({100 * res[M] / bw:3.0f}%)     " for M in rows)
+            cells = "  ".join(f"{res[M][0]:5.1f} [{res[M][1]:5.1f}] ({100 * res[M][0] / bw:3.0f}%)" for M in rows)
             print(f"{fmt:<7} {name:<4} {out_f:>6}x{in_f:<5} {cells}", flush=True)
     if a.blas:
         for name in a.shapes.split(","):
