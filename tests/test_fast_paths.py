@@ -89,7 +89,7 @@ def test_mla_fast_absorbed_equals_naive(pair):
 
 @torch.inference_mode()
 @pytest.mark.parametrize("fused", [True, False])  # one C++ call (kernels.moe_experts) or per-expert products
-@pytest.mark.parametrize("n_tokens", [1, 2, 7, 12])  # 12 > kernels.MAX_ROWS: per-expert products (prefill)
+@pytest.mark.parametrize("n_tokens", [1, 2, 7, 12, 20])  # 20 > kernels.MAX_ROWS: per-expert products (prefill)
 def test_grouped_experts_equal_stacked(n_tokens, fused):
     torch.manual_seed(0)
     E, D, I, k = 8, 32, 24, 3

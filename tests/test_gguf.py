@@ -119,6 +119,27 @@ def test_fast_path_on_gguf_equals_plain(name, gguf_file):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_fast_path_runs_gguf_blocks_in_the_block_kernels(kind, gguf_file):
+    """fast.prepare builds seekwen's Q8_0 / Q4_0 kernel layers from the file's blocks as they are (q/k/v and
+    gate/up fused by stacking rows of blocks): every linear of the blocks is one, its dequantized weight is
+    exactly the plain stand-in's, and the logits are the plain path's."""
+    from seekwen.fast.linear import Q4_0Linear, Q8_0Linear
+
+    cls = Q8_0Linear if kind == "Q8_0" else Q4_0Linear
+    path = gguf_file("qwen2", kind)
+    plain, fast = seekwen.load(path, fast=False), seekwen.load(path)
+    blk, ref = fast.layers[0], plain.layers[0]
+    assert isinstance(blk.attn.wqkv, cls) and isinstance(blk.attn.wo, cls)
+    assert isinstance(blk.ffn.w13, cls) and isinstance(blk.ffn.w2, cls) and isinstance(fast.head, cls)
+    want = torch.cat([ref.attn.wq.weight, ref.attn.wk.weight, ref.attn.wv.weight])
+    assert torch.equal(blk.attn.wqkv.dequantized(), want)
+    ids = ids_for()
+    with torch.no_grad():
+        assert (fast(ids) - plain(ids)).abs().max() <= 1e-4
+        assert (fast(ids[:1, :1]) - plain(ids[:1, :1])).abs().max() <= 1e-4  # one row: the kernels
+
+
 # ----------------------------------------------------------------------------------------------------
 # 16-bit files: the checkpoint rounded to the file's type
 

@@ -1,6 +1,6 @@
 """The few-row kernels (kernels.py) against float64 references, with each instruction set the CPU has
 (AVX2; AVX-512 where available, else those cases skip): every activation row count the kernels serve
-(1..8: one pass with AVX-512, 1-4 and the two-pass 5-8 with AVX2), K not a multiple of the vector width
+(1..16: one pass up to 8 rows with AVX-512 / 4 with AVX2, then more passes), K not a multiple of the vector width
 (masked tails), N not a multiple of the 12-row tile, with and without bias; int8/int4 against their
 dequantized weights; the grouped MoE experts call against per-expert products; the absorbed-MLA decode
 attention against its float64 formula."""
@@ -35,7 +35,7 @@ def _ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tens
     return y if b is None else y + b.double()
 
 
-@pytest.mark.parametrize("M", range(1, 9))
+@pytest.mark.parametrize("M", range(1, 17))
 @pytest.mark.parametrize("bias", [False, True])
 def test_f32_and_int8_kernels(M, bias, isa):
     g = torch.Generator().manual_seed(M)
@@ -76,9 +76,9 @@ def test_mla_decode(Q, isa):
             assert (out[b].double() - probs @ k).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("M", range(1, 9))
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 16])
 @pytest.mark.parametrize("group", [8, 32, 64])
-def test_int4_kernel(M, group):
+def test_int4_kernel(M, group, isa):
     g = torch.Generator().manual_seed(100 + M)
     for K, N in [(128, 37), (64, 5), (192, 130)]:
         x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
@@ -101,10 +101,10 @@ def test_moe_experts_grouped(M, isa):
         h = xs[r0 : r0 + n].double() @ a.double().T
         ref.append((torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ b.double().T)
         r0 += n
-    ys = K_.moe_experts(xs, w13, w2, rows)
+    ys = K_.moe_experts(xs, w13, w2, rows, [], [])
     assert (ys.double() - torch.cat(ref)).abs().max() < 1e-4 * ys.abs().max()
     with pytest.raises(RuntimeError):
-        K_.moe_experts(xs, w13, w2, [r + 1 for r in rows])  # rows must add up
+        K_.moe_experts(xs, w13, w2, [r + 1 for r in rows], [], [])  # rows must add up
 
 
 def test_isa_selection():
@@ -136,7 +136,7 @@ def test_describe_names_the_isa_or_why_not(monkeypatch):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("rows", [1, 3, 8, 9])  # kernel up to 8 rows, BLAS beyond
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17])  # kernel up to 16 rows, BLAS beyond
 def test_layers_use_kernel_and_match_reference(rows):
     torch.manual_seed(rows)
     w, b = torch.randn(40, 52), torch.randn(40)

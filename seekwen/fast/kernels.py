@@ -1,16 +1,21 @@
-"""Small C++ CPU kernels for few-row products y[M, N] = x[M, K] . W[N, K]^T (M <= 8: decode).
+"""Small C++ CPU kernels for few-row products y[M, N] = x[M, K] . W[N, K]^T (M <= 16: decode).
 
 Batch-1/batch-8 decode on this CPU is bound by streaming weights. The BLAS in torch 2.13 reaches only
 ~60% of the read bandwidth for one row and serves 8-row products poorly (~35 GFLOP/s), and PyTorch's
 `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` stream only ~1.7 / ~0.5 GB/s of weights for a
 single row here. So these kernels are written with explicit SIMD intrinsics (the C++ is in `csrc/`) and
-compiled once, at first use, with `torch.utils.cpp_extension.load` (`-O3 -mavx2 -mfma -fopenmp`, cached
-under ~/.cache/torch_extensions):
+compiled once, at first use, with `torch.utils.cpp_extension.load` (`-O3 -mavx2 -mfma -mf16c -fopenmp`,
+cached under ~/.cache/torch_extensions):
 
+- `mm(x, w, d, bias)`: any weight format, chosen by w's dtype: fp32, bf16 or fp16 [N, K] (d None;
+  widened to fp32 in registers, exactly), int8 [N, K] with fp16 block scales d [N, K / 32] (GGUF's
+  Q8_0), uint8 [N, K / 2] packed 4-bit codes with d (GGUF's Q4_0, `linear.pack_q4_0`'s order);
+  activations and accumulation fp32;
 - `f32_mm(x, w, bias)`: fp32 weights [N, K] (the usual nn.Linear layout);
 - `f32_bmm(x, w)`: per-head products x [H, M, K] . w[H, N, K]^T (MLA's absorbed decode);
-- `moe_experts(xs, w13s, w2s, rows)`: the routed SwiGLU experts of one MoE layer (fp32), all experts'
-  gate/up products in one threaded pass, SiLU * up, all down products in a second pass;
+- `moe_experts(xs, w13s, w2s, rows, d13s, d2s)`: the routed SwiGLU experts of one MoE layer in any of
+  mm's formats, all experts' gate/up products in one threaded pass, SiLU * up, all down products in a
+  second pass;
 - `mla_decode(q_lat, q_pe, kv, pe, n, scale)`: absorbed-MLA attention of one new token per sequence
   against the cached latents (scores as f32_mm tiles, softmax, values as `f32_mm_kn`: y = x . w for w
   stored [K, N], the probabilities broadcast against the latents' rows);
@@ -20,11 +25,12 @@ under ~/.cache/torch_extensions):
 
 The sources: `csrc/kernels.cpp` (the torch-facing functions and the instruction-set dispatch) compiles
 the shared loop templates `csrc/loops.h` twice, once with AVX2 vectors (`vec_avx2.h`) and once with
-AVX-512 vectors (`vec_avx512.h`), plus the AVX2-only int4 code (`int4_avx2.h`); kernels.cpp's header
-comment describes the loop structure. Which instruction set runs is chosen at run time (AVX-512 where
-the CPU has it), or forced with SEEKWEN_KERNELS=avx2 (`set_isa`); `describe()` says which one is
-active. If no compiler is available (or the CPU lacks AVX2), `get()` returns None and the layers fall
-back to `F.linear` / dequantize + `torch.mm` (same results up to summation order).
+AVX-512 vectors (`vec_avx512.h`); every format is a small "decoder" there that hands the one loop fp32
+lanes of weights; kernels.cpp's header comment describes the loop structure. Which instruction set runs
+is chosen at run time (AVX-512 where the CPU has it), or forced with SEEKWEN_KERNELS=avx2 (`set_isa`);
+`describe()` says which one is active. If no compiler is available (or the CPU lacks AVX2), `get()`
+returns None and the layers fall back to `F.linear` / dequantize + `torch.mm` (same results up to
+summation order).
 """
 
 from __future__ import annotations
@@ -39,12 +45,12 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, vec_avx2.h, vec_avx512.h and int4_avx2.h
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: else at::parallel_for runs serially
+SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, vec_avx2.h and vec_avx512.h
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: else at::parallel_for runs serially
 LDFLAGS = ["-fopenmp"]
-FUNCTIONS = ("f32_mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa")
+FUNCTIONS = ("f32_mm", "mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa")
 
-MAX_ROWS = 8  # the kernels serve up to this many activation rows (decode); more: BLAS
+MAX_ROWS = 16  # the kernels serve up to this many activation rows (decode, small batches); more: BLAS
 
 _module = None
 _tried = False

@@ -27,7 +27,16 @@ from ..model.moe import Experts, dispatch, dispatch_sorted
 from ..model.norm import RMSNorm
 from ..model.rope import apply_rope
 from . import kernels, paged_kernels, step_ops
-from .linear import FastLinear, describe_linear, fuse, isa_name, make_linear
+from .linear import (
+    FastLinear,
+    block_linear,
+    describe_linear,
+    fuse,
+    isa_name,
+    kernel_operands,
+    make_linear,
+    weight_format,
+)
 
 
 class FromReference:
@@ -52,6 +61,9 @@ def rotate(x: torch.Tensor, batch: ForwardBatch, interleaved: bool) -> torch.Ten
 
 def fast_linear(layer: nn.Module, quantize: str | None, group_size: int) -> nn.Module:
     bias = None if layer.bias is None else layer.bias.detach()
+    blocks = getattr(layer, "gguf_blocks", None)  # Q8_0 / Q4_0 blocks from a GGUF file: run as they are
+    if blocks is not None and quantize is None:
+        return block_linear(*blocks, bias)
     return make_linear(layer.weight.detach(), bias, quantize, group_size)
 
 
@@ -287,8 +299,11 @@ class GroupedExperts(FromReference, nn.Module):
             for e in range(E)
         )
         self.w2 = nn.ModuleList(make_linear(experts.w2[e].detach(), None, quantize, group_size) for e in range(E))
-        cpu_fp32 = quantize is None and experts.w1.dtype == torch.float32 and experts.w1.device.type == "cpu"
-        self.use_kernels = cpu_fp32 and kernels.get() is not None  # moe_experts' case, decided once
+        # moe_experts' case, decided once: fp32 weights as loaded, or bf16 / f16 / q8_0 / q4_0, on CPU
+        ops = [kernel_operands(la) for la in (*self.w13, *self.w2)]
+        on_cpu = experts.w1.device.type == "cpu"
+        fp32_or_format = quantize is not None or experts.w1.dtype == torch.float32
+        self.use_kernels = on_cpu and fp32_or_format and all(op is not None for op in ops) and kernels.get() is not None
 
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
@@ -298,7 +313,7 @@ class GroupedExperts(FromReference, nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
         N, k = indices.shape
-        fused = self.use_kernels and kernels.usable(x, self.w13[0].weight)
+        fused = self.use_kernels and x.dtype == torch.float32 and 0 < N <= kernels.MAX_ROWS
         if N == 1:
             return self._one_token(kernels.get() if fused else None, x, weights, indices)
         if fused:
@@ -313,8 +328,7 @@ class GroupedExperts(FromReference, nn.Module):
         experts = [chosen[j] for j in order]
         w = weights[0, order]  # [k] in the experts' order
         if kern is not None:  # every chosen expert in one kernel call: k rows, one per expert
-            ys = kern.moe_experts(x.expand(len(experts), -1).contiguous(), [self.w13[e].weight for e in experts],
-                                  [self.w2[e].weight for e in experts], [1] * len(experts))  # [k, dim]
+            ys = self._kernel_experts(kern, x.expand(len(experts), -1).contiguous(), experts, [1] * len(experts))
         else:
             ys = torch.cat([self.expert(e, x) for e in experts])  # [k, dim]
         return (ys * w[:, None]).sum(0, keepdim=True).to(x.dtype)
@@ -325,19 +339,24 @@ class GroupedExperts(FromReference, nn.Module):
 
         def run(xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
             active = [e for e, n in enumerate(counts) if n]
-            return kern.moe_experts(
-                xs.contiguous(),
-                [self.w13[e].weight for e in active],
-                [self.w2[e].weight for e in active],
-                [counts[e] for e in active],
-            )
+            return self._kernel_experts(kern, xs.contiguous(), active, [counts[e] for e in active])
 
         return dispatch_sorted(x, weights, indices, self.n_experts, run)
 
+    def _kernel_experts(self, kern, xs: torch.Tensor, experts: list[int], rows: list[int]) -> torch.Tensor:
+        """xs [sum(rows), dim], rows[i] of them for experts[i] -> their SwiGLU outputs, one moe_experts call
+        over the experts' weights in their format (read in place)."""
+        op13 = [kernel_operands(self.w13[e]) for e in experts]  # (weight, block scales or None)
+        op2 = [kernel_operands(self.w2[e]) for e in experts]
+        scaled = op13[0][1] is not None, op2[0][1] is not None
+        return kern.moe_experts(xs, [w for w, _ in op13], [w for w, _ in op2], rows,
+                                [d for _, d in op13] if scaled[0] else [], [d for _, d in op2] if scaled[1] else [])
+
     def describe(self) -> str:
         if self.use_kernels:
-            return (f"{self.n_experts} experts, chosen ones in one moe_experts kernel call "
-                    f"({isa_name()}, <= {kernels.MAX_ROWS} tokens), else grouped per expert")
+            fmt = weight_format(self.w13[0])
+            return (f"{self.n_experts} experts, chosen ones in one moe_experts kernel call ({fmt}, {isa_name()}, "
+                    f"<= {kernels.MAX_ROWS} tokens), else grouped per expert")
         return f"{self.n_experts} experts grouped by expert, one fused product each ({describe_linear(self.w13[0])})"
 
 

@@ -3,13 +3,19 @@
 The plain model uses `nn.Linear` (weight [out, in], `F.linear`), the reference. Batch-1/batch-8 decode
 on this kind of CPU is bound by streaming weights, and the BLAS serves few-row products poorly (see
 /work/shared/cpu-measurements.md), so up to `kernels.MAX_ROWS` rows on CPU every layer uses an AVX2 or
-AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) use the BLAS.
+AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) use the
+BLAS (the quantized formats dequantize first). One class per weight format (`make_linear(w, b, fmt)`):
 
-- `FastLinear`: fp32/bf16 weight [out, in] contiguous; `kernels.f32_mm` (fp32, few rows) or `F.linear`.
+- `FastLinear`: fp32 weight [out, in] as loaded; `kernels.f32_mm` (few rows) or `F.linear`.
+- `Half16Linear`: bf16 or fp16 weight [out, in] (`--quantize bf16|f16`), widened to fp32 in registers.
+- `Q8_0Linear`, `Q4_0Linear`: GGUF's block formats, 32 input channels per block with one fp16 scale d:
+  w = q * d with q int8 (Q8_0) or q in -8..7 stored as 4-bit codes q + 8 (Q4_0). `from_float` quantizes
+  exactly as ggml does; `from_blocks(q, d)` takes GGUF's blocks (the GGUF loader's entry point).
+  in % 32 != 0: `make_linear` keeps that layer in bf16.
 - `Int8Linear`: int8 weight [out, in] with one fp32 scale per output channel (symmetric, absmax/127).
 - `Int4Linear`: 4-bit weight in groups of `group_size` input channels, asymmetric (scale and zero per
   group and output channel), two codes per byte.
-Both are weight-only: activations stay fp32; see `kernels.py` for why not PyTorch's int8/int4 ops.
+All are weight-only: activations stay fp32; see `kernels.py` for why not PyTorch's int8/int4 ops.
 
 Every class also has `dequantized()` -> the fp32 [out, in] weight it computes with, the exact reference
 the tests compare against. `fuse(linears)` stacks several projections of the same input (q/k/v,
@@ -140,6 +146,183 @@ class Int4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
 
 
+class Half16Linear(nn.Module):
+    """16-bit weights (bf16 or fp16) [out, in], fp32 activations and accumulation: y = x W^T + b. Few rows on
+    CPU: the SIMD kernel widens each weight to fp32 in registers (`kernels.mm`; exact, bf16 by a shift,
+    fp16 by F16C); otherwise x (in fp32) against the weight widened to fp32, `F.linear`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if weight.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"Half16Linear: weight must be bf16 or fp16, got {weight.dtype}")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)  # [out, in]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    @property
+    def fmt(self) -> str:
+        return "bf16" if self.weight.dtype == torch.bfloat16 else "f16"
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float()  # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _flat(x).float().contiguous()  # [M, in]
+        k = kernels.get() if kernels.usable(x2, self.weight) else None
+        y = k.mm(x2, self.weight, None, self.bias) if k is not None else F.linear(x2, self.dequantized(), self.bias)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.fmt}"
+
+
+QK = 32  # weights per block of the GGUF block formats (Q8_0, Q4_0): one fp16 scale d each
+
+
+def _fp16(d: torch.Tensor) -> torch.Tensor:
+    """Block scales as GGUF stores them: fp16 (a float32 scale is rounded to the nearest fp16)."""
+    return d.detach().float().to(torch.float16).contiguous()
+
+
+def _check_blocks(name: str, q: torch.Tensor, d: torch.Tensor) -> None:
+    if q.dim() != 2 or q.dtype != torch.int8:
+        raise ValueError(f"{name}: q must be int8 [N, K], got {q.dtype} {tuple(q.shape)}")
+    N, K = q.shape
+    if K % QK:
+        raise ValueError(f"{name}: K = {K} is not a multiple of the block size {QK}")
+    if tuple(d.shape) != (N, K // QK):
+        raise ValueError(f"{name}: d must be [N, K // {QK}] = [{N}, {K // QK}], got {tuple(d.shape)}")
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (halves away from zero), which ggml uses; torch.round rounds halves to even."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _blocks_of(w: torch.Tensor, name: str) -> torch.Tensor:
+    """w [N, K] -> fp32 [N, K // 32, 32]."""
+    if w.dim() != 2 or w.shape[1] % QK:
+        raise ValueError(f"{name}: weight [N, K] needs K % {QK} == 0, got {tuple(w.shape)}")
+    return w.detach().float().reshape(w.shape[0], -1, QK)
+
+
+def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's Q8_0 (quantize_row_q8_0_ref): per block of 32, d = amax / 127, q = roundf(x * (1 / d)).
+    w [N, K] -> (q int8 [N, K], d fp16 [N, K // 32])."""
+    b = _blocks_of(w, "Q8_0")  # [N, K/32, 32]
+    d = b.abs().amax(dim=-1) / 127.0  # [N, K/32], fp32
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = _round_half_away(b * inv[..., None]).to(torch.int8)
+    return q.reshape(w.shape), _fp16(d)
+
+
+def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's Q4_0 (quantize_row_q4_0_ref): per block of 32, the (first) element of largest |x| with its
+    sign, d = max / -8, q = min(15, trunc(x * (1 / d) + 8.5)) - 8, d stored as fp16.
+    w [N, K] -> (q int8 [N, K] in -8..7, d fp16 [N, K // 32])."""
+    b = _blocks_of(w, "Q4_0")  # [N, K/32, 32]
+    mx = b.gather(-1, b.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # [N, K/32], signed
+    d = mx / -8.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.clamp(torch.trunc(b * inv[..., None] + 8.5), max=15) - 8  # x * inv + 8.5 >= 0.5: trunc = floor
+    return q.to(torch.int8).reshape(w.shape), _fp16(d)
+
+
+def pack_q4_0(q: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K] in -8..7 -> uint8 [N, K // 2] in GGUF's block order: byte j of a block of 32 holds
+    q[j] + 8 in its low nibble and q[j + 16] + 8 in its high nibble."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8).reshape(q.shape[0], -1, 2, QK // 2)  # [N, K/32, halves, 16]
+    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(q.shape[0], -1).contiguous()
+
+
+def unpack_q4_0(p: torch.Tensor) -> torch.Tensor:
+    """pack_q4_0's inverse: uint8 [N, K // 2] -> int8 [N, K] in -8..7."""
+    b = p.reshape(p.shape[0], -1, QK // 2)  # [N, K/32, 16]
+    u = torch.stack((b & 15, b >> 4), dim=2)  # [N, K/32, 2, 16]
+    return (u.to(torch.int8) - 8).reshape(p.shape[0], -1)
+
+
+class _BlockLinear(nn.Module):
+    """Shared by the GGUF block formats: codes (`self.codes`), fp16 block scales d [out, in // 32], bias.
+    Few rows on CPU: `kernels.mm` decodes each block to fp32 in registers (d applied per block) against
+    the fp32 activations; otherwise (prefill, no kernels) F.linear with the dequantized weight."""
+
+    fmt = ""
+
+    def _setup(self, codes: torch.Tensor, d: torch.Tensor, in_features: int, bias: torch.Tensor | None) -> None:
+        self.in_features, self.out_features = in_features, codes.shape[0]
+        self.codes = nn.Parameter(codes.contiguous(), requires_grad=False)
+        self.d = nn.Parameter(_fp16(d), requires_grad=False)  # [out, in // 32] fp16
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def int_codes(self) -> torch.Tensor:  # int8 [out, in]
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        q = self.int_codes().float().view(self.out_features, -1, QK)
+        return (q * self.d.float()[..., None]).reshape(self.out_features, self.in_features)  # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _flat(x).float().contiguous()  # [M, in]
+        k = kernels.get() if kernels.usable(x2, self.codes) else None
+        y = k.mm(x2, self.codes, self.d, self.bias) if k is not None else F.linear(x2, self.dequantized(), self.bias)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.fmt} (blocks of {QK}, fp16 scales)"
+
+
+class Q8_0Linear(_BlockLinear):
+    """GGUF's Q8_0: w = q * d per block of 32 input channels, q int8 [out, in], d fp16 [out, in // 32]."""
+
+    fmt = "q8_0"
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        _check_blocks("Q8_0", q, d)
+        self._setup(q, d, q.shape[1], bias)
+
+    @classmethod
+    def from_blocks(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> Q8_0Linear:
+        """q int8 [N, K], d [N, K // 32] (any float dtype; kept as fp16, as GGUF stores it):
+        weight = (q.view(N, K // 32, 32) * d[..., None]).reshape(N, K)."""
+        return cls(q, d, bias)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> Q8_0Linear:
+        return cls(*quantize_q8_0(w), bias)
+
+    def int_codes(self) -> torch.Tensor:
+        return self.codes
+
+
+class Q4_0Linear(_BlockLinear):
+    """GGUF's Q4_0: w = q * d per block of 32 input channels, q in -8..7 stored as nibbles q + 8 in GGUF's
+    block order (`pack_q4_0`, uint8 [out, in // 2]), d fp16 [out, in // 32]."""
+
+    fmt = "q4_0"
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        _check_blocks("Q4_0", q, d)
+        if q.numel() and (q.min() < -8 or q.max() > 7):
+            raise ValueError("Q4_0: q must be in -8..7")
+        self._setup(pack_q4_0(q), d, q.shape[1], bias)
+
+    @classmethod
+    def from_blocks(cls, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> Q4_0Linear:
+        """q int8 [N, K] in -8..7, d [N, K // 32] (kept as fp16, as GGUF stores it):
+        weight = (q.view(N, K // 32, 32) * d[..., None]).reshape(N, K)."""
+        return cls(q, d, bias)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> Q4_0Linear:
+        return cls(*quantize_q4_0(w), bias)
+
+    def int_codes(self) -> torch.Tensor:
+        return unpack_q4_0(self.codes)
+
+
 def weight_of(layer: nn.Module) -> torch.Tensor:
     """The [out, in] weight of an nn.Linear or a FastLinear."""
     return layer.weight
@@ -149,23 +332,48 @@ def bias_of(layer: nn.Module) -> torch.Tensor | None:
     return getattr(layer, "bias", None)
 
 
+QUANTIZE = (None, "bf16", "f16", "q8_0", "q4_0", "int8", "int4")  # the weight formats make_linear knows
+
+
 def make_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, quantize: str | None = None, group_size: int = 64
 ) -> nn.Module:
-    """The fast layer for weight [out, in]: fp32 (as given), int8 or int4."""
+    """The fast layer for weight [out, in]: as given (None), bf16 / f16 weights, GGUF's Q8_0 / Q4_0 blocks,
+    or the per-channel int8 / group-asymmetric int4. Rules for shapes a format cannot hold: q8_0 / q4_0
+    with in % 32 != 0 keep that layer in bf16; int4 with in % group_size != 0 keeps it int8."""
     if quantize is None:
         return FastLinear(weight, bias)
+    if quantize in ("bf16", "f16"):
+        return Half16Linear(weight.detach().to(torch.bfloat16 if quantize == "bf16" else torch.float16), bias)
+    if quantize in ("q8_0", "q4_0"):
+        if weight.shape[1] % QK:
+            return Half16Linear(weight.detach().to(torch.bfloat16), bias)
+        return (Q8_0Linear if quantize == "q8_0" else Q4_0Linear).from_float(weight, bias)
     if quantize == "int8":
         return Int8Linear(weight, bias)
     if quantize == "int4":
         if weight.shape[1] % group_size:
             return Int8Linear(weight, bias)  # rows that do not split into groups: keep int8
         return Int4Linear(weight, bias, group_size)
-    raise ValueError(f"unknown quantization {quantize!r} (use int8 or int4)")
+    raise ValueError(f"unknown quantization {quantize!r} (use one of {', '.join(q for q in QUANTIZE if q)})")
+
+
+def block_linear(kind: str, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """The kernel layer of GGUF blocks kind "Q8_0" / "Q4_0": q int8 [N, K], d [N, K // 32]."""
+    cls = {"Q8_0": Q8_0Linear, "Q4_0": Q4_0Linear}[kind]
+    return cls.from_blocks(q, d, bias)
 
 
 def fuse(layers: list[nn.Module], quantize: str | None = None, group_size: int = 64) -> nn.Module:
-    """One layer computing the concatenated outputs of `layers` (same input)."""
+    """One layer computing the concatenated outputs of `layers` (same input). Layers that carry GGUF
+    blocks of one kind (`gguf_blocks`, see seekwen.gguf.quant) fuse as blocks: rows of blocks stacked."""
+    blocks = [getattr(layer, "gguf_blocks", None) for layer in layers]
+    if quantize is None and all(blocks) and len({b[0] for b in blocks}) == 1:
+        b = None
+        if any(bias_of(layer) is not None for layer in layers):
+            b = torch.cat([bias_of(la).detach() if bias_of(la) is not None else torch.zeros(q.shape[0])
+                           for la, (_, q, _) in zip(layers, blocks, strict=True)])
+        return block_linear(blocks[0][0], torch.cat([q for _, q, _ in blocks]), torch.cat([d for _, _, d in blocks]), b)
     w = torch.cat([weight_of(layer).detach() for layer in layers], dim=0)  # [sum(out), in]
     b = None
     if any(bias_of(layer) is not None for layer in layers):
@@ -186,18 +394,36 @@ def isa_name() -> str:
     return k.isa() if k is not None else "off"
 
 
-def describe_linear(layer: nn.Module) -> str:
-    """Which implementation a linear layer of the fast path runs, e.g. "fp32 f32_mm[avx512] <= 8 rows, else BLAS"."""
-    w = getattr(layer, "weight", None)
+def kernel_operands(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, block scales or None) as `kernels.mm` / `moe_experts` take them, for the layers whose format
+    they serve (fp32, bf16, f16, q8_0, q4_0); None for the others (int8 per-channel, int4 groups)."""
+    if isinstance(layer, _BlockLinear):
+        return layer.codes, layer.d
+    if isinstance(layer, (FastLinear, Half16Linear)) and layer.weight.dtype in (torch.float32, torch.bfloat16,
+                                                                                  torch.float16):
+        return layer.weight, None
+    return None
+
+
+def weight_format(layer: nn.Module) -> str:
+    """The weight format of a fast linear layer: fp32, bf16, f16, q8_0, q4_0, "int8 per-channel", "int4 group G"."""
+    if isinstance(layer, (Half16Linear, _BlockLinear)):
+        return layer.fmt
     if isinstance(layer, Int8Linear):
-        fmt, name = "int8 per-channel", "int8_mm"
-    elif isinstance(layer, Int4Linear):
-        fmt, name = f"int4 group {layer.group_size}", "int4_mm"
-    else:
-        fmt, name = str(w.dtype).removeprefix("torch."), "f32_mm"
+        return "int8 per-channel"
+    if isinstance(layer, Int4Linear):
+        return f"int4 group {layer.group_size}"
+    return str(layer.weight.dtype).removeprefix("torch.")
+
+
+def describe_linear(layer: nn.Module) -> str:
+    """Which implementation a linear layer of the fast path runs, e.g. "fp32 f32_mm[avx512] <= 16 rows, else BLAS"."""
+    fmt = weight_format(layer)
+    name = {Int8Linear: "int8_mm", Int4Linear: "int4_mm", Half16Linear: "mm", Q8_0Linear: "mm",
+            Q4_0Linear: "mm"}.get(type(layer), "f32_mm")
+    plain = isinstance(layer, FastLinear)
     on_cpu = next(layer.parameters()).device.type == "cpu"
-    if isinstance(layer, FastLinear) and w.dtype != torch.float32 or not on_cpu or kernels.get() is None:
-        slow = "F.linear" if isinstance(layer, FastLinear) else "dequantize + F.linear"
-        return f"{fmt} {slow}"
-    prefill = "BLAS" if isinstance(layer, FastLinear) else "dequantize + BLAS"
+    if plain and layer.weight.dtype != torch.float32 or not on_cpu or kernels.get() is None:
+        return f"{fmt} {'F.linear' if plain else 'dequantize + F.linear'}"
+    prefill = "BLAS" if plain else "dequantize + BLAS"
     return f"{fmt} {name}[{isa_name()}] <= {kernels.MAX_ROWS} rows, else {prefill}"

@@ -1,7 +1,8 @@
 """`prepare(model)`: swap the fast path's sibling modules (`fast.layers`) in for the reference ones, and
 `plan(model)`: which implementation runs where.
 
-- every linear layer -> `FastLinear` (SIMD kernel for decode, `F.linear` for prefill), or int8 / int4;
+- every linear layer -> `FastLinear` (SIMD kernel for decode, `F.linear` for prefill), or one of the weight
+  formats of `linear.make_linear` (bf16, f16, GGUF's q8_0 / q4_0 blocks, per-channel int8, int4 groups);
 - attention, MLA, dense MLPs and shared experts -> `FastAttention`, `FastMLA`, `FastMLP` (fused products);
 - stacked MoE experts -> `GroupedExperts` on CPU or when quantized (on a GPU, unquantized, the stacked
   experts stay: they run as grouped matmuls, `model.moe.dispatch_grouped`);
@@ -22,9 +23,7 @@ from ..model.mlp import MLP
 from ..model.moe import Experts, MoE, grouped_mm_works
 from ..model.norm import RMSNorm
 from .layers import FastAttention, FastMLA, FastMLP, FastRMSNorm, GroupedExperts, TiedEmbedding, fast_linear
-from .linear import describe_linear
-
-QUANTIZE = (None, "int8", "int4")
+from .linear import QUANTIZE, describe_linear
 
 
 def _swap_norms(module: nn.Module) -> None:
@@ -50,10 +49,12 @@ def _prepare_block(block: nn.Module, quantize: str | None, group_size: int) -> N
 
 @torch.no_grad()
 def prepare(model: nn.Module, quantize: str | None = None, group_size: int = 64) -> nn.Module:
-    """Swap in the fast path (see module docstring). quantize: None (weights as loaded), "int8"
-    (per-output-channel) or "int4" (groups of `group_size` input channels). Idempotent."""
+    """Swap in the fast path (see module docstring). quantize: None (weights as loaded), "bf16" / "f16"
+    (16-bit weights, fp32 activations), "q8_0" / "q4_0" (GGUF's blocks of 32 with an fp16 scale; layers
+    with in % 32 != 0 stay bf16), "int8" (per-output-channel) or "int4" (groups of `group_size` input
+    channels, asymmetric). Idempotent."""
     if quantize not in QUANTIZE:
-        raise ValueError(f"unknown quantization {quantize!r} (use int8 or int4)")
+        raise ValueError(f"unknown quantization {quantize!r} (use one of {', '.join(q for q in QUANTIZE if q)})")
     done = getattr(model, "prepared", None)
     if done is not None:
         if done != (quantize or "fp"):

@@ -69,10 +69,11 @@ def linear_from_blocks(kind: str, q: torch.Tensor, d: torch.Tensor, bias: torch.
     """The linear layer for a Q8_0 / Q4_0 weight given as blocks: q int8 [N, K] (Q4_0: -8..7), d float32
     [N, K // 32], bias [N] or None; computes y = x (q * d)^T + bias.
 
-    For now a plain fp32 `nn.Linear` with the dequantized weight (exactly ggml's values), so every path
-    downstream (fast.prepare, export, trace) sees an ordinary layer; seekwen.fast's block-quantized
-    layers (`Q8_0Linear.from_blocks(q, d, bias)`, `Q4_0Linear.from_blocks(...)`) replace it here, keeping
-    the blocks as they are."""
+    A plain fp32 `nn.Linear` with the dequantized weight (exactly ggml's values), so every reference path
+    (the plain modules, export, trace) sees an ordinary layer, carrying its blocks as `gguf_blocks` =
+    (kind, q, d): the fast path (`fast.prepare`, `fast.linear.block_linear`) builds seekwen's Q8_0 / Q4_0
+    kernel layers from those blocks as they are (fusing q/k/v or gate/up by stacking rows of blocks), so
+    the weights run quantized, never requantized."""
     if kind not in BLOCKS:
         raise ValueError(f"linear_from_blocks: unknown block format {kind!r} (Q8_0 or Q4_0)")
     w = dequantize_blocks(q, d)  # [N, K]
@@ -80,6 +81,7 @@ def linear_from_blocks(kind: str, q: torch.Tensor, d: torch.Tensor, bias: torch.
     layer.weight = nn.Parameter(w, requires_grad=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+    layer.gguf_blocks = (kind, q, d)
     return layer
 
 

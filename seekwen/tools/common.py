@@ -53,7 +53,8 @@ def parallel_kwargs(args: argparse.Namespace) -> dict:
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
     """--quantize and --plain: inference commands run the fast path (fused, re-laid-out, optionally
     quantized layers; tested equal to the plain modules) unless --plain asks for the reference modules."""
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="weight-only quantization of linear layers and experts at load time (fast path)")
+    p.add_argument("--quantize", default=None, choices=["bf16", "f16", "q8_0", "q4_0", "int8", "int4"],
+                   help="weight format of linear layers and experts at load time (fast path): bf16 / f16 weights, "
+                        "GGUF's q8_0 / q4_0 blocks of 32, or per-channel int8 / group-64 int4; activations fp32")
     p.add_argument("--plain", action="store_true",
                    help="run the plain reference modules instead of the inference fast path")

@@ -1,6 +1,6 @@
-// seekwen's few-row CPU kernels, y[M, N] = x[M, K] . W[N, K]^T for M <= 8 (decode); see kernels.py for
+// seekwen's few-row CPU kernels, y[M, N] = x[M, K] . W[N, K]^T for M <= 16 (decode); see kernels.py for
 // what each function computes and why it exists. Compiled at first use by kernels.py
-// (torch.utils.cpp_extension.load, -O3 -mavx2 -mfma -fopenmp).
+// (torch.utils.cpp_extension.load, -O3 -mavx2 -mfma -mf16c -fopenmp).
 //
 // Two instruction sets, one build. The loop code (loops.h) is compiled twice from the same text, in
 // namespace avx2 (__m256, 8 lanes) and in namespace avx512 (__m512, 16 lanes) under
@@ -8,8 +8,12 @@
 // chosen at run time (__builtin_cpu_supports), or forced with set_isa (SEEKWEN_KERNELS=avx2 in kernels.py).
 // AVX-512 pays at 5-8 activation rows: with 32 vector registers all 8 rows x 3 weight rows (24
 // accumulators) fit in one pass, and each FMA does 16 lanes, so batch-8 decode stops being FMA-bound.
-// int4 stays AVX2 (its per-group decode is not what limits it). Clang has no `#pragma GCC target`, so
-// there only the AVX2 code is built.
+// Clang has no `#pragma GCC target`, so there only the AVX2 code is built.
+//
+// Weight formats: each is a decoder in loops.h (fp32, bf16, fp16, int8 per-channel, GGUF Q8_0 and Q4_0,
+// group-asymmetric int4) that hands the one loop V::L fp32 weights at a time, with a per-block state
+// (the block's scale; for Q4_0 on AVX-512 a 16-entry lookup table of d * (code - 8)) loaded once per
+// block of 32. Activations and accumulation are fp32 for every format.
 //
 // Loop structure: output rows are split across threads (at::parallel_for) in tiles of 12 rows; a tile is
 // walked in blocks of R = 3-4 weight rows, each streamed once, sequentially, one vector at a time, FMA'd
@@ -17,7 +21,7 @@
 // accumulator per (activation row, weight row) pair (they stay in registers, and enough FMA chains are in
 // flight to hide the FMA latency). The next tile's weights are prefetched while a tile streams. More than
 // MBMAX activation rows: the tile is run again for the next ones; its weights then come from L1/L2.
-// K tails use masked loads.
+// K tails use masked loads (the block formats need K % 32 == 0).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -25,18 +29,29 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+// A weight matrix [N, K] as the loops see it, instruction-set neutral: its format and its pointers
+// (loops.h's with_decoder turns it into that namespace's decoder).
+enum class Fmt { F32, BF16, F16, I8, Q8_0, Q4_0, I4G };
+struct WRef {
+  Fmt fmt;
+  const void* w;                        // the weights (codes for the quantized formats)
+  const uint16_t* d = nullptr;          // Q8_0 / Q4_0: fp16 block scales [N, K / 32]
+  const float *sc = nullptr, *ze = nullptr;  // I4G: scale, zero [N, K / group]
+  int64_t K = 0, group = 0;
+};
 
 namespace avx2 {
 #include "vec_avx2.h"
 #include "loops.h"
-#include "int4_avx2.h"
 }  // namespace avx2
 
 #if defined(__GNUC__) && !defined(__clang__)
 #define SEEKWEN_AVX512 1
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
 #include "vec_avx512.h"
 #include "loops.h"
@@ -108,41 +123,78 @@ torch::Tensor f32_bmm(torch::Tensor x, torch::Tensor w) {
 // y[M, N] = x[M, K] . (q[N, K] * s[N])^T (+ bias): int8 weights, fp32 activations and accumulation
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s, c10::optional<torch::Tensor> bias) {
   check(x, q, 1);
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(q.scalar_type() == torch::kChar && s.scalar_type() == torch::kFloat && s.numel() == q.size(0),
+              "int8_mm: int8 q [N, K], fp32 s [N]");
+  const int64_t M = x.size(0), N = q.size(0);
   auto y = torch::empty({M, N}, x.options());
-  SEEKWEN_DISPATCH(int8_mm, x.data_ptr<float>(), q.data_ptr<int8_t>(), s.data_ptr<float>(), M, K, N, opt_ptr(bias),
-                   y.data_ptr<float>());
+  const WRef r{Fmt::I8, q.data_ptr<int8_t>(), nullptr, nullptr, nullptr, q.size(1)};
+  SEEKWEN_DISPATCH(linear, r, x.data_ptr<float>(), M, N, s.data_ptr<float>(), opt_ptr(bias), y.data_ptr<float>());
   return y;
 }
 
-// Routed SwiGLU experts of one MoE layer, fp32: xs [R, D] holds the rows routed to each expert, grouped
-// (rows[g] rows for expert g, in order); w13[g] [2I, D] = gate and up stacked, w2[g] [D, I]. Returns
-// ys [R, D], ys = w2 . (silu(gate) * up) per row, unweighted. Two grouped products (all experts at once)
-// instead of two kernel calls and three small torch ops per expert.
+// The WRef of a weight tensor w [N, K'] and its block scales d: fp32, bf16 or fp16 w (no d); int8 codes
+// [N, K] with fp16 d [N, K / 32] (Q8_0); uint8 [N, K / 2] packed 4-bit codes with fp16 d (Q4_0).
+static WRef wref(const torch::Tensor& w, const c10::optional<torch::Tensor>& d) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "kernels: weights must be 2-d contiguous [N, K]");
+  const bool scaled = d.has_value() && d->defined();
+  const auto t = w.scalar_type();
+  if (t == torch::kFloat || t == torch::kBFloat16 || t == torch::kHalf) {
+    TORCH_CHECK(!scaled, "kernels: fp32 / bf16 / fp16 weights take no block scales");
+    const Fmt f = t == torch::kFloat ? Fmt::F32 : t == torch::kBFloat16 ? Fmt::BF16 : Fmt::F16;
+    return WRef{f, w.data_ptr(), nullptr, nullptr, nullptr, w.size(1)};
+  }
+  TORCH_CHECK(t == torch::kChar || t == torch::kByte, "kernels: weights fp32, bf16, fp16, int8 (Q8_0) or uint8 (Q4_0)");
+  TORCH_CHECK(scaled, "kernels: Q8_0 / Q4_0 weights need their fp16 block scales");
+  const int64_t K = t == torch::kChar ? w.size(1) : 2 * w.size(1);
+  TORCH_CHECK(K % 32 == 0, "kernels: Q8_0 / Q4_0 need K % 32 == 0");
+  TORCH_CHECK(d->scalar_type() == torch::kHalf && d->is_contiguous() && d->dim() == 2 && d->size(0) == w.size(0) &&
+              d->size(1) == K / 32, "kernels: block scales must be contiguous fp16 [N, K / 32]");
+  const Fmt f = t == torch::kChar ? Fmt::Q8_0 : Fmt::Q4_0;
+  return WRef{f, w.data_ptr(), (const uint16_t*)d->data_ptr(), nullptr, nullptr, K};
+}
+
+// y[M, N] = x[M, K] . W^T (+ bias) for W in any of wref's formats
+torch::Tensor mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> d, c10::optional<torch::Tensor> bias) {
+  const WRef r = wref(w, d);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat && x.size(1) == r.K,
+              "mm: x must be contiguous fp32 [M, K]");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() ||
+              (bias->scalar_type() == torch::kFloat && bias->numel() == w.size(0)), "mm: bias fp32 [N]");
+  const int64_t M = x.size(0), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  SEEKWEN_DISPATCH(linear, r, x.data_ptr<float>(), M, N, nullptr, opt_ptr(bias), y.data_ptr<float>());
+  return y;
+}
+
+// Routed SwiGLU experts of one MoE layer: xs [R, D] holds the rows routed to each expert, grouped
+// (rows[g] rows for expert g, in order); w13[g] [2I, D] = gate and up stacked, w2[g] [D, I], in mm's
+// formats (one for all w13, one for all w2; d13, d2: their block scales for Q8_0 / Q4_0, else empty). Returns ys [R, D],
+// ys = w2 . (silu(gate) * up) per row, unweighted. Two grouped products (all experts at once) instead of
+// two kernel calls and three small torch ops per expert.
 torch::Tensor moe_experts(torch::Tensor xs, std::vector<torch::Tensor> w13, std::vector<torch::Tensor> w2,
-                          std::vector<int64_t> rows) {
+                          std::vector<int64_t> rows, std::vector<torch::Tensor> d13, std::vector<torch::Tensor> d2) {
   const int64_t G = rows.size();
   TORCH_CHECK(G > 0 && (int64_t)w13.size() == G && (int64_t)w2.size() == G, "moe_experts: one w13, w2 per group");
+  TORCH_CHECK(d13.size() == d2.size() && (d13.empty() || (int64_t)d13.size() == G), "moe_experts: scales per group");
   TORCH_CHECK(xs.dim() == 2 && xs.is_contiguous() && xs.scalar_type() == torch::kFloat, "moe_experts: fp32 xs");
   const int64_t D = xs.size(1), I = w13[0].size(0) / 2;
-  std::vector<const float*> p13(G), p2(G);
+  std::vector<WRef> r13(G), r2(G);
   int64_t R = 0;
   for (int64_t g = 0; g < G; ++g) {
-    TORCH_CHECK(w13[g].sizes() == w13[0].sizes() && w13[g].size(1) == D && w2[g].size(0) == D && w2[g].size(1) == I,
+    r13[g] = wref(w13[g], d13.empty() ? c10::optional<torch::Tensor>() : d13[g]);
+    r2[g] = wref(w2[g], d2.empty() ? c10::optional<torch::Tensor>() : d2[g]);
+    TORCH_CHECK(r13[g].fmt == r13[0].fmt && r2[g].fmt == r2[0].fmt, "moe_experts: one format for all w13, one for all w2");
+    TORCH_CHECK(w13[g].size(0) == 2 * I && r13[g].K == D && w2[g].size(0) == D && r2[g].K == I,
                 "moe_experts: w13 [2I, D], w2 [D, I]");
-    TORCH_CHECK(w13[g].is_contiguous() && w2[g].is_contiguous() && w13[g].scalar_type() == torch::kFloat &&
-                w2[g].scalar_type() == torch::kFloat, "moe_experts: contiguous fp32 weights");
     TORCH_CHECK(rows[g] > 0, "moe_experts: empty group");
-    p13[g] = w13[g].data_ptr<float>();
-    p2[g] = w2[g].data_ptr<float>();
     R += rows[g];
   }
   TORCH_CHECK(R == xs.size(0), "moe_experts: rows must add up to xs's rows");
   auto h = torch::empty({R, 2 * I}, xs.options());
-  SEEKWEN_DISPATCH(grouped_mm, xs.data_ptr<float>(), p13.data(), rows.data(), G, D, 2 * I, h.data_ptr<float>());
+  SEEKWEN_DISPATCH(grouped, r13.data(), xs.data_ptr<float>(), rows.data(), G, 2 * I, h.data_ptr<float>());
   auto act = torch::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I);  // [R, I], contiguous
   auto ys = torch::empty({R, D}, xs.options());
-  SEEKWEN_DISPATCH(grouped_mm, act.data_ptr<float>(), p2.data(), rows.data(), G, I, D, ys.data_ptr<float>());
+  SEEKWEN_DISPATCH(grouped, r2.data(), act.data_ptr<float>(), rows.data(), G, D, ys.data_ptr<float>());
   return ys;
 }
 
@@ -180,19 +232,30 @@ torch::Tensor mla_decode(torch::Tensor q_lat, torch::Tensor q_pe, torch::Tensor 
   return out;
 }
 
+// y[M, N] = x[M, K] . W^T (+ bias): group-asymmetric int4 (linear.Int4Linear); AVX-512 for groups of a
+// multiple of 16, else AVX2 (8)
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor p, torch::Tensor scale, torch::Tensor zero, int64_t group,
                       c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(group % 8 == 0, "int4_mm: group must be a multiple of 8");
+  TORCH_CHECK(group % 8 == 0 && group > 0, "int4_mm: group must be a multiple of 8");
   check(x, p, 2);
   const int64_t M = x.size(0), K = x.size(1), N = p.size(0);
+  TORCH_CHECK(K % group == 0 && scale.numel() == N * (K / group) && zero.numel() == N * (K / group),
+              "int4_mm: scale, zero [N, K / group]");
   auto y = torch::empty({M, N}, x.options());
-  avx2::int4_mm(x.data_ptr<float>(), p.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(), group,
-                M, K, N, opt_ptr(bias), y.data_ptr<float>());
+  const WRef r{Fmt::I4G, p.data_ptr<uint8_t>(), nullptr, scale.data_ptr<float>(), zero.data_ptr<float>(), K, group};
+#ifdef SEEKWEN_AVX512
+  if (use_avx512 && group % 16 == 0) {
+    avx512::linear(r, x.data_ptr<float>(), M, N, nullptr, opt_ptr(bias), y.data_ptr<float>());
+    return y;
+  }
+#endif
+  avx2::linear(r, x.data_ptr<float>(), M, N, nullptr, opt_ptr(bias), y.data_ptr<float>());
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_mm", torch::wrap_pybind_function(f32_mm), "y = x . w^T (+ bias), fp32 weights [N, K]");
+  m.def("mm", torch::wrap_pybind_function(mm), "y = x . W^T (+ bias): fp32/bf16/fp16, Q8_0 or Q4_0 weights");
   m.def("f32_bmm", torch::wrap_pybind_function(f32_bmm), "per-head y[h] = x[h] . w[h]^T");
   m.def("int8_mm", torch::wrap_pybind_function(int8_mm), "y = x . (q * s)^T (+ bias), int8 weights");
   m.def("int4_mm", torch::wrap_pybind_function(int4_mm), "y = x . W^T (+ bias), packed int4 weights");

@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vs-hf", action="store_true", help="also run transformers, same checkpoint, interleaved")
     p.add_argument("--vs-llamacpp", default=None, metavar="GGUF_OR_DIR",
                    help="seekwen and llama.cpp (LLAMA_CPP_BIN or llama-bench on PATH) on this GGUF file (llamacpp.py)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    p.add_argument("--quantize", choices=["bf16", "f16", "q8_0", "q4_0", "int8", "int4"], default=None,
+                   help="weight format (fast path; see seekwen.fast.linear.make_linear)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size")
     p.add_argument("--no-fast", action="store_true", help="run seekwen's plain reference path (no prepare)")
     p.add_argument("--ppl-model", default=None, help="model for the int8 perplexity check (default: bundled)")
