@@ -95,6 +95,23 @@ def _build():
         return None
 
 
+def build_extension(prefix: str, sources: list[Path], instead: str):
+    """A small C++ extension of the fast path (`csrc/...`), compiled at first use with this module's flags
+    under a name per source folder (see `_extension_name`); None, with a warning saying what runs
+    `instead`, where it cannot be built or run (the conditions of `_why_not`, no compiler, an error)."""
+    if _why_not():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        name = prefix + hashlib.sha1(str(sources[0].parent.resolve()).encode()).hexdigest()[:8]
+        return load(name, sources=[str(s) for s in sources], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                    verbose=False)
+    except Exception as e:  # no compiler, no headers, a compile error: fall back
+        warnings.warn(f"seekwen: {prefix.rstrip('_')} unavailable, {instead} ({e})", stacklevel=3)
+        return None
+
+
 def get():
     """The compiled extension (the FUNCTIONS above), or None where it cannot be built. SEEKWEN_NO_KERNELS=1
     disables it (then F.linear / dequantize + torch.mm run); SEEKWEN_KERNELS=avx2 keeps the AVX2 code on an

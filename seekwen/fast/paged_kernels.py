@@ -11,8 +11,6 @@ cache through the gathering path instead. `reference` is the same math in torch 
 
 from __future__ import annotations
 
-import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,21 +25,10 @@ def get():
     if _tried:
         return _module
     _tried = True
-    if os.environ.get("SEEKWEN_NO_KERNELS") or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    try:
-        from torch.utils.cpp_extension import load
+    from .kernels import build_extension
 
-        _module = load(
-            "seekwen_paged_x86",
-            sources=[str(Path(__file__).parent / "csrc" / "paged.cpp")],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as e:  # no compiler, no headers: the gathering path runs instead
-        warnings.warn(f"seekwen: paged decode kernel unavailable, gathering the cache instead ({e})", stacklevel=2)
-        _module = None
+    _module = build_extension("seekwen_paged_", [Path(__file__).parent / "csrc" / "paged.cpp"],
+                              "gathering the cache instead")
     return _module
 
 

@@ -10,8 +10,6 @@ x86): callers then use `F.rms_norm` (the same math up to summation order).
 
 from __future__ import annotations
 
-import hashlib
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,19 +25,9 @@ def get():
     if _tried:
         return _module
     _tried = True
-    from . import kernels
+    from .kernels import build_extension
 
-    if kernels._why_not():  # the same conditions as the linear kernels (disabled, not x86, no AVX2)
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        name = "seekwen_step_" + hashlib.sha1(str(CSRC.resolve()).encode()).hexdigest()[:8]
-        _module = load(name, sources=[str(CSRC / "step.cpp")], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, no headers, a compile error: fall back
-        warnings.warn(f"seekwen: fused step ops unavailable, using F.rms_norm ({e})", stacklevel=2)
-        _module = None
+    _module = build_extension("seekwen_step_", [CSRC / "step.cpp"], "using F.rms_norm")
     return _module
 
 
