@@ -35,6 +35,9 @@ def hf_tensors(folder: Path, cfg: dict) -> list[tuple[str, torch.Tensor]]:
     for name, t in state.items():
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
             continue
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        if layer and int(layer.group(1)) >= cfg["num_hidden_layers"]:
+            continue  # DeepSeek-V3's MTP layers: the converter's DeepseekV2Model skips them (skip_mtp)
         m = _EXPERT.match(name)
         if m:
             experts.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = t
