@@ -140,6 +140,20 @@ def test_fast_path_runs_gguf_blocks_in_the_block_kernels(kind, gguf_file):
         assert (fast(ids[:1, :1]) - plain(ids[:1, :1])).abs().max() <= 1e-4  # one row: the kernels
 
 
+def test_tied_head_of_a_quantized_gguf_runs_its_blocks():
+    """A tied Qwen2 file from llama.cpp's converter: the LM head is token_embd's Q8_0 blocks on the fast
+    path (not the dequantized fp32 table: 4x the bytes per token), the logits the plain path's."""
+    from seekwen.fast.linear import Q8_0Linear
+
+    path = FIXTURES / "qwen2" / "qwen2-q8_0.gguf"
+    plain, fast = seekwen.load(path, fast=False), seekwen.load(path)
+    assert plain.cfg.tie_word_embeddings and isinstance(fast.head, Q8_0Linear)
+    assert torch.equal(fast.head.dequantized(), plain.embed.weight)
+    ids = ids_for()
+    with torch.no_grad():
+        assert (fast(ids) - plain(ids)).abs().max() <= 1e-4
+
+
 # ----------------------------------------------------------------------------------------------------
 # 16-bit files: the checkpoint rounded to the file's type
 

@@ -23,7 +23,7 @@ from ..model.mlp import MLP
 from ..model.moe import Experts, MoE, grouped_mm_works
 from ..model.norm import RMSNorm
 from .layers import FastAttention, FastMLA, FastMLP, FastRMSNorm, GroupedExperts, TiedEmbedding, fast_linear
-from .linear import QUANTIZE, describe_linear
+from .linear import QUANTIZE, FastLinear, describe_linear
 
 
 def _swap_norms(module: nn.Module) -> None:
@@ -68,8 +68,8 @@ def prepare(model: nn.Module, quantize: str | None = None, group_size: int = 64)
         mtp.head = fast_linear(mtp.head, quantize, group_size)
     _swap_norms(model)
     model.head = fast_linear(model.head, quantize, group_size)
-    if model.cfg.tie_word_embeddings and quantize is None:
-        model.embed = TiedEmbedding(model.head)
+    if model.cfg.tie_word_embeddings and quantize is None and isinstance(model.head, FastLinear):
+        model.embed = TiedEmbedding(model.head)  # (a block-quantized head keeps the embedding as loaded)
     model.prepared = quantize or "fp"
     return model
 

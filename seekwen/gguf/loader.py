@@ -137,6 +137,10 @@ def load_tensors(model: Transformer, f: GGUFFile) -> None:
         raise GGUFError(f"{f.path}: missing tensor(s): {_more(missing)}")
     for param, (kind, q, d) in blocks.items():
         _swap_linear(model, param, kind, q, d)
+    embd = f.tensors.get("token_embd.weight")
+    if tied and embd is not None and embd.type in BLOCKS:  # the tied head runs from the file's blocks
+        q, d = BLOCKS[embd.type](embd.data)  # (on the fast path; the lookup reads the dequantized rows)
+        model.head.gguf_blocks = (embd.type, q, d)
 
 
 def _load_composites(model: Transformer, f: GGUFFile, params: dict) -> tuple[set[str], set[str]]:
