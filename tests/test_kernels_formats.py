@@ -157,7 +157,8 @@ def test_quantization_error_per_format(fmt):
 
 @torch.inference_mode()
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows", [1, 8, 16, 17])  # the kernels up to kernels.MAX_ROWS, BLAS beyond
+# x is [2, rows]: the kernels up to kernels.MAX_ROWS; block formats in 16-row chunks up to CHUNKED_ROWS; BLAS beyond
+@pytest.mark.parametrize("rows", [1, 8, 16, 17, 40])
 def test_layers_equal_dequantized_reference(fmt, rows):
     torch.manual_seed(rows)
     w, b = torch.randn(40, 96), torch.randn(40)

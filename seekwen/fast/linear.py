@@ -242,6 +242,11 @@ def unpack_q4_0(p: torch.Tensor) -> torch.Tensor:
     return (u.to(torch.int8) - 8).reshape(p.shape[0], -1)
 
 
+# block formats: up to this many rows run the few-row kernel in chunks of kernels.MAX_ROWS (each chunk streams
+# the blocks once) rather than dequantizing the whole weight to fp32 for one BLAS product per call
+CHUNKED_ROWS = 64
+
+
 class _BlockLinear(nn.Module):
     """Shared by the GGUF block formats: codes (`self.codes`), fp16 block scales d [out, in // 32], bias.
     Few rows on CPU: `kernels.mm` decodes each block to fp32 in registers (d applied per block) against
@@ -264,8 +269,13 @@ class _BlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x).float().contiguous()  # [M, in]
-        k = kernels.get() if kernels.usable(x2, self.codes) else None
-        y = k.mm(x2, self.codes, self.d, self.bias) if k is not None else F.linear(x2, self.dequantized(), self.bias)
+        M = x2.shape[0]
+        k = kernels.get() if kernels.usable(x2[: kernels.MAX_ROWS], self.codes) and M <= CHUNKED_ROWS else None
+        if k is None:  # many rows (long prefill) or no kernels: the dequantized weight through BLAS
+            y = F.linear(x2, self.dequantized(), self.bias)
+        else:  # up to CHUNKED_ROWS (short prefill): the kernel over 16-row chunks, no fp32 copy of the weight
+            y = torch.cat([k.mm(x2[i : i + kernels.MAX_ROWS], self.codes, self.d, self.bias)
+                           for i in range(0, M, kernels.MAX_ROWS)])
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
