@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import importlib.util
 import os
@@ -57,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    done = False
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        done = True
+        return code
     except (UserError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"seekwen {args.command}: error: {e}", file=sys.stderr)  # (a follower: rank 0 says the same)
         return 2
@@ -76,15 +80,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seekwen {args.command}: rank {follower} failed:", file=sys.stderr)
         raise
     finally:
-        _leave_group()
+        _leave_group(sync=done)
 
 
-def _leave_group() -> None:
-    """Tear the torchrun process group down on the way out (NCCL warns about a group left behind)."""
+def _leave_group(sync: bool) -> None:
+    """Tear the torchrun process group down on the way out (NCCL warns about a group left behind). After a
+    command that ran to its end, the ranks first meet at a barrier: a rank tearing gloo down while its peer
+    still has a send in flight could abort ("terminate called without an active exception")."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if sync:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer that is gone: nothing left to wait for
+            pass
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
