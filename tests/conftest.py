@@ -22,3 +22,23 @@ def hub_checkpoint(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """models(name): the tiny checkpoint of `hf_models.SPECS[name]` (plain path, fp32), written and loaded
+    once per test module, lazily."""
+    import torch
+    from hf_models import SPECS, make_checkpoint
+
+    import seekwen
+
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(name: str):
+        if name not in cache:
+            _, folder = make_checkpoint(SPECS[name], tmp_path_factory.mktemp(name))
+            cache[name] = seekwen.load(folder, dtype=torch.float32, fast=False)
+        return cache[name]
+
+    return get

@@ -45,19 +45,6 @@ def _pair(model, prompts, params, **spec) -> tuple[list[list[int]], list[list[in
     return plain, _run(engine, prompts, params), engine
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    cache: dict[str, torch.nn.Module] = {}
-
-    def get(name: str):
-        if name not in cache:
-            _, folder = make_checkpoint(SPECS[name], tmp_path_factory.mktemp(name))
-            cache[name] = seekwen.load(folder, dtype=torch.float32, fast=False)
-        return cache[name]
-
-    return get
-
-
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_engine_greedy_ngram_equals_plain_engine(models, name):
     model = models(name)

@@ -25,20 +25,6 @@ from seekwen.train.init import init_weights
 N_NEW = 24
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """One tiny checkpoint per family of SPECS, loaded lazily."""
-    cache: dict[str, torch.nn.Module] = {}
-
-    def get(name: str):
-        if name not in cache:
-            _, folder = make_checkpoint(SPECS[name], tmp_path_factory.mktemp(name))
-            cache[name] = seekwen.load(folder, dtype=torch.float32, fast=False)
-        return cache[name]
-
-    return get
-
-
 def _repetitive_prompts(vocab: int, lens: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts made of a repeated random phrase (so prompt lookup finds matches)."""
     g = torch.Generator().manual_seed(seed)

@@ -11,25 +11,19 @@ cache through the gathering path instead. `reference` is the same math in torch 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
-_module = None
-_tried = False
 
-
+@functools.cache
 def get():
     """The compiled extension (`paged_attention`), or None where it cannot be built."""
-    global _module, _tried
-    if _tried:
-        return _module
-    _tried = True
     from .kernels import build_extension
 
-    _module = build_extension("seekwen_paged_", [Path(__file__).parent / "csrc" / "paged.cpp"],
-                              "gathering the cache instead")
-    return _module
+    return build_extension("seekwen_paged_", [Path(__file__).parent / "csrc" / "paged.cpp"],
+                           "gathering the cache instead")
 
 
 def decode_kernel(x: torch.Tensor, batch):

@@ -10,25 +10,18 @@ x86): callers then use `F.rms_norm` (the same math up to summation order).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
 CSRC = Path(__file__).parent / "csrc_step"
-_module = None
-_tried = False
-
-
+@functools.cache
 def get():
     """The compiled ops, or None (see the module docstring)."""
-    global _module, _tried
-    if _tried:
-        return _module
-    _tried = True
     from .kernels import build_extension
 
-    _module = build_extension("seekwen_step_", [CSRC / "step.cpp"], "using F.rms_norm")
-    return _module
+    return build_extension("seekwen_step_", [CSRC / "step.cpp"], "using F.rms_norm")
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
