@@ -49,6 +49,7 @@ import torch
 from .decoder import Decoder
 from .detokenize import Detokenizer
 from .sampling import apply_penalties, logprobs, sample
+from .speculative import Draft, Sampling, SpecStats, make_proposer, verify
 from .stats import EngineStats
 
 
@@ -171,8 +172,6 @@ class Engine:
         self.paged = None
         self.proposer, self.spec_k, self.spec_stats = None, num_speculative_tokens, None
         if speculative is not None:
-            from .speculative import SpecStats, make_proposer
-
             if paged and speculative != "ngram":
                 raise ValueError("the paged engine speculates with ngram (prompt lookup) only; draft and mtp "
                                  "run on the row-pool engine (paged=False)")
@@ -483,8 +482,6 @@ class Engine:
         penalised rows (their distribution changes with every token). A seeded sampled row drafts
         deterministically (the draft's argmax) and verifies on its own random stream, so its text still
         does not depend on its batch-mates."""
-        from .speculative import Draft, verify
-
         reqs, dev = self.live[:n], self.model.device
         history = [r.prompt + r.output for r in reqs]
         limit = [0 if r.counts is not None else min(self.spec_k, r.params.max_tokens - len(r.output) - 1)
@@ -496,7 +493,7 @@ class Engine:
         hidden_too = self.proposer.needs_hidden
         out = self.decoder.extend(x, draft.counts + 1, all_logits=True, return_hidden=hidden_too)
         logits, hidden = out if hidden_too else (out, None)  # [n, K+1, V]
-        tokens, accepted = self._verify(logits, draft, target, reqs, verify)
+        tokens, accepted = self._verify(logits, draft, target, reqs)
         tokens, accepted = self.decoder.agree(tokens), self.decoder.agree(accepted)
         self.decoder.rewind(self.decoder.lens[:n] - draft.counts + accepted)  # keep last + accepted drafts
         acc, toks = accepted.tolist(), tokens.tolist()
@@ -515,11 +512,9 @@ class Engine:
             self.stats.spec_drafts = (self.stats.spec_drafts or 0) + sum(drafts)
             self.stats.spec_accepted = (self.stats.spec_accepted or 0) + sum(accepted)
 
-    def _verify(self, logits, draft, target, reqs, verify) -> tuple[torch.Tensor, torch.Tensor]:
+    def _verify(self, logits, draft, target, reqs) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [n, K+1], accepted [n]: rows without drafts sample their position-0 logits as a plain step
         (penalties, min-p, seeds, logprobs); seeded sampled rows verify on their own generator."""
-        from .speculative import Draft
-
         n, S, _ = logits.shape
         tokens = torch.zeros(n, S, dtype=torch.long, device=logits.device)
         accepted = torch.zeros(n, dtype=torch.long, device=logits.device)
@@ -542,8 +537,6 @@ class Engine:
     def _spec_sampling(self, reqs: list[Request], drafting: bool):
         """The rows' sampling parameters for verification, or (drafting) for the proposer: seeded sampled
         rows draft greedily there (a deterministic draft needs no random numbers of the shared stream)."""
-        from .speculative import Sampling
-
         dev = self.model.device
         temp = [0.0 if drafting and r.generator is not None else r.params.temperature for r in reqs]
         return Sampling(torch.tensor(temp, dtype=torch.float32, device=dev),

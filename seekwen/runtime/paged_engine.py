@@ -22,6 +22,7 @@ from ..model.rope import qwen_ntk_alpha
 from .metrics import Metrics
 from .paged import PagedKVCache
 from .scheduler import QueueFull, Scheduler, Sequence
+from .speculative import Draft
 
 __all__ = ["ModelRunner", "PagedCore", "QueueFull", "prefix_salt"]
 
@@ -236,8 +237,6 @@ class PagedCore:
     def _verify(self, spec: list[tuple[Sequence, torch.Tensor]]) -> list:
         """Each sequence's logits [1 + d, V] at [last, d drafts]: accept (runtime.speculative.verify), forget
         the rejected drafts' keys and blocks (`Scheduler.rollback`), emit the run through the stop rules."""
-        from .speculative import Draft, verify
-
         eng = self.engine
         seqs, reqs = [s for s, _ in spec], [s.req for s, _ in spec]
         d = [len(s.draft) for s in seqs]
@@ -248,7 +247,7 @@ class PagedCore:
             logits[i, : lg.shape[0]] = lg
             tokens[i, : d[i]] = torch.tensor(s.draft, dtype=torch.long)
         draft = Draft(tokens, torch.tensor(d, dtype=torch.long, device=dev))
-        out, accepted = eng._verify(logits, draft, eng._spec_sampling(reqs, False), reqs, verify)
+        out, accepted = eng._verify(logits, draft, eng._spec_sampling(reqs, False), reqs)
         acc, toks = accepted.tolist(), out.tolist()
         for s, a, n in zip(seqs, acc, d, strict=True):
             s.draft = []
