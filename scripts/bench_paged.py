@@ -24,7 +24,7 @@ import torch
 
 import seekwen
 from seekwen.runtime.engine import Engine, SamplingParams
-from seekwen.tools.bench import build_checkpoint
+from seekwen.tools.bench.checkpoints import build_checkpoint
 from seekwen.tools.common import bundled_model_path
 
 
