@@ -8,7 +8,8 @@ Sections (each prints medians and ranges over --repeats paired runs; the host is
   bench shapes are computed from their block bytes with the same lengths);
 - prefix: time to first token of a request whose --prefix-len-token prefix is cached vs not;
 - chunked: per-step inter-token latency of 8 decoding sequences while a --long-len-token prompt joins:
-  the paged engine's p99 (chunked prefill) vs its steady step, and the row-pool engine's stall;
+  the paged engine's p99 (chunked prefill) vs its steady step (a paired run with nothing joining, over
+  the same steps), and the row-pool engine's stall;
 - throughput: generated tokens/s at 1, 8, 32 concurrent sequences, paged vs row pool.
 `dense` / `moe` are `seekwen bench`'s Qwen2.5-0.5B / DeepSeek-V2-Lite-shaped checkpoints (random weights).
 """
@@ -110,53 +111,56 @@ def bench_prefix(model, name: str, args) -> None:
 # ---- chunked prefill ----------------------------------------------------------------------------------
 
 
-def _itl_run(engine: Engine, V: int, rng, long_len: int) -> tuple[list[float], list[float]]:
-    """8 sequences decode; after 4 steady steps a long prompt joins. Returns (steady step times, step
-    times while the long prompt is being prefilled, up to its first token)."""
-    ids = [engine.add_request(rand_prompt(rng, V, 32), params(400)) for _ in range(8)]
+def _itl_run(engine: Engine, prompts: list[list[int]], long_prompt: list[int] | None, n_steps: int = 0
+             ) -> list[float]:
+    """8 sequences decode; after 5 steps of decoding a long prompt joins (None: nothing joins). Returns
+    the step times from the join until the long prompt's first token (or, with no join, n_steps)."""
+    ids = [engine.add_request(p, params(2400)) for p in prompts]
     started: set[int] = set()
-    while len(started) < 8:  # admission (possibly over several steps), until all 8 decode
+    while len(started) < len(ids):  # admission (possibly over several steps), until all 8 decode
         started |= {e.id for e in engine.step()}
-    engine.step()
-    steady = []
-    for _ in range(4):
-        t = time.perf_counter()
+    for _ in range(5):
         engine.step()
-        steady.append(time.perf_counter() - t)
-    lid = engine.add_request(rand_prompt(rng, V, long_len), params(1))
-    joined = []
+    lid = None if long_prompt is None else engine.add_request(long_prompt, params(1))
+    times: list[float] = []
     done = False
     while not done:
         t = time.perf_counter()
         evs = engine.step()
-        joined.append(time.perf_counter() - t)
-        done = any(e.id == lid for e in evs)
+        times.append(time.perf_counter() - t)
+        done = any(e.id == lid for e in evs) if lid is not None else len(times) >= n_steps
     for i in ids:
         engine.abort(i)
     while engine.has_work():
         engine.step()
-    return steady, joined
+    return times
 
 
 def bench_chunked(model, name: str, args) -> None:
+    """The p99 step of the 8 decoding sequences while the long prompt joins, against their steady step:
+    the median step of a paired control run (same engine settings, same 8 prompts, same steps from the
+    same point, nothing joining), so the growing context of the 8 counts the same in both."""
     rng = random.Random(2)
     V, L = model.cfg.vocab_size, args.long_len
     chunks = [int(c) for c in str(args.chunk).split(",")]
-    res = {"row pool": ([], [])} | {f"paged, token budget {c}/step": ([], []) for c in chunks}
+    res = {"row pool": ([], [], [])} | {f"paged, token budget {c}/step": ([], [], []) for c in chunks}
     for _ in range(args.repeats):
+        prompts, long_prompt = [rand_prompt(rng, V, 32) for _ in range(8)], rand_prompt(rng, V, L)
         for kind in res:
-            if kind.startswith("paged"):
-                engine = Engine(model, max_batch=9, max_len=L + 512, paged=True, block_size=16,
-                                max_num_batched_tokens=int(kind.split()[-1].split("/")[0]))
-            else:
-                engine = Engine(model, max_batch=9, max_len=L + 512)
-            steady, joined = _itl_run(engine, V, rng, L)
-            res[kind][0].append(statistics.median(steady))
+            def make(kind=kind):
+                if kind.startswith("paged"):
+                    return Engine(model, max_batch=9, max_len=L + 2600, paged=True, block_size=16,
+                                  max_num_batched_tokens=int(kind.split()[-1].split("/")[0]))
+                return Engine(model, max_batch=9, max_len=L + 2600)
+            joined = _itl_run(make(), prompts, long_prompt)
+            steady = _itl_run(make(), prompts, None, n_steps=len(joined))
             s = sorted(joined)
+            res[kind][0].append(statistics.median(steady))
             res[kind][1].append(s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))])  # p99 over the join
-    for kind, (steady, p99) in res.items():
+            res[kind][2].append(len(joined))
+    for kind, (steady, p99, steps) in res.items():
         ratio = [p / s for p, s in zip(p99, steady, strict=True)]
-        print(f"  [{name}] {kind}: 8 decoding + a {L}-token prompt joining: steady step "
+        print(f"  [{name}] {kind}: 8 decoding + a {L}-token prompt joining over {med(steps)} steps: steady step "
               f"{med(steady)} s, p99 step while it joins {med(p99)} s = {med(ratio)}x steady")
 
 

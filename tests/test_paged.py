@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import seekwen
 from seekwen.fast import prepare
+from seekwen.runtime import paged_engine
 from seekwen.runtime.blocks import BlockManager, chain_hashes
 from seekwen.runtime.engine import Engine, SamplingParams
 from seekwen.runtime.scheduler import QueueFull
@@ -71,9 +72,19 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(params=["flat", "split"])
+def calls(request, monkeypatch):
+    """How the runner computes a step: "flat", every token a one-token row of one forward call (the
+    default for small steps), or "split", decode rows and right-padded prefill chunks in separate calls
+    (the default for large steps): both must give the same tokens."""
+    if request.param == "split":
+        monkeypatch.setattr(paged_engine, "FLAT_MAX_TOKENS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.slow) if c == "preempt_no_prefix" else c
                                     for c in sorted(CONFIGS)])
-def test_paged_engine_equals_generate(family, config):
+def test_paged_engine_equals_generate(family, config, calls):
     model, prompts, ref = family
     engine = Engine(model, max_batch=3, max_len=40, paged=True, **CONFIGS[config])
     assert engine.generate(prompts, _params(MAX_NEW)) == ref
@@ -90,7 +101,7 @@ def test_paged_engine_equals_generate(family, config):
         assert s["tokens_computed"] == s["prefill_tokens"] + sum(MAX_NEW) - len(prompts)
 
 
-def test_paged_fast_path_equals_plain(family):
+def test_paged_fast_path_equals_plain(family, calls):
     model, prompts, ref = family
     fast = prepare(copy.deepcopy(model))
     for kw in (CONFIGS["no_prefix_chunked"], CONFIGS["preempt"]):

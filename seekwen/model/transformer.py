@@ -112,11 +112,12 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         batch: ForwardBatch | None = None,
-        keep: torch.Tensor | None = None,
+        keep: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, S] -> logits [B, S, vocab]; with `keep` [B] (an index per row), only the logits
-        at that index: [B, 1, vocab] (saves the vocab-sized product for every prompt token).
+        at that index: [B, 1, vocab] (saves the vocab-sized product for every prompt token); with `keep`
+        = (rows [n], indices [n]), only those n rows' logits [n, 1, vocab] (none: the head is skipped).
         `return_hidden`: (logits, hidden [B, S, hidden_size]), the final-normed hidden state of every
         token whatever `keep` says (what DeepSeek-V3's multi-token-prediction layer reads).
 
@@ -130,10 +131,10 @@ class Transformer(nn.Module):
             h = layer(h, batch)
         if return_hidden:
             h = self.norm(h)
-            kept = h if keep is None else h[torch.arange(h.shape[0], device=h.device), keep][:, None]
-            return self.logits(kept), h
-        if keep is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), keep][:, None]
+            return self.logits(kept_tokens(h, keep)), h
+        h = kept_tokens(h, keep)
+        if h.shape[0] == 0:  # no row wants logits (prefill chunks before a prompt's last): no head product
+            return h.new_empty(0, 1, self.cfg.vocab_size)
         return self.logits(self.norm(h))
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
@@ -144,6 +145,14 @@ class Transformer(nn.Module):
         """Final-normed hidden states [B, S, hidden] -> logits [B, S, vocab] (a tensor-parallel model
         overrides it to gather its vocabulary slices)."""
         return self.head(h)
+
+
+def kept_tokens(h: torch.Tensor, keep: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """h [B, S, d] -> the tokens `Transformer.forward`'s `keep` selects: all, [B, 1, d] or [n, 1, d]."""
+    if keep is None:
+        return h
+    rows, index = keep if isinstance(keep, tuple) else (torch.arange(h.shape[0], device=h.device), keep)
+    return h[rows, index][:, None]
 
 
 def ntk_alphas(true_lens: list[int], seq_length: int) -> torch.Tensor:

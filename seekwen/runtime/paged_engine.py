@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ..fast import paged_kernels
 from ..model.rope import qwen_ntk_alpha
 from .metrics import Metrics
 from .paged import PagedKVCache
@@ -41,11 +42,18 @@ def prefix_salt(cfg, prompt_len: int) -> object:
     return None
 
 
+FLAT_MAX_TOKENS = 64  # a step of at most this many tokens runs as one call of one-token rows
+FLAT_MAX_GATHER = 1 << 15  # without in-place attention: at most tokens x keys gathered per layer
+
+
 class ModelRunner:
     """Runs scheduled rows of sequences through the model over a `PagedKVCache`."""
 
     def __init__(self, model, cache: PagedKVCache):
         self.model, self.cache = model, cache
+        # the fast path's attention reads blocks in place (fast.paged_kernels) for one-token rows
+        self.in_place = (getattr(model, "prepared", None) is not None and model.device.type == "cpu"
+                         and model.dtype == torch.float32 and paged_kernels.get() is not None)
         self.qwen_ntk = model.cfg.rope.type == "qwen_dynamic"
         self.length_rope = not model.rope.static and not self.qwen_ntk  # HF dynamic, longrope
 
@@ -53,20 +61,23 @@ class ModelRunner:
         """Compute every planned row; returns (sequence, logits [V]) for those whose tokens are now all
         computed (their next token is due), or, for a sequence verifying speculative tokens, logits
         [n, V] at each of its n new tokens. Does not advance the sequences (`Scheduler.computed`)."""
+        if self.flat(plan):
+            return self._run_flat(plan)
         out = []
         decode = [r for r in plan if r[1] == 1]
         verify = [r for r in plan if r[1] > 1 and r[0].draft]
         chunks = [r for r in plan if r[1] > 1 and not r[0].draft]
         for rows, full in ((decode, False), (verify, True), (chunks, False)):
             if rows:
-                logits = self._forward(rows, full)
-                out += [(s, logits[i, :n] if full else logits[i, 0]) for i, (s, n) in enumerate(rows)
-                        if s.remaining == n]
+                due = [i for i, (s, n) in enumerate(rows) if s.remaining == n]
+                logits = self._forward(rows, full, due)
+                out += [(rows[i][0], logits[i, : rows[i][1]] if full else logits[j, 0]) for j, i in enumerate(due)]
         return out
 
-    def _forward(self, rows: list[tuple[Sequence, int]], full: bool = False) -> torch.Tensor:
-        """rows of (sequence, n new tokens) -> logits at each row's last new token [k, 1, V], or (full)
-        at every new token [k, S, V]."""
+    def _forward(self, rows: list[tuple[Sequence, int]], full: bool, due: list[int]) -> torch.Tensor:
+        """rows of (sequence, n new tokens) -> for the rows `due` (their next token is due), logits at
+        their last new token [len(due), 1, V], or (full) at every new token [k, S, V]. A chunk before
+        its prompt's end is due nothing: its call skips the LM head."""
         model, dev, bs = self.model, self.model.device, self.cache.block_size
         k, S = len(rows), max(n for _, n in rows)
         ids = torch.zeros(k, S, dtype=torch.long)
@@ -76,14 +87,7 @@ class ModelRunner:
         start = torch.tensor([s.n_computed for s, _ in rows])
         positions = (start[:, None] + torch.arange(S)).to(dev)  # [k, S]
         n_keys = int(start.max()) + S
-        nb = -(-n_keys // bs)
-        tables = []
-        for g in range(len(self.cache.groups)):
-            t = torch.full((k, nb), self.cache.scratch(g), dtype=torch.long)
-            for i, (s, _) in enumerate(rows):
-                row = torch.tensor(s.tables[g][:nb], dtype=torch.long)
-                t[i, : len(row)] = torch.where(row >= 0, row, self.cache.scratch(g))
-            tables.append(t.to(dev))
+        tables = [t.to(dev) for t in self._tables([s for s, _ in rows], -(-n_keys // bs))]
         padded = bool((n_new < S).any())
         alpha = None
         if self.qwen_ntk:
@@ -100,7 +104,68 @@ class ModelRunner:
         )
         if self.length_rope:
             self._length_rope(batch, positions, torch.tensor([s.prompt_len for s, _ in rows], device=dev))
-        return model(ids.to(dev), batch=batch, keep=None if full else (n_new - 1).to(dev))
+        keep = None
+        if not full:
+            keep = (torch.tensor(due, dtype=torch.long), (n_new - 1)[due])
+            keep = (keep[0].to(dev), keep[1].to(dev))
+        return model(ids.to(dev), batch=batch, keep=keep)
+
+    def flat(self, plan: list[tuple[Sequence, int]]) -> bool:
+        """Whether this step runs as one call of one-token rows (`_run_flat`): a few tokens in all, and
+        attention that reads the blocks in place (the fast path's CPU kernel), or few keys to gather."""
+        T = sum(n for _, n in plan)
+        if T > FLAT_MAX_TOKENS:
+            return False
+        if self.in_place:
+            return True
+        return T * max(s.n_computed + n for s, n in plan) <= FLAT_MAX_GATHER
+
+    def _run_flat(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
+        """Every planned token as its own row of one new token, in one forward call: the decode rows, the
+        prefill chunks and the speculative tokens of a step share one pass over the weights, no row is
+        padded, and each token attends to the keys up to its own position through its sequence's block
+        table (the chunk's own keys are written before any is read). Logits only where a token is due."""
+        model, dev, bs = self.model, self.model.device, self.cache.block_size
+        seq_of, pos = [], []  # per token row: its sequence's index in the plan, its position
+        for i, (s, n) in enumerate(plan):
+            seq_of += [i] * n
+            pos += range(s.n_computed, s.n_computed + n)
+        ids = torch.tensor([s.token(p) for s, n in plan for p in range(s.n_computed, s.n_computed + n)])
+        positions = torch.tensor(pos)[:, None]  # [T, 1]
+        n_keys = max(pos) + 1
+        index = torch.tensor(seq_of)
+        tables = [t[index].to(dev) for t in self._tables([s for s, _ in plan], -(-n_keys // bs))]
+        alpha = None
+        if self.qwen_ntk:
+            alpha = torch.tensor([qwen_ntk_alpha(s.prompt_len, model.cfg.rope.seq_length) for s, _ in plan],
+                                 dtype=torch.float64)[index]
+        batch = model.batch(positions.to(dev), kv=self.cache.view(tables), n_keys=n_keys,
+                            key_counts=[p + 1 for p in pos], ntk_alpha=alpha)
+        if self.length_rope:
+            lens = torch.tensor([s.prompt_len for s, _ in plan])[index]
+            self._length_rope(batch, positions.to(dev), lens.to(dev))
+        keep, spans, end = [], [], 0  # rows whose logits are due: a sequence's last token, or all (verify)
+        for s, n in plan:
+            end += n
+            if s.remaining == n:
+                first = end - n if s.draft else end - 1
+                spans.append((s, len(keep), end - first, bool(s.draft)))
+                keep += range(first, end)
+        rows = torch.tensor(keep, dtype=torch.long, device=dev)
+        logits = model(ids[:, None].to(dev), batch=batch, keep=(rows, torch.zeros_like(rows)))[:, 0]  # [n, V]
+        return [(s, logits[a : a + m] if full else logits[a]) for s, a, m, full in spans]
+
+    def _tables(self, seqs: list[Sequence], nb: int) -> list[torch.Tensor]:
+        """Per cache group the sequences' block tables [k, nb] (long; the scratch block where none)."""
+        tables = []
+        for g in range(len(self.cache.groups)):
+            scratch = self.cache.scratch(g)
+            t = torch.full((len(seqs), nb), scratch, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                row = torch.tensor(s.tables[g][:nb], dtype=torch.long)
+                t[i, : len(row)] = torch.where(row >= 0, row, scratch)
+            tables.append(t)
+        return tables
 
     def _length_rope(self, batch, positions: torch.Tensor, prompt_lens: torch.Tensor) -> None:
         """Length-dependent RoPE (HF dynamic, longrope): give each token the rotation per-sequence

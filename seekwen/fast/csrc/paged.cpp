@@ -1,33 +1,57 @@
-// Paged decode attention on CPU: one new query position per sequence, its keys read in place from
+// Paged attention on CPU: each row is one new query position of a sequence, its keys read in place from
 // fixed-size KV blocks through the sequence's block table (no gather of the cache per step).
 //
-// One kernel serves GQA and MLA. Per sequence b and KV head g there are Q queries (GQA: the query
-// heads sharing KV head g; MLA: every head, G = 1) attending to keys [start[b], count[b]):
+// One kernel serves GQA and MLA. Per row b and KV head g there are Q queries (GQA: the query heads
+// sharing KV head g; MLA: every head, G = 1) attending to keys [start[b], count[b]):
 //   score(q, t) = scale * (q1[q] . k1[t] + q2[q] . k2[t])      (k2: MLA's rotated key; absent for GQA)
 //   out[q]      = sum_t softmax_t(score(q, .)) v[t]             (MLA: v = k1, the latent itself)
-// Position t of sequence b lives in block table[b, t / bs] at row t % bs of every pool.
+// Position t of row b lives in block table[b, t / bs] at row t % bs of every pool.
 //
-// Work is split flash-decoding style: tasks of (sequence, KV head, CHUNK keys) run in parallel, each
-// keeps its running max, sum and unnormalised output, and one merge per (sequence, head) combines them.
-// Within a task every key row is read once for all Q queries (scores), then once more for the values.
-// The dot products and axpys are plain loops under `omp simd` (vectorised by -O3 -mavx2 -mfma).
+// Consecutive rows with the same block table are one group: the tokens of one sequence computed in the
+// same call (a prefill chunk, speculative tokens; the runner's one-token rows). A group's keys are read
+// once for all its rows' queries, each query masked to its own row's [start, count).
+//
+// Work is split flash-decoding style: tasks of (group, KV head, CHUNK keys) run in parallel, each keeps
+// its running max, sum and unnormalised output per query, and one merge per (row, head) combines them.
+// Scores are computed a tile of TILE keys at a time: the tile is transposed into [d, TILE], so each
+// query's scores are d broadcast multiply-adds over TILE lanes (no per-key horizontal sum), QB queries
+// at once (independent accumulator chains); the exponentials are a vectorisable polynomial
+// (`fast_exp`). GCC vector types and plain loops, vectorised by -O3 -mavx2 -mfma.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t CHUNK = 256;  // keys per task
+constexpr int64_t TILE = 16;    // keys scored at once
+constexpr int64_t CHUNK = 256;  // keys per task (a multiple of TILE)
+constexpr int64_t QB = 4;       // queries scored together: 2 * QB independent multiply-add chains
+typedef float Lanes __attribute__((vector_size(8 * sizeof(float))));  // 8 keys' scores (one AVX register)
+static_assert(TILE == 16, "a tile is two Lanes of keys");
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// e^x for x <= 0 (a score minus its row's max): 2^n * p(r), x = n ln 2 + r, |r| <= ln 2 / 2, p the
+// degree-6 Taylor polynomial (relative error < 3e-7); below -87 it flushes to e^-87 ~ 1.6e-38.
+inline float fast_exp(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = std::fma(n, -6.93145752e-1f, std::fma(n, -1.42860677e-6f, x));
+  float p = 1.f / 720;
+  p = std::fma(p, r, 1.f / 120);
+  p = std::fma(p, r, 1.f / 24);
+  p = std::fma(p, r, 1.f / 6);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.f);
+  p = std::fma(p, r, 1.f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
 }
 
 inline void axpy(float* y, float a, const float* x, int64_t n) {
@@ -35,15 +59,52 @@ inline void axpy(float* y, float a, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-struct Task {
-  int64_t b, g, t0, t1;
+// Scores of a block of QB queries qt [d, QB] (component-major, zero-padded past the real ones) against
+// one transposed tile kt [d, TILE] (as Lanes: [c][2]), written scaled to out[k * stride + j] for the
+// block's nq real queries and the tile's n keys.
+inline void score_tile(const float* qt, const Lanes* kt, int64_t d, float scale, int64_t nq, int64_t n,
+                       float* out, int64_t stride) {
+  Lanes lo[QB] = {}, hi[QB] = {};  // per query: keys 0-7, 8-15 of the tile
+  for (int64_t c = 0; c < d; ++c) {
+    const Lanes a = kt[2 * c], b = kt[2 * c + 1];
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < QB; ++k) {
+      lo[k] += qt[c * QB + k] * a;
+      hi[k] += qt[c * QB + k] * b;
+    }
+  }
+  for (int64_t k = 0; k < nq; ++k)
+    for (int64_t j = 0; j < n; ++j) out[k * stride + j] = (j < 8 ? lo[k][j] : hi[k][j - 8]) * scale;
+}
+
+struct Group {
+  int64_t b0, b1, t0, t1;  // rows [b0, b1), keys [t0, t1): the union of the rows' ranges
 };
+
+struct Task {
+  int64_t group, g, t0, t1, out;  // out: offset of its (rows x Q) partial results
+};
+
+// Rows grouped: consecutive rows whose block tables are equal.
+std::vector<Group> group_rows(const int32_t* tab, int64_t B, int64_t nb, const std::vector<int64_t>& start,
+                              const std::vector<int64_t>& count) {
+  std::vector<Group> groups;
+  for (int64_t b = 0; b < B; ++b) {
+    if (!groups.empty() && std::memcmp(tab + b * nb, tab + (b - 1) * nb, nb * sizeof(int32_t)) == 0) {
+      Group& gr = groups.back();
+      gr.b1 = b + 1, gr.t0 = std::min(gr.t0, start[b]), gr.t1 = std::max(gr.t1, count[b]);
+    } else {
+      groups.push_back({b, b + 1, start[b], count[b]});
+    }
+  }
+  return groups;
+}
 
 }  // namespace
 
 // q1 [B, G, Q, d1], q2 [B, G, Q, d2] (d2 may be 0), pools k1 [N, bs, G, d1], k2 [N, bs, G, d2],
 // v [N, bs, G, dv] (contiguous), table [B, nb] int32, start/count [B]: keys [start, count) of each
-// sequence. Returns [B, G, Q, dv].
+// row. Returns [B, G, Q, dv].
 torch::Tensor paged_attention(torch::Tensor q1, torch::Tensor q2, torch::Tensor k1, torch::Tensor k2,
                               torch::Tensor v, torch::Tensor table, std::vector<int64_t> start,
                               std::vector<int64_t> count, double scale) {
@@ -54,82 +115,123 @@ torch::Tensor paged_attention(torch::Tensor q1, torch::Tensor q2, torch::Tensor 
               "paged_attention: int32 block table [B, nb]");
   const int64_t B = q1.size(0), G = q1.size(1), Q = q1.size(2), d1 = q1.size(3);
   const int64_t d2 = q2.numel() ? q2.size(3) : 0, dv = v.size(3), bs = k1.size(1), nb = table.size(1);
+  const int64_t d = d1 + d2;
   TORCH_CHECK(k1.size(2) == G && v.size(2) == G && k1.size(3) == d1 && v.size(1) == bs, "paged_attention: pools");
   TORCH_CHECK(d2 == 0 || (q2.size(0) == B && q2.size(1) == G && q2.size(2) == Q && k2.size(3) == d2),
               "paged_attention: q2 / k2");
   TORCH_CHECK((int64_t)start.size() == B && (int64_t)count.size() == B && table.size(0) == B,
-              "paged_attention: one start and count per sequence");
-  std::vector<Task> tasks;
-  for (int64_t b = 0; b < B; ++b) {
+              "paged_attention: one start and count per row");
+  for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(0 <= start[b] && start[b] < count[b] && count[b] <= nb * bs, "paged_attention: key range");
+  const int32_t* tab = table.data_ptr<int32_t>();
+  const std::vector<Group> groups = group_rows(tab, B, nb, start, count);
+  std::vector<Task> tasks;
+  int64_t n_out = 0;
+  for (int64_t gi = 0; gi < (int64_t)groups.size(); ++gi) {
+    const Group& gr = groups[gi];
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t t0 = start[b]; t0 < count[b]; t0 += CHUNK) tasks.push_back({b, g, t0, std::min(count[b], t0 + CHUNK)});
+      for (int64_t t0 = gr.t0; t0 < gr.t1; t0 += CHUNK) {
+        tasks.push_back({gi, g, t0, std::min(gr.t1, t0 + CHUNK), n_out});
+        n_out += (gr.b1 - gr.b0) * Q;
+      }
   }
   const int64_t T = tasks.size();
-  auto part_o = torch::zeros({T, Q, dv}, q1.options());
-  std::vector<float> part_m(T * Q), part_l(T * Q);
+  auto part_o = torch::zeros({n_out, dv}, q1.options());
+  std::vector<float> part_m(n_out), part_l(n_out);
   const float* Q1 = q1.data_ptr<float>();
   const float* Q2 = d2 ? q2.data_ptr<float>() : nullptr;
   const float *K1 = k1.data_ptr<float>(), *K2 = d2 ? k2.data_ptr<float>() : nullptr, *Vp = v.data_ptr<float>();
-  const int32_t* tab = table.data_ptr<int32_t>();
   float* PO = part_o.data_ptr<float>();
   const float sc = (float)scale;
   at::parallel_for(0, T, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> s(Q * CHUNK);
+    std::vector<float> s, qt;
+    std::vector<Lanes> kt(2 * d);  // a transposed tile [d, TILE]
+    float* ktf = reinterpret_cast<float*>(kt.data());
     for (int64_t i = i0; i < i1; ++i) {
       const Task tk = tasks[i];
-      const int64_t len = tk.t1 - tk.t0;
-      const float* q1b = Q1 + (tk.b * G + tk.g) * Q * d1;
-      const float* q2b = d2 ? Q2 + (tk.b * G + tk.g) * Q * d2 : nullptr;
-      auto row = [&](int64_t t) { return (int64_t)tab[tk.b * nb + t / bs] * bs + t % bs; };
-      for (int64_t t = tk.t0; t < tk.t1; ++t) {
-        const int64_t r = row(t);
-        const float* kr1 = K1 + (r * G + tk.g) * d1;
-        const float* kr2 = d2 ? K2 + (r * G + tk.g) * d2 : nullptr;
-        for (int64_t q = 0; q < Q; ++q) {
-          float x = dot(q1b + q * d1, kr1, d1);
-          if (d2) x += dot(q2b + q * d2, kr2, d2);
-          s[q * CHUNK + (t - tk.t0)] = x * sc;
-        }
+      const Group& gr = groups[tk.group];
+      const int64_t len = tk.t1 - tk.t0, nq = (gr.b1 - gr.b0) * Q;  // queries: (row, q)
+      auto row = [&](int64_t t) { return (int64_t)tab[gr.b0 * nb + t / bs] * bs + t % bs; };
+      // the queries in blocks of QB, each block [d, QB] component-major (q1, then q2)
+      qt.assign(((nq + QB - 1) / QB) * QB * d, 0.f);
+      for (int64_t j = 0; j < nq; ++j) {
+        const int64_t b = gr.b0 + j / Q, q = j % Q;
+        const float* a = Q1 + ((b * G + tk.g) * Q + q) * d1;
+        const float* a2 = d2 ? Q2 + ((b * G + tk.g) * Q + q) * d2 : nullptr;
+        float* dst = qt.data() + (j / QB) * QB * d + j % QB;
+        for (int64_t c = 0; c < d1; ++c) dst[c * QB] = a[c];
+        for (int64_t c = 0; c < d2; ++c) dst[(d1 + c) * QB] = a2[c];
       }
-      for (int64_t q = 0; q < Q; ++q) {
-        float* sq = s.data() + q * CHUNK;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < len; ++j) m = std::max(m, sq[j]);
-        float l = 0.f;
-        for (int64_t j = 0; j < len; ++j) {
-          sq[j] = std::exp(sq[j] - m);
-          l += sq[j];
+      s.resize(nq * len);  // scores [nq, len]
+      for (int64_t t = tk.t0; t < tk.t1; t += TILE) {
+        const int64_t n = std::min(TILE, tk.t1 - t);
+        std::fill(ktf, ktf + d * TILE, 0.f);  // kt[c, j] = key t + j's component c, zero past the keys
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t r = row(t + j);
+          const float* kr1 = K1 + (r * G + tk.g) * d1;
+          for (int64_t c = 0; c < d1; ++c) ktf[c * TILE + j] = kr1[c];
+          if (d2) {
+            const float* kr2 = K2 + (r * G + tk.g) * d2;
+            for (int64_t c = 0; c < d2; ++c) ktf[(d1 + c) * TILE + j] = kr2[c];
+          }
         }
-        part_m[i * Q + q] = m;
-        part_l[i * Q + q] = l;
+        for (int64_t j0 = 0; j0 < nq; j0 += QB)
+          score_tile(qt.data() + j0 * d, kt.data(), d, sc, std::min(QB, nq - j0), n, s.data() + j0 * len + (t - tk.t0), len);
       }
-      float* o = PO + i * Q * dv;
+      // softmax numerators per query over its own keys; keys outside its row's range weigh 0
+      for (int64_t j = 0; j < nq; ++j) {
+        const int64_t b = gr.b0 + j / Q;
+        const int64_t lo = std::max(start[b], tk.t0) - tk.t0, hi = std::min(count[b], tk.t1) - tk.t0;
+        float* sq = s.data() + j * len;
+        float m = NEG_INF, l = 0.f;
+        for (int64_t k = lo; k < hi; ++k) m = std::max(m, sq[k]);
+        std::fill(sq, sq + std::max<int64_t>(lo, 0), 0.f);
+        if (hi > lo) {
+#pragma omp simd reduction(+ : l)
+          for (int64_t k = lo; k < hi; ++k) {
+            sq[k] = fast_exp(sq[k] - m);
+            l += sq[k];
+          }
+        }
+        std::fill(sq + std::max(hi, lo), sq + len, 0.f);
+        part_m[tk.out + j] = m;
+        part_l[tk.out + j] = l;
+      }
+      float* o = PO + tk.out * dv;
       for (int64_t t = tk.t0; t < tk.t1; ++t) {
         const float* vr = Vp + (row(t) * G + tk.g) * dv;
-        for (int64_t q = 0; q < Q; ++q) axpy(o + q * dv, s[q * CHUNK + (t - tk.t0)], vr, dv);
+        for (int64_t j = 0; j < nq; ++j) {
+          const float p = s[j * len + (t - tk.t0)];
+          if (p != 0.f) axpy(o + j * dv, p, vr, dv);
+        }
       }
     }
   });
-  // merge the chunks of each (sequence, head): tasks of one (b, g) are consecutive
+  // merge, per (row, head), the chunks of its group's tasks for that head (consecutive tasks)
   auto out = torch::empty({B, G, Q, dv}, q1.options());
   float* O = out.data_ptr<float>();
-  std::vector<int64_t> first(B * G + 1, T);
-  for (int64_t i = T - 1; i >= 0; --i) first[tasks[i].b * G + tasks[i].g] = i;
+  std::vector<int64_t> first(groups.size() * G + 1, T);
+  for (int64_t i = T - 1; i >= 0; --i) first[tasks[i].group * G + tasks[i].g] = i;
+  std::vector<int64_t> group_of(B);
+  for (int64_t gi = 0; gi < (int64_t)groups.size(); ++gi)
+    for (int64_t b = groups[gi].b0; b < groups[gi].b1; ++b) group_of[b] = gi;
   at::parallel_for(0, B * G, 1, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-      int64_t i0 = first[j], i1 = i0;
-      while (i1 < T && tasks[i1].b * G + tasks[i1].g == j) ++i1;
+      const int64_t b = j / G, g = j % G, gi = group_of[b], local = (b - groups[gi].b0) * Q;
+      int64_t i0 = first[gi * G + g], i1 = i0;
+      while (i1 < T && tasks[i1].group == gi && tasks[i1].g == g) ++i1;
       for (int64_t q = 0; q < Q; ++q) {
-        float M = -std::numeric_limits<float>::infinity();
-        for (int64_t i = i0; i < i1; ++i) M = std::max(M, part_m[i * Q + q]);
+        float M = NEG_INF;
+        for (int64_t i = i0; i < i1; ++i) M = std::max(M, part_m[tasks[i].out + local + q]);
         float L = 0.f;
         float* y = O + (j * Q + q) * dv;
         std::fill(y, y + dv, 0.f);
         for (int64_t i = i0; i < i1; ++i) {
-          const float w = std::exp(part_m[i * Q + q] - M);
-          L += w * part_l[i * Q + q];
-          axpy(y, w, PO + (i * Q + q) * dv, dv);
+          const int64_t k = tasks[i].out + local + q;
+          if (part_m[k] == NEG_INF) continue;  // none of the row's keys in this chunk
+          const float w = std::exp(part_m[k] - M);
+          L += w * part_l[k];
+          axpy(y, w, PO + k * dv, dv);
         }
         const float inv = 1.f / L;
         for (int64_t c = 0; c < dv; ++c) y[c] *= inv;
@@ -140,5 +242,5 @@ torch::Tensor paged_attention(torch::Tensor q1, torch::Tensor q2, torch::Tensor 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "paged decode attention (GQA / MLA), keys read through block tables");
+  m.def("paged_attention", &paged_attention, "paged attention (GQA / MLA), keys read through block tables");
 }
