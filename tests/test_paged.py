@@ -349,6 +349,31 @@ def test_paged_attention_kernel_equals_reference(mla):
     torch.testing.assert_close(got, pk.reference(q1, q2, k1, k2, v, table, start, count, 0.2), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mla", [False, True])
+def test_paged_attention_kernel_groups_rows_of_one_sequence(mla):
+    """Rows sharing a block table (one sequence's tokens of one call: a prefill chunk, drafts) are one
+    group whose keys are read once; each row still sees only its own [start, count): causal counts
+    across a chunk boundary, sliding-window starts, a lone row between two groups, odd tile ends."""
+    from seekwen.fast import paged_kernels as pk
+
+    kern = pk.get()
+    if kern is None:
+        pytest.skip("no C++ toolchain: the layers gather instead")
+    g = torch.Generator().manual_seed(1)
+    N, bs = 400, 16
+    G, Q, d1, d2 = (1, 5, 48, 16) if mla else (3, 2, 40, 0)
+    k1, k2 = torch.randn(N, bs, G, d1, generator=g), torch.randn(N, bs, G, d2, generator=g)
+    v = k1 if mla else torch.randn(N, bs, G, 24, generator=g)
+    seqs = torch.randperm(N, generator=g)[:90].view(3, 30).int()
+    table = torch.cat([seqs[0:1].expand(6, 30), seqs[1:2], seqs[2:3].expand(3, 30)]).contiguous()  # 6 + 1 + 3
+    count = [250, 262, 270, 281, 290, 300] + [17] + [3, 4, 5]  # the first group crosses the 256-key chunk
+    start = [0, 0, 100, 0, 240, 0] + [0] + [0, 1, 0]  # windows: rows start where they like
+    B = table.shape[0]
+    q1, q2 = torch.randn(B, G, Q, d1, generator=g), torch.randn(B, G, Q, d2, generator=g)
+    got = kern.paged_attention(q1, q2, k1, k2, v, table, start, count, 0.3)
+    torch.testing.assert_close(got, pk.reference(q1, q2, k1, k2, v, table, start, count, 0.3), atol=1e-5, rtol=1e-5)
+
+
 def test_fast_paged_decode_reads_blocks_in_place(family, monkeypatch):
     """The fast path's decode steps over the paged cache go through the kernel (no gather)."""
     from seekwen.fast import paged_kernels as pk
