@@ -115,7 +115,7 @@ class Event:
     stop_reason: str | int | None = None  # when finished by a stop string / stop token id: which one
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `req in self.live` must not compare prompts
 class Request:
     id: int
     prompt: list[int]

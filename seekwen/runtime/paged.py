@@ -100,6 +100,7 @@ class PagedView:
     def __init__(self, cache: PagedKVCache, tables: list[torch.Tensor]):
         self.cache, self.tables = cache, tables  # tables[g]: [B, nb] long
         self._int_tables: dict[int, torch.Tensor] = {}
+        self._slot_cache: dict[tuple, torch.Tensor] = {}  # per (group, positions): the flat rows written
 
     def is_ring(self, layer: int) -> bool:
         return False  # windows are masked; their old blocks are released by the scheduler
@@ -108,19 +109,30 @@ class PagedView:
         """new [B, S, ...] at positions [B, S] -> stored; returns [B, n_keys, ...] gathered (slot = position),
         or nothing when n_keys == 0 (a caller that reads the blocks in place)."""
         c = self.cache
-        store, table, bs = c.layers[layer], self.tables[c.group_of[layer]], c.block_size
-        col = (positions // bs).clamp(max=table.shape[1] - 1)
-        blk = table.gather(1, col)  # [B, S]
-        blk = torch.where(positions // bs < table.shape[1], blk, c.scratch(c.group_of[layer]))
-        off = positions % bs
+        g = c.group_of[layer]
+        store, slots = c.layers[layer], self._slots(g, positions)
         for name, t in new.items():
-            store[name][blk, off] = t.to(store[name].dtype)
+            pool = store[name]
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, t.reshape(-1, *t.shape[2:]).to(pool.dtype))
         if n_keys == 0:
             return {}
+        bs = c.block_size
         nb = -(-n_keys // bs)
-        cols = table[:, :nb]  # [B, nb]
+        cols = self.tables[g][:, :nb]  # [B, nb]
         B = cols.shape[0]
         return {name: t[cols].reshape(B, nb * bs, *t.shape[2:])[:, :n_keys] for name, t in store.items()}
+
+    def _slots(self, group: int, positions: torch.Tensor) -> torch.Tensor:
+        """Flat pool rows (block * block_size + offset) of positions [B, S] -> [B * S], computed once per
+        call and cache group (every layer of the group writes the same rows); past the table: scratch."""
+        key = (group, positions.data_ptr(), tuple(positions.shape))
+        if key not in self._slot_cache:
+            c, table, bs = self.cache, self.tables[group], self.cache.block_size
+            col = positions // bs
+            blk = table.gather(1, col.clamp(max=table.shape[1] - 1))  # [B, S]
+            blk = torch.where(col < table.shape[1], blk, c.scratch(group))
+            self._slot_cache[key] = (blk * bs + positions % bs).reshape(-1)
+        return self._slot_cache[key]
 
     def write_ring(self, layer, positions, k, v, valid):  # pragma: no cover - is_ring is always False
         raise NotImplementedError

@@ -160,11 +160,11 @@ class ModelRunner:
         tables = []
         for g in range(len(self.cache.groups)):
             scratch = self.cache.scratch(g)
-            t = torch.full((len(seqs), nb), scratch, dtype=torch.long)
-            for i, s in enumerate(seqs):
-                row = torch.tensor(s.tables[g][:nb], dtype=torch.long)
-                t[i, : len(row)] = torch.where(row >= 0, row, scratch)
-            tables.append(t)
+            rows = []
+            for s in seqs:
+                row = [b if b >= 0 else scratch for b in s.tables[g][:nb]]
+                rows.append(row + [scratch] * (nb - len(row)))
+            tables.append(torch.tensor(rows, dtype=torch.long))
         return tables
 
     def _length_rope(self, batch, positions: torch.Tensor, prompt_lens: torch.Tensor) -> None:

@@ -33,9 +33,10 @@ class QueueFull(RuntimeError):
     """The waiting queue holds `max_queue` requests already."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """The scheduler's state of one request (`req`: the engine's Request, with .id, .prompt, .output)."""
+    """The scheduler's state of one request (`req`: the engine's Request, with .id, .prompt, .output).
+    Compared by identity (`seq in running`, `remove`): two sequences are never the same by content."""
 
     req: object
     salt: object = None  # what the cached keys depend on besides the tokens (prefix-cache key)
