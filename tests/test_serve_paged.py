@@ -97,3 +97,38 @@ def test_paged_server_streams_with_disconnects_leave_nothing_held(server):
     r = post_json(server.url + "/v1/completions", {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 4,
                                                    "temperature": 0})
     assert r[0] == 200 and r[1]["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], dict(paged=True, block_size=16, num_blocks=None, max_num_batched_tokens=512, enable_prefix_caching=True)),
+    (["--block-size", "8", "--num-blocks", "100", "--max-num-batched-tokens", "16", "--no-enable-prefix-caching"],
+     dict(paged=True, block_size=8, num_blocks=100, max_num_batched_tokens=16, enable_prefix_caching=False)),
+    (["--engine", "rows"], {}),
+    (["--speculative", "mtp"], {}),  # mtp runs on the row pool: the default follows it
+    (["--speculative", "ngram"], dict(paged=True, block_size=16, num_blocks=None, max_num_batched_tokens=512,
+                                      enable_prefix_caching=True)),
+])
+def test_serve_engine_flags(argv, want):
+    """`seekwen serve` serves from the paged engine unless told (or unless the speculation needs the row
+    pool); its cache and budget flags reach the Engine."""
+    from seekwen.cli import build_parser
+    from seekwen.tools.serve import check_args, engine_kwargs
+
+    args = build_parser().parse_args(["serve", *argv])
+    check_args(args)
+    assert engine_kwargs(args) == want
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--block-size", "0"], "--block-size must be >= 1"),
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
+    (["--num-blocks", "0"], "--num-blocks must be >= 1"),
+    (["--engine", "paged", "--speculative", "draft", "--draft-model", "x"], "ngram only"),
+])
+def test_serve_engine_flag_errors(argv, message):
+    from seekwen.cli import build_parser
+    from seekwen.errors import UserError
+    from seekwen.tools.serve import check_args
+
+    with pytest.raises(UserError, match=message):
+        check_args(build_parser().parse_args(["serve", *argv]))

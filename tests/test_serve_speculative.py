@@ -29,7 +29,7 @@ N = 20
 @pytest.fixture(scope="module", params=["rows", "paged"])
 def server(request, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-spec") / "server.log"
-    paged = ["--paged"] if request.param == "paged" else []
+    paged = ["--paged"] if request.param == "paged" else ["--engine", "rows"]
     srv = ServerProcess("--served-model-name", NAME, "--speculative", "ngram", "--num-speculative-tokens", "4",
                         "--max-batch", "3", *paged, log=log)
     try:

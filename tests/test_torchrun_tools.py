@@ -80,7 +80,7 @@ def one_process(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("runtime", ["rows", "paged"])
 def test_torchrun_server_equals_one_process(tmp_path, one_process, runtime):
     want = one_process
-    extra = ["--paged"] if runtime == "paged" else []
+    extra = ["--paged"] if runtime == "paged" else ["--engine", "rows"]
     two = TorchrunServer("--served-model-name", "kjv", "--max-batch", "4", *extra, log=tmp_path / "tp.log")
     try:
         two.wait_ready(timeout=400)

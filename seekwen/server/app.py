@@ -73,10 +73,12 @@ class ServeOptions:
     quantize: str | None = None
     plain: bool = False
     seed: int | None = None
-    paged: bool = False  # the serving runtime: block-paged cache, prefix caching, chunked prefill
     speculative: str | None = None  # ngram | draft | mtp (row-pool engine)
     num_speculative_tokens: int = 3
     draft_model: str | None = None
+    # Engine arguments of the serving runtime: {} the row pool, else paged=True and the paged engine's
+    # block_size / num_blocks / max_num_batched_tokens / enable_prefix_caching (`tools.serve.engine_kwargs`)
+    engine: dict = field(default_factory=dict)
 
 
 class State:
@@ -120,16 +122,16 @@ class State:
             draft = None
             if o.speculative == "draft":
                 draft = load_model(o.draft_model, o.dtype, o.device, quantize=o.quantize, fast=not o.plain)
-            engine = Engine(model, max_batch=o.max_batch, max_len=self.max_model_len, seed=o.seed, paged=o.paged,
+            engine = Engine(model, max_batch=o.max_batch, max_len=self.max_model_len, seed=o.seed,
                             speculative=o.speculative, num_speculative_tokens=o.num_speculative_tokens,
-                            draft_model=draft)
+                            draft_model=draft, **o.engine)
             self.loop = EngineLoop(engine, o.max_queue)
             self.loop.start()
             self.model, self.tokenizer = model, tok
             self._byte_decoder = byte_decoder(tok)
             self.status = "ready"
-            log.info("seekwen serve: %s ready (context %d, batch %d)", self.names[0], self.max_model_len,
-                     o.max_batch)
+            log.info("seekwen serve: %s ready (context %d, batch %d, %s engine)", self.names[0], self.max_model_len,
+                     o.max_batch, "paged" if o.engine.get("paged") else "row-pool")
         except BaseException as e:  # noqa: BLE001 - any failure to load ends the server with a message
             self.status, self.error = "failed", f"{type(e).__name__}: {e}" if not str(e) else str(e)
             log.error("seekwen serve: loading the model failed: %s", self.error)

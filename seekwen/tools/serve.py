@@ -57,9 +57,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM (default: 30)")
     p.add_argument("--seed", type=int, default=None, help="seed of the engine's generator for unseeded requests")
-    p.add_argument("--paged", action="store_true",
-                   help="serve from the block-paged engine (prefix caching, chunked prefill, preemption; "
-                        "/metrics adds the prefix-cache hit rate) instead of the row pool")
+    p.add_argument("--engine", choices=["paged", "rows"], default=None,
+                   help="paged: the block-paged engine (prefix caching, chunked prefill, preemption; /metrics "
+                        "adds the prefix-cache hit rate); rows: the row pool (max-batch rows of max-model-len "
+                        "slots; the one that runs --speculative draft / mtp). Default: paged, rows with "
+                        "--speculative draft or mtp")
+    p.add_argument("--paged", dest="engine", action="store_const", const="paged", help="= --engine paged")
+    p.add_argument("--block-size", type=int, default=16, help="paged: tokens per KV block (default: 16)")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="paged: KV blocks per cache group (default: the row pool's memory, max-batch x "
+                        "max-model-len tokens)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="paged: tokens computed per step at most, decode rows first, then prefill chunks "
+                        "(default: 512; smaller keeps running streams smoother while a long prompt joins, "
+                        "larger gets the joining prompt its first token sooner)")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="paged: do not reuse the KV blocks of a cached prompt prefix")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (default: OMP_NUM_THREADS if set, else one less than the cores, "
                         "so that the HTTP side keeps one)")
@@ -86,9 +99,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError("--api-key must not be empty")
-    if args.speculative not in (None, "ngram") and args.paged:
+    if args.engine is None:
+        args.engine = "rows" if args.speculative in ("draft", "mtp") else "paged"
+    if args.speculative not in (None, "ngram") and args.engine == "paged":
         raise UserError(f"--paged speculates with ngram only; --speculative {args.speculative} runs on the "
-                        "row-pool engine (drop --paged)")
+                        "row-pool engine (--engine rows)")
+    for name in ("block_size", "max_num_batched_tokens") + (("num_blocks",) if args.num_blocks is not None else ()):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.speculative == "draft" and args.draft_model is None:
         raise UserError("--speculative draft needs --draft-model PATH")
     if args.draft_model is not None and args.speculative != "draft":
@@ -118,9 +136,9 @@ def run(args: argparse.Namespace) -> int:
     opts = ServeOptions(model=args.model, served_model_names=names, api_key=args.api_key, max_batch=args.max_batch,
                         max_model_len=args.max_model_len, max_queue=args.max_queue,
                         max_body_bytes=args.max_body_bytes, dtype=args.dtype, device=args.device,
-                        quantize=args.quantize, plain=args.plain, seed=args.seed, paged=args.paged,
+                        quantize=args.quantize, plain=args.plain, seed=args.seed,
                         speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
-                        draft_model=args.draft_model)
+                        draft_model=args.draft_model, engine=engine_kwargs(args))
     _set_threads(args.threads)
     app = create_app(opts)
     state = app.state
@@ -136,6 +154,14 @@ def run(args: argparse.Namespace) -> int:
     if not server.started:
         return 1  # could not bind (uvicorn logged why)
     return 0
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The `Engine` arguments the engine flags choose (the paged engine's cache and budget)."""
+    if args.engine != "paged":
+        return {}
+    return dict(paged=True, block_size=args.block_size, num_blocks=args.num_blocks,
+                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -160,7 +186,7 @@ def follow(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     model = load_model(args.model, args.dtype, args.device, quantize=args.quantize, fast=not args.plain)
     max_len = args.max_model_len or int(model.cfg.max_position_embeddings)
-    engine = Engine(model, max_batch=args.max_batch, max_len=max_len, seed=args.seed, paged=args.paged)
+    engine = Engine(model, max_batch=args.max_batch, max_len=max_len, seed=args.seed, **engine_kwargs(args))
     follow_engine(engine)
     # (the CLI silences a follower's stdout and stderr; this line says it ended cleanly)
     print(f"seekwen serve: rank {env_rank()}: rank 0 stopped serving; exiting", file=sys.__stderr__, flush=True)
