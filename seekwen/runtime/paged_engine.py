@@ -4,10 +4,12 @@
 
 One `PagedCore.step()`:
 1. `Scheduler.schedule()` -> [(sequence, n new tokens)]: decode rows (1 token) and prefill chunks;
-2. `ModelRunner.run(plan)`: at most two forward calls over the `PagedKVCache`: the decode rows
-   [k, 1] (per-row key counts, so the fast path's decode kernels read the blocks in place), and the
-   prefill chunks [k, S] right-padded (per-row positions; a chunk after cached tokens reads them
-   through the block table);
+2. `ModelRunner.run(plan)` over the `PagedKVCache`: a step of at most FLAT_MAX_TOKENS tokens is one
+   forward call in which every token is a row of one new token with its own key count (decode rows,
+   prefill chunks and speculative tokens in one pass over the weights; the fast path's kernel reads
+   the blocks in place, a sequence's rows together); a larger step is at most two calls, the decode
+   rows [k, 1] and the prefill chunks [k, S] right-padded (per-row positions; a chunk after cached
+   tokens reads them through the block table);
 3. sequences whose tokens are all computed are sampled by the engine's own `_sample` / `_emit` (the
    request-level code is the engine's, whatever the cache), finished ones release their blocks.
 """
@@ -19,6 +21,7 @@ import time
 import torch
 
 from ..fast import paged_kernels
+from ..fast.layers import FastAttention, FastMLA
 from ..model.rope import qwen_ntk_alpha
 from .metrics import Metrics
 from .paged import PagedKVCache
@@ -52,8 +55,9 @@ class ModelRunner:
     def __init__(self, model, cache: PagedKVCache):
         self.model, self.cache = model, cache
         # the fast path's attention reads blocks in place (fast.paged_kernels) for one-token rows
-        self.in_place = (getattr(model, "prepared", None) is not None and model.device.type == "cpu"
-                         and model.dtype == torch.float32 and paged_kernels.get() is not None)
+        self.in_place = (all(isinstance(b.attn, FastAttention | FastMLA) for b in model.layers)
+                         and model.device.type == "cpu" and model.dtype == torch.float32
+                         and paged_kernels.get() is not None)
         self.qwen_ntk = model.cfg.rope.type == "qwen_dynamic"
         self.length_rope = not model.rope.static and not self.qwen_ntk  # HF dynamic, longrope
 
