@@ -20,6 +20,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -75,6 +77,75 @@ inline void score_tile(const float* qt, const Lanes* kt, int64_t d, float scale,
   }
   for (int64_t k = 0; k < nq; ++k)
     for (int64_t j = 0; j < n; ++j) out[k * stride + j] = (j < 8 ? lo[k][j] : hi[k][j - 8]) * scale;
+}
+
+inline Lanes load(const float* p) {
+  Lanes x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+
+inline void store_add(float* p, Lanes x) {
+  Lanes y = load(p) + x;
+  std::memcpy(p, &y, sizeof y);
+}
+
+// o[k, c] = sum_t p[k * len + t] * v[t][c] for nq (<= QB) queries' weights p over len keys with value rows
+// v[t] [dv]: QB queries x 16 components per pass (8 accumulators: each value load feeds QB products).
+inline void value_block(const float* p, int64_t len, int64_t nq, const float* const* v, int64_t dv, float* o) {
+  int64_t c = 0;
+  for (; c + 16 <= dv; c += 16) {
+    Lanes lo[QB] = {}, hi[QB] = {};
+    for (int64_t t = 0; t < len; ++t) {
+      const Lanes a = load(v[t] + c), b = load(v[t] + c + 8);
+#pragma GCC unroll 4
+      for (int64_t k = 0; k < QB; ++k) {
+        const float w = k < nq ? p[k * len + t] : 0.f;
+        lo[k] += w * a;
+        hi[k] += w * b;
+      }
+    }
+    for (int64_t k = 0; k < nq; ++k) store_add(o + k * dv + c, lo[k]), store_add(o + k * dv + c + 8, hi[k]);
+  }
+  for (; c < dv; ++c)  // dv not a multiple of 16: the rest one component at a time
+    for (int64_t k = 0; k < nq; ++k) {
+      float acc = 0.f;
+      for (int64_t t = 0; t < len; ++t) acc += p[k * len + t] * v[t][c];
+      o[k * dv + c] += acc;
+    }
+}
+
+#ifdef __AVX2__
+// dst[c * TILE + j0 + i] = src[i][c0 + c] for an 8 x 8 block (8 key rows, 8 components), in registers
+inline void transpose8(const float* const* src, int64_t c0, float* dst) {
+  __m256 r[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src[i] + c0);
+  for (int i = 0; i < 8; i += 2) u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44), r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44), r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * TILE, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * TILE, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
+// kt[c * TILE + j] = rows[j][c] for the tile's n key rows and d components (kt already zero past n
+// when n < TILE); full tiles with d % 8 == 0 go through 8 x 8 register transposes.
+inline void transpose_tile(const float* const* rows, int64_t n, int64_t d, float* kt) {
+#ifdef __AVX2__
+  if (n == TILE && d % 8 == 0) {
+    for (int64_t c0 = 0; c0 < d; c0 += 8) {
+      transpose8(rows, c0, kt + c0 * TILE);
+      transpose8(rows + 8, c0, kt + c0 * TILE + 8);
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < d; ++c) kt[c * TILE + j] = rows[j][c];
 }
 
 struct Group {
@@ -145,6 +216,7 @@ torch::Tensor paged_attention(torch::Tensor q1, torch::Tensor q2, torch::Tensor 
   const float sc = (float)scale;
   at::parallel_for(0, T, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> s, qt;
+    std::vector<const float*> vrows;  // the task's value rows
     std::vector<Lanes> kt(2 * d);  // a transposed tile [d, TILE]
     float* ktf = reinterpret_cast<float*>(kt.data());
     for (int64_t i = i0; i < i1; ++i) {
@@ -165,16 +237,16 @@ torch::Tensor paged_attention(torch::Tensor q1, torch::Tensor q2, torch::Tensor 
       s.resize(nq * len);  // scores [nq, len]
       for (int64_t t = tk.t0; t < tk.t1; t += TILE) {
         const int64_t n = std::min(TILE, tk.t1 - t);
-        std::fill(ktf, ktf + d * TILE, 0.f);  // kt[c, j] = key t + j's component c, zero past the keys
+        if (n < TILE) std::fill(ktf, ktf + d * TILE, 0.f);  // kt[c, j] = key t + j's component c, 0 past the keys
+        const float* k1r[TILE];
+        const float* k2r[TILE];
         for (int64_t j = 0; j < n; ++j) {
           const int64_t r = row(t + j);
-          const float* kr1 = K1 + (r * G + tk.g) * d1;
-          for (int64_t c = 0; c < d1; ++c) ktf[c * TILE + j] = kr1[c];
-          if (d2) {
-            const float* kr2 = K2 + (r * G + tk.g) * d2;
-            for (int64_t c = 0; c < d2; ++c) ktf[(d1 + c) * TILE + j] = kr2[c];
-          }
+          k1r[j] = K1 + (r * G + tk.g) * d1;
+          k2r[j] = d2 ? K2 + (r * G + tk.g) * d2 : nullptr;
         }
+        transpose_tile(k1r, n, d1, ktf);
+        if (d2) transpose_tile(k2r, n, d2, ktf + d1 * TILE);
         for (int64_t j0 = 0; j0 < nq; j0 += QB)
           score_tile(qt.data() + j0 * d, kt.data(), d, sc, std::min(QB, nq - j0), n, s.data() + j0 * len + (t - tk.t0), len);
       }
@@ -197,14 +269,10 @@ torch::Tensor paged_attention(torch::Tensor q1, torch::Tensor q2, torch::Tensor 
         part_m[tk.out + j] = m;
         part_l[tk.out + j] = l;
       }
-      float* o = PO + tk.out * dv;
-      for (int64_t t = tk.t0; t < tk.t1; ++t) {
-        const float* vr = Vp + (row(t) * G + tk.g) * dv;
-        for (int64_t j = 0; j < nq; ++j) {
-          const float p = s[j * len + (t - tk.t0)];
-          if (p != 0.f) axpy(o + j * dv, p, vr, dv);
-        }
-      }
+      vrows.resize(len);
+      for (int64_t t = tk.t0; t < tk.t1; ++t) vrows[t - tk.t0] = Vp + (row(t) * G + tk.g) * dv;
+      for (int64_t j0 = 0; j0 < nq; j0 += QB)
+        value_block(s.data() + j0 * len, len, std::min(QB, nq - j0), vrows.data(), dv, PO + (tk.out + j0) * dv);
     }
   });
   // merge, per (row, head), the chunks of its group's tasks for that head (consecutive tasks)
