@@ -177,6 +177,36 @@ def test_prefix_hit_skips_prefill(bundled):
     assert engine.cache_stats()["prefix_hit_tokens"] == 64 + 48
 
 
+def test_n_samples_share_one_prompt_prefill(bundled):
+    """n samples of one prompt queued together: the first prefills the prompt, the others wait for its
+    blocks and prefill only the last partial block; each sample is still what the row pool gives
+    (greedy: the reference; seeded: the same draws from seed + i)."""
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, bundled.cfg.vocab_size, (40,), generator=g).tolist()  # 2 full blocks + 8
+    ref = _reference(bundled, [prompt], [5])[0]
+    engine = Engine(bundled, max_batch=4, max_len=64, paged=True, block_size=16)
+    ids = engine.add_samples(prompt, SamplingParams(max_tokens=5, ignore_eos=True), n=4)
+    out = _run(engine, ids)
+    assert all(out[i] == ref for i in ids)
+    s = engine.cache_stats()
+    assert s["prefill_tokens"] == 40 + 3 * 8 and s["prefix_hit_tokens"] == 3 * 32
+    sampled = SamplingParams(max_tokens=6, temperature=1.0, seed=11, ignore_eos=True)
+    rows = Engine(bundled, max_batch=4, max_len=64)
+    want = _run(rows, rows.add_samples(prompt, sampled, n=3))
+    paged = Engine(bundled, max_batch=4, max_len=64, paged=True, block_size=16)
+    got = _run(paged, paged.add_samples(prompt, sampled, n=3))
+    assert list(got.values()) == list(want.values()) and len(set(map(tuple, got.values()))) > 1
+    _drained(paged)
+
+
+def _run(engine: Engine, ids: list[int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {i: [] for i in ids}
+    while engine.has_work():
+        for ev in engine.step():
+            out[ev.id].append(ev.token)
+    return out
+
+
 def test_qwen_v1_dynamic_ntk_prefix_cache_keyed_on_alpha(tmp_path):
     """Qwen v1 keys are rotated with the NTK alpha fixed from the prompt's length: a shared prefix is
     reused between prompts of one alpha, never across alphas, and every output equals generate."""

@@ -25,8 +25,8 @@ by runtime.detokenize.Detokenizer, also when one spans several tokens; the stop 
 `max_tokens`, and `logprobs` (the chosen token's logprob and the top-k alternatives, from the model's
 raw distribution). Each `Event` carries the token, the new text it makes certain (when the model has a
 tokenizer) and its logprobs. `abort(id)` ends a request at once and frees its row; `add_samples` queues
-n samples of one prompt (n requests with the same prompt: each prefills it; a paged cache could share
-it). `stats` (runtime.stats.EngineStats) counts requests, tokens, steps, time to first token and
+n samples of one prompt (n requests with the same prompt: each prefills it here; the paged engine
+shares one prefill). `stats` (runtime.stats.EngineStats) counts requests, tokens, steps, time to first token and
 inter-token latency; a server's metrics read its `snapshot()`.
 
 `Engine(model, paged=True, ...)` keeps the same API over the serving runtime instead
@@ -250,8 +250,9 @@ class Engine:
         n: int = 1,
         on_token: Callable[[Event], None] | None = None,
     ) -> list[int]:
-        """n samples of one prompt: n requests (each prefills the prompt). With a seed, sample i draws from
-        seed + i, so the samples differ and each is reproducible."""
+        """n samples of one prompt: n requests (on the row pool each prefills the prompt; on the paged
+        engine they share one prefill through the prefix cache). With a seed, sample i draws from seed + i,
+        so the samples differ and each is reproducible."""
         params = params or SamplingParams()
         out = []
         for i in range(n):

@@ -6,6 +6,8 @@ a decoding sequence takes one token, a sequence still prefilling takes a chunk o
 budget after every decode row is counted (chunked prefill: a long prompt joins over several steps
 while the others keep decoding). Then waiting requests are admitted while the budget, `max_num_seqs`
 and the free blocks allow; an admitted prompt first takes its longest cached prefix (prefix caching).
+A request whose prompt blocks a running sequence is still prefilling (n samples of one prompt) waits
+for them to be published and then prefills only its last partial block: n samples share one prefill.
 
 When a sequence needs a block and none is free, the newest running sequence is preempted by
 recompute: its blocks are released and it goes back to the front of the waiting queue with its
@@ -162,7 +164,9 @@ class Scheduler:
                 budget -= n
             i += 1
         while not preempted and self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
-            seq = self.waiting[0]
+            seq = next((s for s in self.waiting if not self._twin_prefilling(s)), None)
+            if seq is None:
+                break
             if not any(seq.tables):
                 self._match(seq)
             self._trim(seq)
@@ -170,7 +174,7 @@ class Scheduler:
             if n <= 0:
                 self._release(seq)  # give its cached-prefix blocks back until it can run
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
             self._grow(seq, seq.n_computed + n)
             plan.append((seq, n))
@@ -286,6 +290,14 @@ class Scheduler:
         seq.n_computed = n * bs
         seq.n_published = [n] * len(self.groups)
         self.metrics.prefix_hit_tokens += n * bs
+
+    def _twin_prefilling(self, seq: Sequence) -> bool:
+        """Whether a running sequence with the same prompt blocks (n samples of one prompt, a repeated
+        prompt) is still prefilling them: `seq` then waits, and once they are published it takes them
+        from the prefix cache and prefills only its last partial block. So n samples share one prefill."""
+        if not self.prefix_caching or not seq.hashes or seq.n_computed or any(seq.tables):
+            return False
+        return any(r.hashes == seq.hashes and r.n_computed < r.prompt_len for r in self.running)
 
     def _first_seen(self, n_blocks: int, window: int) -> int:
         """First block a query at position n_blocks * block_size can see through `window`."""
