@@ -184,6 +184,33 @@ def test_half_gguf_equals_rounded_checkpoint(name, kind, checkpoint, gguf_file):
         assert (model(ids) - _rounded(ref, dtype)(ids)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("kind", ["F16", "BF16"])
+def test_fast_path_runs_half_gguf_weights_as_stored(kind, gguf_file):
+    """An F16 / BF16 file loaded in fp32: the fast path's linear layers (q/k/v and gate/up fused) keep the
+    file's 16-bit weights (half the bytes per token of fp32, the same values), the logits the plain
+    path's; a tied head (llama.cpp's qwen2 fixture) too."""
+    from seekwen.fast.linear import Half16Linear
+
+    dtype = torch.float16 if kind == "F16" else torch.bfloat16
+    path = gguf_file("qwen2", kind)
+    plain, fast = seekwen.load(path, dtype="float32", fast=False), seekwen.load(path, dtype="float32")
+    blk, ref = fast.layers[0], plain.layers[0]
+    for layer in (blk.attn.wqkv, blk.attn.wo, blk.ffn.w13, blk.ffn.w2, fast.head):
+        assert isinstance(layer, Half16Linear) and layer.weight.dtype == dtype
+    want = torch.cat([ref.attn.wq.weight, ref.attn.wk.weight, ref.attn.wv.weight])
+    assert torch.equal(blk.attn.wqkv.dequantized(), want)
+    ids = ids_for()
+    with torch.no_grad():
+        assert (fast(ids) - plain(ids)).abs().max() <= 1e-4
+        assert (fast(ids[:1, :1]) - plain(ids[:1, :1])).abs().max() <= 1e-4  # one row: the kernels
+    tied = FIXTURES / "qwen2" / "qwen2-f16.gguf"
+    plain, fast = seekwen.load(tied, dtype="float32", fast=False), seekwen.load(tied, dtype="float32")
+    assert plain.cfg.tie_word_embeddings and isinstance(fast.head, Half16Linear)
+    assert torch.equal(fast.head.dequantized(), plain.embed.weight)
+    with torch.no_grad():
+        assert (fast(ids) - plain(ids)).abs().max() <= 1e-4
+
+
 # ----------------------------------------------------------------------------------------------------
 # Q8_0 / Q4_0: exact blocks, the same as dequantize-then-run, within the quantization's error
 

@@ -61,7 +61,7 @@ def rotate(x: torch.Tensor, batch: ForwardBatch, interleaved: bool) -> torch.Ten
 
 def fast_linear(layer: nn.Module, quantize: str | None, group_size: int) -> nn.Module:
     bias = None if layer.bias is None else layer.bias.detach()
-    blocks = getattr(layer, "gguf_blocks", None)  # Q8_0 / Q4_0 blocks from a GGUF file: run as they are
+    blocks = getattr(layer, "gguf_blocks", None)  # Q8_0 / Q4_0 blocks, F16 / BF16 from a GGUF file: as stored
     if blocks is not None and quantize is None:
         return block_linear(*blocks, bias)
     return make_linear(layer.weight.detach(), bias, quantize, group_size)

@@ -368,22 +368,27 @@ def make_linear(
     raise ValueError(f"unknown quantization {quantize!r} (use one of {', '.join(q for q in QUANTIZE if q)})")
 
 
-def block_linear(kind: str, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
-    """The kernel layer of GGUF blocks kind "Q8_0" / "Q4_0": q int8 [N, K], d [N, K // 32]."""
+def block_linear(kind: str, q: torch.Tensor, d: torch.Tensor | None, bias: torch.Tensor | None = None) -> nn.Module:
+    """The kernel layer of a GGUF weight as stored: kind "Q8_0" / "Q4_0", q int8 [N, K], d [N, K // 32];
+    or "F16" / "BF16", q the 16-bit weight [N, K], d None."""
+    if kind in ("F16", "BF16"):
+        return Half16Linear(q, bias)
     cls = {"Q8_0": Q8_0Linear, "Q4_0": Q4_0Linear}[kind]
     return cls.from_blocks(q, d, bias)
 
 
 def fuse(layers: list[nn.Module], quantize: str | None = None, group_size: int = 64) -> nn.Module:
     """One layer computing the concatenated outputs of `layers` (same input). Layers that carry GGUF
-    blocks of one kind (`gguf_blocks`, see seekwen.gguf.quant) fuse as blocks: rows of blocks stacked."""
+    weights of one kind (`gguf_blocks`, see seekwen.gguf.quant / loader.keep_half) fuse as stored: rows
+    of blocks (or of 16-bit weights) stacked."""
     blocks = [getattr(layer, "gguf_blocks", None) for layer in layers]
     if quantize is None and all(blocks) and len({b[0] for b in blocks}) == 1:
         b = None
         if any(bias_of(layer) is not None for layer in layers):
             b = torch.cat([bias_of(la).detach() if bias_of(la) is not None else torch.zeros(q.shape[0])
                            for la, (_, q, _) in zip(layers, blocks, strict=True)])
-        return block_linear(blocks[0][0], torch.cat([q for _, q, _ in blocks]), torch.cat([d for _, _, d in blocks]), b)
+        d = None if blocks[0][2] is None else torch.cat([d for _, _, d in blocks])
+        return block_linear(blocks[0][0], torch.cat([q for _, q, _ in blocks]), d, b)
     w = torch.cat([weight_of(layer).detach() for layer in layers], dim=0)  # [sum(out), in]
     b = None
     if any(bias_of(layer) is not None for layer in layers):

@@ -141,6 +141,8 @@ def load_tensors(model: Transformer, f: GGUFFile) -> None:
     if tied and embd is not None and embd.type in BLOCKS:  # the tied head runs from the file's blocks
         q, d = BLOCKS[embd.type](embd.data)  # (on the fast path; the lookup reads the dequantized rows)
         model.head.gguf_blocks = (embd.type, q, d)
+    elif tied and embd is not None:
+        keep_half(model.head, embd.type, to_torch(embd, str(f.path)), model.head.weight)
 
 
 def _load_composites(model: Transformer, f: GGUFFile, params: dict) -> tuple[set[str], set[str]]:
@@ -179,6 +181,15 @@ def _load_one(model: Transformer, f: GGUFFile, name: str, param: str, params: di
     if heads and tuple(w.shape) == tuple(params[param].shape):
         w = unpermute_qk(w, heads)
     _copy(f, params, param, w, name)
+    keep_half(_linear_of(model, param), t.type, w, params[param])
+
+
+def keep_half(layer: nn.Linear | None, kind: str, w: torch.Tensor, param: torch.Tensor) -> None:
+    """A linear layer's F16 / BF16 weight loaded into an fp32 model: the layer also keeps the file's
+    16-bit weight as `gguf_blocks` = (kind, w, None), so the fast path runs it as it is stored (16-bit
+    weights, fp32 activations: half the bytes of fp32, the same values) instead of its fp32 copy."""
+    if layer is not None and kind in ("F16", "BF16") and param.dtype == torch.float32:
+        layer.gguf_blocks = (kind, w.contiguous(), None)
 
 
 def _linear_of(model: nn.Module, param: str) -> nn.Linear | None:
