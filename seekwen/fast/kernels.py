@@ -48,7 +48,8 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, vec_avx2.h and vec_avx512.h
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: else at::parallel_for runs serially
 LDFLAGS = ["-fopenmp"]
-FUNCTIONS = ("f32_mm", "mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa")
+FUNCTIONS = ("f32_mm", "mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa", "qpack",
+             "qmm", "quantize_act", "qisa", "set_qisa")
 
 MAX_ROWS = 16  # the kernels serve up to this many activation rows (decode, small batches); more: BLAS
 
@@ -82,7 +83,9 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(_extension_name(), sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+        # no fused multiply-adds but the explicit ones: qmm's int8 activations round x * (1 / d) exactly
+        # as the tests' torch reference does (an fma contracted into that would move halves)
+        return load(_extension_name(), sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS + ["-ffp-contract=off"],
                     extra_ldflags=LDFLAGS, verbose=False)
     except Exception as e:  # no compiler, no headers, no ninja, a compile error: fall back
         cxx = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension compiles with
