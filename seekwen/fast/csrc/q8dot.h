@@ -19,20 +19,21 @@
 // output row), and each loaded weight vector serves all activation rows of the pass. The unsigned-times-
 // signed product needs a correction that depends only on the activations: Q8_0: sum (q + 128) a =
 // sum q a + 128 sum a; Q4_0: sum code a = sum q a + 8 sum a; so each block's integer accumulator starts at
-// -128 sum a (Q8_0; IV::Q8_BIAS, 0 for the maddubs variant, which multiplies q itself) or -8 sum a.
+// -128 sum a (Q8_0; IV::Q8_BIAS, 0 for the maddubs variant, which multiplies q itself) or -8 sum a, computed
+// once per call (qmm) and broadcast from memory.
 
 constexpr int H = 16 / IV::LANES;  // vectors per 64-byte chunk (1 for 512-bit, 2 for 256-bit)
 
 // acc[m][h] (+)= sum over the nb blocks of one group for MB activation rows (x: their rows, stride K).
 template <bool Q4, int MB>
 static inline void group_dots(const uint8_t* gp, const QAct& a, int64_t nb, IV::fvec (&acc)[MB][H]) {
-  constexpr int64_t QB = Q4 ? 288 : 544, CODES = Q4 ? 256 : 512;
+  constexpr int64_t QB = Q4 ? 288 : 544, CODES = Q4 ? 256 : 512, AHEAD = Q4 ? 16 : 8;
   for (int64_t b = 0; b < nb; ++b, gp += QB) {
-    for (int64_t l = 0; l < QB; l += 64)  // the block 8 blocks ahead (the stream is sequential per thread)
-      _mm_prefetch((const char*)(gp + 8 * QB + l), _MM_HINT_T0);
-    IV::ivec s[MB][H];  // this block's integer dots, started at the correction
+    for (int64_t l = 0; l < QB; l += 64)  // the block ~4.5 KB ahead (each thread's stream is sequential)
+      _mm_prefetch((const char*)(gp + AHEAD * QB + l), _MM_HINT_T0);
+    IV::ivec s[MB][H];  // this block's integer dots, started at the correction (a.s: see qmm)
     for (int m = 0; m < MB; ++m) {
-      const IV::ivec c = IV::set1(a.s[m * nb + b] * (Q4 ? -8 : -IV::Q8_BIAS));
+      const IV::ivec c = IV::set1(a.s[m * nb + b]);
       for (int h = 0; h < H; ++h) s[m][h] = c;
     }
     const int8_t* xb = a.q + 32 * b;  // activation row m, block b: xb + m * a.K
@@ -93,14 +94,18 @@ static inline void group_mb(int64_t mb, const uint8_t* gp, const QAct& a, int64_
 // y[M, N] = x . W^T (+ bias) for packed weights w and quantized activations a [M, K]: the groups split
 // across threads; each group's rows run against the activation rows IV::MBMAX at a time (more rows: the
 // group's packed weights, 16 x K bytes or half that, are read again from L1/L2).
+// (a.s: the activations' block sums; the blocks' integer accumulators start at -bias * sum, kept in c.)
 static void qmm(const QPacked& w, const QAct& a, int64_t M, const float* bias, float* y) {
   const int64_t nb = w.K / 32, groups = (w.N + 15) / 16, gbytes = nb * (w.q4 ? 288 : 544);
+  const int32_t unsigned_bias = w.q4 ? 8 : IV::Q8_BIAS;
+  std::vector<int32_t> c(M * nb);
+  for (int64_t i = 0; i < M * nb; ++i) c[i] = -unsigned_bias * a.s[i];
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t n0 = 16 * g, nr = std::min<int64_t>(16, w.N - n0);
       for (int64_t m0 = 0; m0 < M; m0 += IV::MBMAX) {
         const int64_t mb = std::min<int64_t>(IV::MBMAX, M - m0);
-        const QAct am{a.q + m0 * a.K, a.d + m0 * nb, a.s + m0 * nb, a.K};
+        const QAct am{a.q + m0 * a.K, a.d + m0 * nb, c.data() + m0 * nb, a.K};
         if (w.q4) group_mb<true>(mb, w.p + g * gbytes, am, nb, n0, nr, bias, y + m0 * w.N, w.N);
         else group_mb<false>(mb, w.p + g * gbytes, am, nb, n0, nr, bias, y + m0 * w.N, w.N);
       }
