@@ -22,6 +22,10 @@
 // flight to hide the FMA latency). The next tile's weights are prefetched while a tile streams. More than
 // MBMAX activation rows: the tile is run again for the next ones; its weights then come from L1/L2.
 // K tails use masked loads (the block formats need K % 32 == 0).
+//
+// qmm (Q8_0 / Q4_0 with int8 activations, llama.cpp's scheme) is separate: q8dot.h, compiled once per
+// integer instruction set (namespaces i512, i256vnni, i256 with vec_int.h's traits; chosen at run time by
+// qisa_now, or forced by set_qisa), against weights regrouped by qpack; its scalar twin is below.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
