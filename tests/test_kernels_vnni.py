@@ -171,3 +171,17 @@ def test_packed_blocks_follow_the_codes():
     assert layer.packed(K_) is p
     layer.codes = torch.nn.Parameter(layer.codes.data.clone(), requires_grad=False)
     assert layer.packed(K_) is not p and torch.equal(layer.packed(K_), p)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_qmm_rows_do_not_depend_on_the_batch(fmt, qisa):
+    """Each row is quantized on its own and its outputs summed in one fixed order: a row's result is the
+    same bits whether it runs alone, in a batch of 8, or of 70 (decode vs prefill, batch composition)."""
+    g = torch.Generator().manual_seed(3)
+    layer = L.make_linear(torch.randn(37, 160, generator=g), None, fmt)
+    p = K_.qpack(layer.codes, layer.d)
+    x = torch.randn(70, 160, generator=g)
+    y = K_.qmm(x, p, 37, None)
+    assert torch.equal(K_.qmm(x[5:13], p, 37, None), y[5:13])
+    assert all(torch.equal(K_.qmm(x[i : i + 1], p, 37, None), y[i : i + 1]) for i in (0, 9, 69))
