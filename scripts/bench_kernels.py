@@ -8,8 +8,12 @@ M = 1, 8, 16 rows, with enough copies of the weights rotated that they come from
 pass): GB/s of weight bytes streamed (codes + scales) and that as % of the read bandwidth, measured first
 as `x.sum()` over 1 GiB of fp32 (2 threads, the best of 5). Each figure is the median of `--repeats`
 passes over all copies. `--isa avx2` forces the AVX2 code. Also the older BLAS baseline (F.linear) for fp32.
+q8_0 / q4_0 run as the layers do by default: int8 activations through `kernels.qmm` (the integer code
+`--qisa` forces: avx512vnni, avxvnni, avx2, scalar); `--activations fp32,q8` measures both their exact path
+(`kernels.mm` with fp32 activations) and that, one row per path.
 
     python scripts/bench_kernels.py [--formats fp32,q4_0] [--shapes up,head] [--rows 1,8,16] [--isa avx2]
+    python scripts/bench_kernels.py --formats q8_0,q4_0 --activations fp32,q8 [--rows 1,8,16,64,512]
 
 `--decode` instead times whole-model decode on `seekwen bench`'s Qwen2.5-0.5B-shaped checkpoint (random
 weights, built once under ~/.cache/seekwen/bench): the fp32 model prepared in each format, batch 1 and
@@ -135,6 +139,8 @@ def main() -> None:
     p.add_argument("--rows", default="1,8,16")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--isa", default=None, help="force avx2 or avx512")
+    p.add_argument("--qisa", default=None, help="q8_0 / q4_0: force qmm's integer code (avx512vnni, avxvnni, ...)")
+    p.add_argument("--activations", default="q8", help="q8_0 / q4_0: fp32 (exact path), q8 (default), or both")
     p.add_argument("--blas", action="store_true", help="also F.linear with fp32 weights")
     p.add_argument("--decode", action="store_true", help="whole-model decode per format instead (see above)")
     p.add_argument("--batches", default="1,8")
@@ -144,21 +150,27 @@ def main() -> None:
     assert k is not None, f"kernels unavailable: {kernels.describe()}"
     if a.isa:
         k.set_isa(a.isa)
+    if a.qisa:
+        k.set_qisa(a.qisa)
     rows = [int(r) for r in a.rows.split(",")]
     bw = read_bandwidth()
-    print(f"{torch.get_num_threads()} threads, kernels {k.isa()}; read bandwidth (x.sum over 1 GiB) {bw:.1f} GB/s")
+    print(f"{torch.get_num_threads()} threads, kernels {k.isa()} (qmm: {k.qisa()}); read bandwidth (x.sum over 1 GiB) "
+          f"{bw:.1f} GB/s")
     if a.decode:
         formats = a.formats.split(",") if a.formats != ",".join(FORMATS) else ["fp32", "bf16", "f16", "q8_0", "q4_0"]
         bench_decode(formats, [int(b) for b in a.batches.split(",")], a.steps, max(1, a.repeats // 2), bw)
         return
     print(f"GB/s of weights streamed, median of {a.repeats} [best] (% of read bandwidth, median)")
-    print("format  shape           " + "  ".join(f"M={M:<2} GB/s              " for M in rows))
+    print("format    shape           " + "  ".join(f"M={M:<2} GB/s              " for M in rows))
     for fmt in a.formats.split(","):
         for name in a.shapes.split(","):
             out_f, in_f = SHAPES[name]
-            res = bench_shape(fmt, out_f, in_f, rows, a.repeats)
-            cells = "  ".join(f"{res[M][0]:5.1f} [{res[M][1]:5.1f}] ({100 * res[M][0] / bw:3.0f}%)" for M in rows)
-            print(f"{fmt:<7} {name:<4} {out_f:>6}x{in_f:<5} {cells}", flush=True)
+            for act in a.activations.split(",") if fmt in ("q8_0", "q4_0") else ["fp32"]:
+                with L.block_activations(act):
+                    res = bench_shape(fmt, out_f, in_f, rows, a.repeats)
+                cells = "  ".join(f"{res[M][0]:5.1f} [{res[M][1]:5.1f}] ({100 * res[M][0] / bw:3.0f}%)" for M in rows)
+                label = f"{fmt}/{act}" if fmt in ("q8_0", "q4_0") else fmt
+                print(f"{label:<9} {name:<4} {out_f:>6}x{in_f:<5} {cells}", flush=True)
     if a.blas:
         for name in a.shapes.split(","):
             res = bench_blas(*SHAPES[name], rows, a.repeats)

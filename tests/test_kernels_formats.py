@@ -132,7 +132,10 @@ def test_from_blocks_contract(cls):
     assert torch.equal(layer.dequantized(), (q.view(N, K // 32, 32) * d[..., None]).reshape(N, K))
     assert torch.equal(layer.int_codes(), q)
     x = torch.randn(3, K, generator=g)
-    assert (layer(x) - L.reference_forward(layer, x)).abs().max() < 1e-4
+    with L.block_activations("fp32"):  # the exact path (the "q8" one: test_kernels_vnni)
+        assert (layer(x) - L.reference_forward(layer, x)).abs().max() < 1e-4
+    bound = L.q8_error_bound(x, layer.dequantized())
+    assert ((layer(x) - L.reference_forward(layer, x)).abs() <= bound * 1.001 + 1e-4).all()
     with pytest.raises(ValueError, match="multiple of the block size"):
         cls.from_blocks(q[:, :40], d[:, :1])
     with pytest.raises(ValueError, match="d must be"):
@@ -164,11 +167,12 @@ def test_layers_equal_dequantized_reference(fmt, rows):
     w, b = torch.randn(40, 96), torch.randn(40)
     layer = _layer(fmt, w, b)
     x = torch.randn(2, rows, 96)
-    y = layer(x)
+    with L.block_activations("fp32"):  # Q8_0 / Q4_0's exact path; their "q8" one: test_kernels_vnni
+        y = layer(x)
+        assert L.describe_linear(layer).startswith(fmt)
     assert y.shape == (2, rows, 40)
     assert (y - L.reference_forward(layer, x)).abs().max() < 1e-4 * 96**0.5
     assert L.weight_format(layer) == fmt
-    assert L.describe_linear(layer).startswith(fmt)
 
 
 def test_block_formats_fall_back_to_bf16_for_odd_k():
@@ -199,7 +203,10 @@ def test_grouped_experts_in_each_format(fmt, n_tokens):
         w13 = fast.w13[e].dequantized()
         deq.w1.data[e], deq.w3.data[e] = w13[:I], w13[I:]
         deq.w2.data[e] = fast.w2[e].dequantized()
-    assert (fast(x, w, idx) - deq(x, w, idx)).abs().max() <= 1e-4
+    with L.block_activations("fp32"):  # exact; with "q8", more than 16 tokens run the layers' qmm
+        assert (fast(x, w, idx) - deq(x, w, idx)).abs().max() <= 1e-4
+    ref = deq(x, w, idx)
+    assert (fast(x, w, idx) - ref).abs().max() <= 0.02 * ref.abs().max()
     assert fmt in fast.describe()
 
 
@@ -224,20 +231,43 @@ def _ids(vocab: int, B: int, S: int, seed: int = 0) -> torch.Tensor:
 COS = {"bf16": 0.9999, "f16": 0.99999, "q8_0": 0.9995, "q4_0": 0.95}  # logits vs fp32, cosine
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
 def _check_model(plain: nn.Module, fmt: str) -> None:
     q = prepare(copy.deepcopy(plain), quantize=fmt)
     assert q.prepared == fmt
     ids = _ids(plain.cfg.vocab_size, 2, 12, seed=5)
-    ref, got = plain(ids), q(ids)
-    cos = torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0)
-    assert cos > COS[fmt] and (ref - got).abs().max() > 0  # close to fp32, and really in the format
     twin = _dequantized_twin(q)
-    assert (twin(ids) - got).abs().max() <= 1e-4
-    a = q.generate(ids[:, :6], max_new_tokens=8, stop_at_eos=False)  # decode: the kernels, 2 rows
-    b = twin.generate(ids[:, :6], max_new_tokens=8, stop_at_eos=False)
-    assert torch.equal(a, b)
+    ref, want = plain(ids), twin(ids)
+    # Q8_0 / Q4_0's exact path (fp32 activations): equal to dequantize-then-run, greedy decode included
+    with L.block_activations("fp32"):
+        got = q(ids)
+        cos = torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0)
+        assert cos > COS[fmt] and (ref - got).abs().max() > 0  # close to fp32, and really in the format
+        assert (want - got).abs().max() <= 1e-4
+        a = q.generate(ids[:, :6], max_new_tokens=8, stop_at_eos=False)  # decode: the kernels, 2 rows
+        b = twin.generate(ids[:, :6], max_new_tokens=8, stop_at_eos=False)
+        assert torch.equal(a, b)
+    if fmt in ("q8_0", "q4_0"):  # their default, int8 activations: within the activations' rounding
+        _check_q8_activations(q(ids), want, ref, fmt, plain.cfg.moe is not None)
     rows = dict(seekwen.fast.plan(q))
     assert rows["quantization"] == fmt and fmt in rows["LM head"]
+
+
+def _check_q8_activations(got: torch.Tensor, want: torch.Tensor, ref: torch.Tensor, fmt: str, moe: bool) -> None:
+    """Logits with int8 activations (`got`) against dequantize-then-run (`want`). Every activation entering
+    a block-format product is rounded to 8 bits with its block's absmax scale: the same relative step as
+    Q8_0's own weight rounding (at most half of amax / 127), so the logits should move by about what
+    quantizing the weights to Q8_0 moves them (`want` against fp32 `ref` for fmt q8_0). Measured on these
+    tiny models: 0.6-1.5% relative (Q8_0's weight rounding: 0.4-1.6%); MoE models more (5.8% for
+    deepseek_v2: a tiny random router's near-ties flip experts under any change, as in test_gguf). Bounds:
+    3% (MoE 10%), and for q8_0 on dense models 2x the weight rounding's own error."""
+    rel8 = _rel(got, want)
+    assert 0 < rel8 < (0.1 if moe else 0.03), rel8
+    if fmt == "q8_0" and not moe:
+        assert rel8 <= 2 * _rel(want, ref), (rel8, _rel(want, ref))
 
 
 @torch.inference_mode()

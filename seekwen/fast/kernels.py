@@ -21,12 +21,21 @@ cached under ~/.cache/torch_extensions):
   stored [K, N], the probabilities broadcast against the latents' rows);
 - `int8_mm(x, q, scale, bias)`: int8 weights [N, K], one fp32 scale per output row;
 - `int4_mm(x, packed, scales, zeros, group, bias)`: two 4-bit codes per byte, scale/zero per group of
-  `group` input channels (group a multiple of 8), as `linear.Int4Linear` defines them.
+  `group` input channels (group a multiple of 8), as `linear.Int4Linear` defines them;
+- `qmm(x, packed, N, bias)`: GGUF's Q8_0 / Q4_0 with int8 activations, llama.cpp's scheme: each row of x
+  quantized once per call to int8 blocks of 32 (`quantize_act(x)` -> (q, d, block sums), ggml's
+  quantize_row_q8_0), exact integer dot products per block (AVX512-VNNI / AVX-VNNI `vpdpbusd`, AVX2
+  maddubs, or scalar: `qisa()` / `set_qisa`, all bit-identical), y += float(dot) * d_w * d_x per block;
+  any number of rows. The weights first go through `qpack(codes, d)`: blocks regrouped so one 512-bit
+  vector holds 4 input channels of 16 output rows (layout: csrc/q8dot.h), so each weight load serves up
+  to 8 activation rows at once.
 
 The sources: `csrc/kernels.cpp` (the torch-facing functions and the instruction-set dispatch) compiles
 the shared loop templates `csrc/loops.h` twice, once with AVX2 vectors (`vec_avx2.h`) and once with
 AVX-512 vectors (`vec_avx512.h`); every format is a small "decoder" there that hands the one loop fp32
-lanes of weights; kernels.cpp's header comment describes the loop structure. Which instruction set runs
+lanes of weights; kernels.cpp's header comment describes the loop structure. `csrc/q8dot.h` (qmm) is
+compiled three times, with the integer vector traits of `csrc/vec_int.h` for AVX512-VNNI, AVX-VNNI and
+AVX2; its scalar twin is in kernels.cpp. Which instruction set runs
 is chosen at run time (AVX-512 where the CPU has it), or forced with SEEKWEN_KERNELS=avx2 (`set_isa`);
 `describe()` says which one is active. If no compiler is available (or the CPU lacks AVX2), `get()`
 returns None and the layers fall back to `F.linear` / dequantize + `torch.mm` (same results up to
@@ -48,7 +57,8 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, vec_avx2.h and vec_avx512.h
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: else at::parallel_for runs serially
 LDFLAGS = ["-fopenmp"]
-FUNCTIONS = ("f32_mm", "mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa")
+FUNCTIONS = ("f32_mm", "mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa", "qpack",
+             "qmm", "quantize_act", "qisa", "set_qisa")
 
 MAX_ROWS = 16  # the kernels serve up to this many activation rows (decode, small batches); more: BLAS
 
@@ -82,7 +92,9 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(_extension_name(), sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+        # no fused multiply-adds but the explicit ones: qmm's int8 activations round x * (1 / d) exactly
+        # as the tests' torch reference does (an fma contracted into that would move halves)
+        return load(_extension_name(), sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS + ["-ffp-contract=off"],
                     extra_ldflags=LDFLAGS, verbose=False)
     except Exception as e:  # no compiler, no headers, no ninja, a compile error: fall back
         cxx = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension compiles with

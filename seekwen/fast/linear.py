@@ -4,7 +4,8 @@ The plain model uses `nn.Linear` (weight [out, in], `F.linear`), the reference. 
 on this kind of CPU is bound by streaming weights, and the BLAS serves few-row products poorly (see
 /work/shared/cpu-measurements.md), so up to `kernels.MAX_ROWS` rows on CPU every layer uses an AVX2 or
 AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) use the
-BLAS (the quantized formats dequantize first). One class per weight format (`make_linear(w, b, fmt)`):
+BLAS (the quantized formats dequantize first; Q8_0 / Q4_0 with int8 activations run `kernels.qmm` for any
+number of rows, faster than BLAS even at 512). One class per weight format (`make_linear(w, b, fmt)`):
 
 - `FastLinear`: fp32 weight [out, in] as loaded; `kernels.f32_mm` (few rows) or `F.linear`.
 - `Half16Linear`: bf16 or fp16 weight [out, in] (`--quantize bf16|f16`), widened to fp32 in registers.
@@ -15,7 +16,9 @@ BLAS (the quantized formats dequantize first). One class per weight format (`mak
 - `Int8Linear`: int8 weight [out, in] with one fp32 scale per output channel (symmetric, absmax/127).
 - `Int4Linear`: 4-bit weight in groups of `group_size` input channels, asymmetric (scale and zero per
   group and output channel), two codes per byte.
-All are weight-only: activations stay fp32; see `kernels.py` for why not PyTorch's int8/int4 ops.
+All are weight-only with fp32 activations, except that Q8_0 / Q4_0 on the kernel path quantize the
+activations to int8 blocks by default, as llama.cpp does for them (`ACTIVATIONS`, `block_activations`);
+see `kernels.py` for why not PyTorch's int8/int4 ops.
 
 Every class also has `dequantized()` -> the fp32 [out, in] weight it computes with, the exact reference
 the tests compare against. `fuse(linears)` stacks several projections of the same input (q/k/v,
@@ -23,6 +26,9 @@ gate/up) into one layer whose output is their concatenation: one product instead
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -242,15 +248,55 @@ def unpack_q4_0(p: torch.Tensor) -> torch.Tensor:
     return (u.to(torch.int8) - 8).reshape(p.shape[0], -1)
 
 
-# block formats: up to this many rows run the few-row kernel in chunks of kernels.MAX_ROWS (each chunk streams
-# the blocks once) rather than dequantizing the whole weight to fp32 for one BLAS product per call
+# block formats, exact (fp32-activation) path: up to this many rows run the few-row kernel in chunks of
+# kernels.MAX_ROWS (each chunk streams the blocks once) rather than dequantizing the whole weight to fp32
+# for one BLAS product per call
 CHUNKED_ROWS = 64
+
+# How the block formats (Q8_0, Q4_0) treat activations on the kernel path (CPU, fp32, kernels built):
+# - "q8" (the default; llama.cpp's scheme for these types): each activation row is quantized once per call
+#   to int8 blocks of 32 with one fp32 scale each (ggml's quantize_row_q8_0), then integer dot products
+#   against the weight blocks (`kernels.qmm`, AVX512-VNNI / AVX-VNNI), any number of rows. Results differ
+#   from dequantize-then-run by the activations' rounding: per output at most
+#   sum_b d_x[b] / 2 * sum_(k in b) |w[k]| (see `q8_error_bound`), about the size of Q8_0's own weight error;
+# - "fp32": the exact path: fp32 activations against the weights decoded in registers (`kernels.mm`, up
+#   to CHUNKED_ROWS rows), else the dequantized weight through BLAS; equal to dequantize-then-run up to
+#   summation order.
+# SEEKWEN_BLOCK_ACTIVATIONS=fp32 picks the exact one for a process, `block_activations("fp32")` for a block.
+ACTIVATIONS = os.environ.get("SEEKWEN_BLOCK_ACTIVATIONS", "q8")
+_ACTIVATION_MODES = ("q8", "fp32")
+
+
+@contextlib.contextmanager
+def block_activations(mode: str):
+    """Run the block formats with "q8" (int8 activations, kernels.qmm) or "fp32" (exact) activations
+    inside the with-block; see ACTIVATIONS."""
+    global ACTIVATIONS
+    if mode not in _ACTIVATION_MODES:
+        raise ValueError(f"block activations: one of {_ACTIVATION_MODES}, got {mode!r}")
+    before, ACTIVATIONS = ACTIVATIONS, mode
+    try:
+        yield
+    finally:
+        ACTIVATIONS = before
+
+
+def q8_error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[M, N] bound on |x w^T - xq w^T| from quantizing x [M, K] to int8 blocks of 32 (the "q8" activations):
+    each activation moves by at most half its block's step d_x = amax / 127, so output n moves by at most
+    sum_b d_x[b] / 2 * sum_(k in b) |w[n, k]|. w: the (dequantized) weight [N, K]."""
+    M, K = x.shape
+    dx = x.float().reshape(M, -1, QK).abs().amax(-1) / 127.0  # [M, K/32]
+    wabs = w.float().abs().reshape(w.shape[0], -1, QK).sum(-1)  # [N, K/32]
+    return (dx / 2) @ wabs.T
 
 
 class _BlockLinear(nn.Module):
     """Shared by the GGUF block formats: codes (`self.codes`), fp16 block scales d [out, in // 32], bias.
-    Few rows on CPU: `kernels.mm` decodes each block to fp32 in registers (d applied per block) against
-    the fp32 activations; otherwise (prefill, no kernels) F.linear with the dequantized weight."""
+    On CPU with the kernels: "q8" activations (ACTIVATIONS, the default): `kernels.qmm` against the blocks
+    repacked once, at first use, in groups of 16 rows (`kernels.qpack`; kept beside the codes), any number
+    of rows; "fp32": few rows `kernels.mm` decodes each block to fp32 in registers (d applied per block)
+    against the fp32 activations, more (prefill) or no kernels: F.linear with the dequantized weight."""
 
     fmt = ""
 
@@ -259,6 +305,7 @@ class _BlockLinear(nn.Module):
         self.codes = nn.Parameter(codes.contiguous(), requires_grad=False)
         self.d = nn.Parameter(_fp16(d), requires_grad=False)  # [out, in // 32] fp16
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self._qpacked: tuple[int, torch.Tensor] | None = None  # (codes' data_ptr, kernels.qpack's groups)
 
     def int_codes(self) -> torch.Tensor:  # int8 [out, in]
         raise NotImplementedError
@@ -267,13 +314,22 @@ class _BlockLinear(nn.Module):
         q = self.int_codes().float().view(self.out_features, -1, QK)
         return (q * self.d.float()[..., None]).reshape(self.out_features, self.in_features)  # [out, in]
 
+    def packed(self, k) -> torch.Tensor:
+        """The blocks as `kernels.qmm` reads them (`kernels.qpack`, uint8 [ceil(out / 16), in / 32, bytes]),
+        built at first use and again if the codes were replaced."""
+        if self._qpacked is None or self._qpacked[0] != self.codes.data_ptr():
+            self._qpacked = (self.codes.data_ptr(), k.qpack(self.codes, self.d))
+        return self._qpacked[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x).float().contiguous()  # [M, in]
         M = x2.shape[0]
-        k = kernels.get() if kernels.usable(x2[: kernels.MAX_ROWS], self.codes) and M <= CHUNKED_ROWS else None
-        if k is None:  # many rows (long prefill) or no kernels: the dequantized weight through BLAS
+        k = kernels.get() if kernels.usable(x2[: kernels.MAX_ROWS], self.codes) else None
+        if k is not None and ACTIVATIONS == "q8":  # int8 activations, integer dots: any number of rows
+            y = k.qmm(x2, self.packed(k), self.out_features, self.bias)
+        elif k is None or M > CHUNKED_ROWS:  # exact path, many rows (long prefill) or no kernels: BLAS
             y = F.linear(x2, self.dequantized(), self.bias)
-        else:  # up to CHUNKED_ROWS (short prefill): the kernel over 16-row chunks, no fp32 copy of the weight
+        else:  # exact path up to CHUNKED_ROWS: the kernel over 16-row chunks, no fp32 copy of the weight
             y = torch.cat([k.mm(x2[i : i + kernels.MAX_ROWS], self.codes, self.d, self.bias)
                            for i in range(0, M, kernels.MAX_ROWS)])
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -440,5 +496,7 @@ def describe_linear(layer: nn.Module) -> str:
     on_cpu = next(layer.parameters()).device.type == "cpu"
     if plain and layer.weight.dtype != torch.float32 or not on_cpu or kernels.get() is None:
         return f"{fmt} {'F.linear' if plain else 'dequantize + F.linear'}"
+    if isinstance(layer, _BlockLinear) and ACTIVATIONS == "q8":
+        return f"{fmt} qmm[{kernels.get().qisa()}] int8 activations, any rows"
     prefill = "BLAS" if plain else "dequantize + BLAS"
     return f"{fmt} {name}[{isa_name()}] <= {kernels.MAX_ROWS} rows, else {prefill}"

@@ -22,11 +22,16 @@
 // flight to hide the FMA latency). The next tile's weights are prefetched while a tile streams. More than
 // MBMAX activation rows: the tile is run again for the next ones; its weights then come from L1/L2.
 // K tails use masked loads (the block formats need K % 32 == 0).
+//
+// qmm (Q8_0 / Q4_0 with int8 activations, llama.cpp's scheme) is separate: q8dot.h, compiled once per
+// integer instruction set (namespaces i512, i256vnni, i256 with vec_int.h's traits; chosen at run time by
+// qisa_now, or forced by set_qisa), against weights regrouped by qpack; its scalar twin is below.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -43,10 +48,31 @@ struct WRef {
   int64_t K = 0, group = 0;
 };
 
+// Q8_0 / Q4_0 with int8 activations (q8dot.h): activation rows quantized to blocks of 32 (q [M, K] int8,
+// fp32 scales d and integer sums s [M, K / 32]), and weights repacked in groups of 16 rows (`qpack`).
+struct QAct {
+  const int8_t* q;
+  const float* d;
+  const int32_t* s;
+  int64_t K;
+};
+struct QPacked {
+  const uint8_t* p;  // [ceil(N / 16), K / 32, 544 (Q8_0) or 288 (Q4_0)] bytes, layout in q8dot.h
+  int64_t N, K;
+  bool q4;
+};
+
 namespace avx2 {
 #include "vec_avx2.h"
 #include "loops.h"
 }  // namespace avx2
+
+namespace i256 {  // AVX2: vpmaddubsw + vpmaddwd (the whole file is built with -mavx2)
+#define SEEKWEN_IV_VNNI 0
+#include "vec_int.h"
+#include "q8dot.h"
+#undef SEEKWEN_IV_VNNI
+}  // namespace i256
 
 #if defined(__GNUC__) && !defined(__clang__)
 #define SEEKWEN_AVX512 1
@@ -56,6 +82,26 @@ namespace avx512 {
 #include "vec_avx512.h"
 #include "loops.h"
 }  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avxvnni,avx2,fma,f16c")
+namespace i256vnni {  // AVX-VNNI: 256-bit vpdpbusd
+#define SEEKWEN_IV_VNNI 1
+#include "vec_int.h"
+#include "q8dot.h"
+#undef SEEKWEN_IV_VNNI
+}  // namespace i256vnni
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
+namespace i512 {  // AVX512-VNNI
+#define SEEKWEN_IV512 1
+#include "vec_int.h"
+#include "q8dot.h"
+#undef SEEKWEN_IV512
+}  // namespace i512
 #pragma GCC pop_options
 #endif
 
@@ -253,6 +299,192 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor p, torch::Tensor scale, tor
   return y;
 }
 
+// ---- Q8_0 / Q4_0 with int8 activations (q8dot.h): repack, quantize, integer products ------------------
+
+// Which integer code runs: chosen from the CPU and isa() ("auto"), or forced with set_qisa.
+enum class QIsa { Auto, Scalar, Avx2, AvxVnni, Avx512Vnni };
+static QIsa qisa_forced = QIsa::Auto;
+#ifdef SEEKWEN_AVX512
+static bool cpu_has_avx512vnni() { return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+static bool cpu_has_avxvnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avxvnni");
+}
+#else
+static bool cpu_has_avx512vnni() { return false; }
+static bool cpu_has_avxvnni() { return false; }
+#endif
+static QIsa qisa_now() {
+  if (qisa_forced != QIsa::Auto) return qisa_forced;
+  if (use_avx512 && cpu_has_avx512vnni()) return QIsa::Avx512Vnni;
+  return cpu_has_avxvnni() ? QIsa::AvxVnni : QIsa::Avx2;
+}
+static const char* QISA_NAMES[] = {"auto", "scalar", "avx2", "avxvnni", "avx512vnni"};
+
+// The integer code in use now: "avx512vnni", "avxvnni", "avx2" (maddubs) or "scalar".
+std::string qisa() { return QISA_NAMES[(int)qisa_now()]; }
+
+// Force one ("auto": follow the CPU and isa() again); returns qisa().
+std::string set_qisa(std::string name) {
+  int i = 0;
+  while (i < 5 && name != QISA_NAMES[i]) ++i;
+  TORCH_CHECK(i < 5, "set_qisa: auto, scalar, avx2, avxvnni or avx512vnni");
+  const QIsa q = (QIsa)i;
+  TORCH_CHECK(q != QIsa::AvxVnni || cpu_has_avxvnni(), "set_qisa: no AVX-VNNI on this CPU / build");
+  TORCH_CHECK(q != QIsa::Avx512Vnni || cpu_has_avx512vnni(), "set_qisa: no AVX512-VNNI on this CPU / build");
+  qisa_forced = q;
+  return qisa();
+}
+
+static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+// The scalar code: the same integers and the same fp32 operations, in the same order, as q8dot.h.
+static void quantize_block_scalar(const float* x, int8_t* q, float* d, int32_t* s) {
+  float amax = 0.f;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float dd = amax / 127.f, id = dd != 0.f ? 1.f / dd : 0.f;
+  int32_t sum = 0;
+  for (int i = 0; i < 32; ++i) {
+    const float v = x[i] * id, t = std::trunc(v);
+    q[i] = (int8_t)(std::fabs(v - t) >= 0.5f ? t + (v < 0.f ? -1.f : 1.f) : t);
+    sum += q[i];
+  }
+  *d = dd;
+  *s = sum;
+}
+
+// The signed weight q (-128..127 for Q8_0, -8..7 for Q4_0) of packed row r, input channel k of a block at bp.
+static inline int32_t packed_weight(const uint8_t* bp, bool q4, int r, int k) {
+  if (!q4) return (int32_t)bp[64 * (k / 4) + 4 * r + k % 4] - 128;
+  const int rem = k % 8;
+  return (int32_t)((bp[64 * (k / 8) + 4 * r + rem % 4] >> (rem >= 4 ? 4 : 0)) & 15) - 8;
+}
+
+static void qmm_scalar(const QPacked& w, const QAct& a, int64_t M, const float* bias, float* y) {
+  const int64_t nb = w.K / 32, groups = (w.N + 15) / 16, QB = w.q4 ? 288 : 544, CODES = w.q4 ? 256 : 512;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t m = 0; m < M; ++m)
+        for (int r = 0; r < 16 && 16 * g + r < w.N; ++r) {
+          float acc = 0.f;
+          for (int64_t b = 0; b < nb; ++b) {
+            const uint8_t* bp = w.p + (g * nb + b) * QB;
+            const int8_t* xb = a.q + m * a.K + 32 * b;
+            int32_t dot = 0;
+            for (int k = 0; k < 32; ++k) dot += packed_weight(bp, w.q4, r, k) * xb[k];
+            uint16_t dw;
+            std::memcpy(&dw, bp + CODES + 2 * r, 2);
+            acc = std::fma((float)dot, f16_to_f32(dw) * a.d[m * nb + b], acc);
+          }
+          y[m * w.N + 16 * g + r] = bias ? acc + bias[16 * g + r] : acc;
+        }
+  });
+}
+
+// Q8_0 int8 codes [N, K] or Q4_0 GGUF-packed nibbles [N, K / 2], with fp16 d [N, K / 32] -> the packed
+// layout of q8dot.h, uint8 [ceil(N / 16), K / 32, 544 or 288] (rows past N: zero weights, zero scales).
+torch::Tensor qpack(torch::Tensor w, torch::Tensor d) {
+  const WRef r = wref(w, d);
+  TORCH_CHECK(r.fmt == Fmt::Q8_0 || r.fmt == Fmt::Q4_0, "qpack: Q8_0 (int8) or Q4_0 (uint8) codes");
+  const bool q4 = r.fmt == Fmt::Q4_0;
+  const int64_t N = w.size(0), K = r.K, nb = K / 32, groups = (N + 15) / 16, QB = q4 ? 288 : 544;
+  auto out = torch::zeros({groups, nb, QB}, w.options().dtype(torch::kByte));
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const uint8_t* src = (const uint8_t*)w.data_ptr();
+  auto code = [&](int64_t n, int64_t k) -> int32_t {  // the unsigned code: q + 128 (Q8_0) or q + 8 (Q4_0)
+    if (n >= N) return q4 ? 8 : 128;
+    if (!q4) return (int32_t)(int8_t)src[n * K + k] + 128;
+    const uint8_t byte = src[n * (K / 2) + 16 * (k / 32) + k % 16];
+    return k % 32 < 16 ? byte & 15 : byte >> 4;
+  };
+  at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* bp = o + (g * nb + b) * QB;
+        for (int rr = 0; rr < 16; ++rr) {
+          const int64_t n = 16 * g + rr, k0 = 32 * b;
+          for (int i = 0; i < 4; ++i)
+            if (q4)
+              for (int j = 0; j < 4; ++j)
+                bp[64 * j + 4 * rr + i] = (uint8_t)(code(n, k0 + 8 * j + i) | code(n, k0 + 8 * j + 4 + i) << 4);
+            else
+              for (int j = 0; j < 8; ++j) bp[64 * j + 4 * rr + i] = (uint8_t)code(n, k0 + 4 * j + i);
+          if (n < N) std::memcpy(bp + (q4 ? 256 : 512) + 2 * rr, r.d + n * nb + b, 2);
+        }
+      }
+  });
+  return out;
+}
+
+// x [M, K] fp32 -> (q int8 [M, K], d fp32 [M, K / 32], s int32 [M, K / 32]) with the code qisa() names
+static void quantize_rows(const torch::Tensor& x, torch::Tensor& q, torch::Tensor& d, torch::Tensor& s) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* dp = d.data_ptr<float>();
+  int32_t* sp = s.data_ptr<int32_t>();
+  const QIsa isa_ = qisa_now();
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / K), [&](int64_t m0, int64_t m1) {
+    switch (isa_) {
+#ifdef SEEKWEN_AVX512
+      case QIsa::Avx512Vnni: i512::quantize(xp, K, qp, dp, sp, m0, m1); break;
+      case QIsa::AvxVnni: i256vnni::quantize(xp, K, qp, dp, sp, m0, m1); break;
+#endif
+      case QIsa::Scalar:
+        for (int64_t m = m0; m < m1; ++m)
+          for (int64_t b = 0; b < K / 32; ++b)
+            quantize_block_scalar(xp + m * K + 32 * b, qp + m * K + 32 * b, dp + m * (K / 32) + b, sp + m * (K / 32) + b);
+        break;
+      default: i256::quantize(xp, K, qp, dp, sp, m0, m1); break;
+    }
+  });
+}
+
+static void check_qx(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat && x.size(1) % 32 == 0,
+              "quantize_act / qmm: x must be contiguous fp32 [M, K], K % 32 == 0");
+}
+
+// x [M, K] -> (q, d, s) as qmm quantizes it (for tests): ggml's quantize_row_q8_0 plus the block sums
+std::vector<torch::Tensor> quantize_act(torch::Tensor x) {
+  check_qx(x);
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
+  auto d = torch::empty({M, K / 32}, x.options());
+  auto s = torch::empty({M, K / 32}, x.options().dtype(torch::kInt));
+  quantize_rows(x, q, d, s);
+  return {q, d, s};
+}
+
+// y[M, N] = x . W^T (+ bias) with x quantized to int8 blocks, W packed by qpack (N: W's rows)
+torch::Tensor qmm(torch::Tensor x, torch::Tensor packed, int64_t N, c10::optional<torch::Tensor> bias) {
+  check_qx(x);
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == torch::kByte &&
+              (packed.size(2) == 544 || packed.size(2) == 288) && packed.size(0) == (N + 15) / 16 &&
+              packed.size(1) * 32 == x.size(1), "qmm: packed must be qpack's [ceil(N / 16), K / 32, 544 | 288]");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() ||
+              (bias->scalar_type() == torch::kFloat && bias->numel() == N && bias->is_contiguous()), "qmm: bias fp32 [N]");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
+  auto d = torch::empty({M, K / 32}, x.options());
+  auto s = torch::empty({M, K / 32}, x.options().dtype(torch::kInt));
+  quantize_rows(x, q, d, s);
+  auto y = torch::empty({M, N}, x.options());
+  const QPacked w{packed.data_ptr<uint8_t>(), N, K, packed.size(2) == 288};
+  const QAct a{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<int32_t>(), K};
+  float* yp = y.data_ptr<float>();
+  const float* bp = opt_ptr(bias);
+  switch (qisa_now()) {
+#ifdef SEEKWEN_AVX512
+    case QIsa::Avx512Vnni: i512::qmm(w, a, M, bp, yp); break;
+    case QIsa::AvxVnni: i256vnni::qmm(w, a, M, bp, yp); break;
+#endif
+    case QIsa::Scalar: qmm_scalar(w, a, M, bp, yp); break;
+    default: i256::qmm(w, a, M, bp, yp); break;
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_mm", torch::wrap_pybind_function(f32_mm), "y = x . w^T (+ bias), fp32 weights [N, K]");
   m.def("mm", torch::wrap_pybind_function(mm), "y = x . W^T (+ bias): fp32/bf16/fp16, Q8_0 or Q4_0 weights");
@@ -263,4 +495,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_decode", torch::wrap_pybind_function(mla_decode), "absorbed-MLA attention, one new token");
   m.def("isa", torch::wrap_pybind_function(isa), "the instruction set in use: avx512 or avx2");
   m.def("set_isa", torch::wrap_pybind_function(set_isa), "force avx2 or avx512; returns isa()");
+  m.def("qpack", torch::wrap_pybind_function(qpack), "Q8_0 / Q4_0 blocks -> qmm's packed groups of 16 rows");
+  m.def("qmm", torch::wrap_pybind_function(qmm), "y = x . W^T (+ bias), x as int8 blocks, W qpack'ed");
+  m.def("quantize_act", torch::wrap_pybind_function(quantize_act), "x -> int8 blocks (q, d, sums) as qmm's");
+  m.def("qisa", torch::wrap_pybind_function(qisa), "qmm's integer code: avx512vnni, avxvnni, avx2, scalar");
+  m.def("set_qisa", torch::wrap_pybind_function(set_qisa), "force qmm's integer code (or auto)");
 }
