@@ -153,9 +153,9 @@ class Int4Linear(nn.Module):
 
 
 class Half16Linear(nn.Module):
-    """16-bit weights (bf16 or fp16) [out, in], fp32 activations and accumulation: y = x W^T + b. Few rows on
-    CPU: the SIMD kernel widens each weight to fp32 in registers (`kernels.mm`; exact, bf16 by a shift,
-    fp16 by F16C); otherwise x (in fp32) against the weight widened to fp32, `F.linear`."""
+    """16-bit weights (bf16 or fp16) [out, in], fp32 activations and accumulation: y = x W^T + b. Up to
+    CHUNKED_ROWS rows on CPU: the SIMD kernel widens each weight to fp32 in registers (`kernels.mm`, 16
+    rows a call; exact, bf16 by a shift, fp16 by F16C); more: x against the weight widened to fp32, `F.linear`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -174,8 +174,13 @@ class Half16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x).float().contiguous()  # [M, in]
-        k = kernels.get() if kernels.usable(x2, self.weight) else None
-        y = k.mm(x2, self.weight, None, self.bias) if k is not None else F.linear(x2, self.dequantized(), self.bias)
+        M = x2.shape[0]
+        k = kernels.get() if kernels.usable(x2[: kernels.MAX_ROWS], self.weight) else None
+        if k is None or M > CHUNKED_ROWS:  # many rows (prefill) or no kernels: BLAS on the widened weight
+            y = F.linear(x2, self.dequantized(), self.bias)
+        else:  # up to CHUNKED_ROWS: the kernel over 16-row chunks, no fp32 copy of the weight per call
+            y = torch.cat([k.mm(x2[i : i + kernels.MAX_ROWS], self.weight, None, self.bias)
+                           for i in range(0, M, kernels.MAX_ROWS)])
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
