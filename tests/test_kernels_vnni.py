@@ -185,3 +185,31 @@ def test_qmm_rows_do_not_depend_on_the_batch(fmt, qisa):
     y = K_.qmm(x, p, 37, None)
     assert torch.equal(K_.qmm(x[5:13], p, 37, None), y[5:13])
     assert all(torch.equal(K_.qmm(x[i : i + 1], p, 37, None), y[i : i + 1]) for i in (0, 9, 69))
+
+
+@needs_kernels
+@pytest.mark.parametrize("cls", [L.Q8_0Linear, L.Q4_0Linear])
+@pytest.mark.parametrize("K, N", [(96, 37), (64, 16), (32, 1)])
+def test_packed_blocks_are_the_only_copy(cls, K, N):
+    """After the first int8-activation call a layer holds its weights once: the codes' storage is
+    released and rebuilt, exactly, from the packed blocks when something reads them (the exact path,
+    dequantized(), a state dict); results do not change."""
+    g = torch.Generator().manual_seed(K + N)
+    lo, hi = (-128, 128) if cls is L.Q8_0Linear else (-8, 8)
+    q = torch.randint(lo, hi, (N, K), generator=g, dtype=torch.int8)
+    d = torch.rand(N, K // 32, generator=g) + 0.01
+    b = torch.randn(N, generator=g)
+    layer, twin = cls.from_blocks(q, d, b), cls.from_blocks(q, d, b)
+    stored, x = layer.codes.detach().clone(), torch.randn(3, K, generator=g)
+    with torch.no_grad():
+        with L.block_activations("fp32"):
+            exact = twin(x)
+        fast = layer(x)  # int8 activations: packs, then releases the codes
+        assert layer.codes.numel() == 0
+        assert torch.equal(layer(x), fast)
+        assert torch.equal(layer.int_codes(), q) and torch.equal(layer.codes, stored)  # rebuilt exactly
+        assert torch.equal(layer.state_dict()["codes"], stored)
+        with L.block_activations("fp32"):
+            assert torch.equal(layer(x), exact)
+        assert layer.codes.numel() == stored.numel()  # the exact path keeps them from now on
+        assert torch.equal(layer(x), fast)

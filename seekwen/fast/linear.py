@@ -310,7 +310,9 @@ class _BlockLinear(nn.Module):
         self.codes = nn.Parameter(codes.contiguous(), requires_grad=False)
         self.d = nn.Parameter(_fp16(d), requires_grad=False)  # [out, in // 32] fp16
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self._qpacked: tuple[int, torch.Tensor] | None = None  # (codes' data_ptr, kernels.qpack's groups)
+        self._qpacked: tuple[int, torch.Tensor] | None = None  # (id of the codes, kernels.qpack's groups)
+        self._codes_shape = tuple(self.codes.shape)
+        self.keep_codes = False  # set once the codes are read directly (the exact path, moe_experts)
 
     def int_codes(self) -> torch.Tensor:  # int8 [out, in]
         raise NotImplementedError
@@ -321,21 +323,38 @@ class _BlockLinear(nn.Module):
 
     def packed(self, k) -> torch.Tensor:
         """The blocks as `kernels.qmm` reads them (`kernels.qpack`, uint8 [ceil(out / 16), in / 32, bytes]),
-        built at first use and again if the codes were replaced."""
-        if self._qpacked is None or self._qpacked[0] != self.codes.data_ptr():
-            self._qpacked = (self.codes.data_ptr(), k.qpack(self.codes, self.d))
+        built at first use and again if the codes were replaced. Then the packed copy is the only one: the
+        codes' storage is released (`stored_codes` rebuilds it from the packed blocks when something reads
+        the codes themselves), so a layer holds its weights once."""
+        if self._qpacked is None or self._qpacked[0] != id(self.codes):
+            self._qpacked = (id(self.codes), k.qpack(self.stored_codes(), self.d))
+            if not self.keep_codes:
+                self.codes.data = self.codes.data.new_empty(0)
         return self._qpacked[1]
+
+    def stored_codes(self, keep: bool = False) -> torch.Tensor:
+        """The codes as stored (`self.codes`), rebuilt from the packed blocks if `packed` released them;
+        `keep`: the caller reads them on every call, so they stay from now on."""
+        if self.codes.numel() == 0 and self._qpacked is not None:
+            self.codes.data = unpack_qpacked(self._qpacked[1], self._codes_shape, self.fmt)
+        self.keep_codes = self.keep_codes or keep
+        return self.codes
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.stored_codes()  # a state dict holds the codes themselves
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x).float().contiguous()  # [M, in]
         M = x2.shape[0]
-        k = kernels.get() if kernels.usable(x2[: kernels.MAX_ROWS], self.codes) else None
+        k = kernels.get() if kernels.usable(x2[: kernels.MAX_ROWS], self.d) else None
         if k is not None and ACTIVATIONS == "q8":  # int8 activations, integer dots: any number of rows
             y = k.qmm(x2, self.packed(k), self.out_features, self.bias)
         elif k is None or M > CHUNKED_ROWS:  # exact path, many rows (long prefill) or no kernels: BLAS
             y = F.linear(x2, self.dequantized(), self.bias)
         else:  # exact path up to CHUNKED_ROWS: the kernel over 16-row chunks, no fp32 copy of the weight
-            y = torch.cat([k.mm(x2[i : i + kernels.MAX_ROWS], self.codes, self.d, self.bias)
+            codes = self.stored_codes(keep=True)
+            y = torch.cat([k.mm(x2[i : i + kernels.MAX_ROWS], codes, self.d, self.bias)
                            for i in range(0, M, kernels.MAX_ROWS)])
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -364,7 +383,7 @@ class Q8_0Linear(_BlockLinear):
         return cls(*quantize_q8_0(w), bias)
 
     def int_codes(self) -> torch.Tensor:
-        return self.codes
+        return self.stored_codes()
 
 
 class Q4_0Linear(_BlockLinear):
@@ -391,7 +410,22 @@ class Q4_0Linear(_BlockLinear):
         return cls(*quantize_q4_0(w), bias)
 
     def int_codes(self) -> torch.Tensor:
-        return unpack_q4_0(self.codes)
+        return unpack_q4_0(self.stored_codes())
+
+
+def unpack_qpacked(p: torch.Tensor, shape: tuple[int, int], fmt: str) -> torch.Tensor:
+    """`kernels.qpack`'s groups p [G, K / 32, bytes] -> the codes as `Q8_0Linear` / `Q4_0Linear` store them
+    (int8 [N, K] / GGUF nibbles uint8 [N, K / 2]); the layout is csrc/q8dot.h's: per group of 16 rows and
+    block of 32 inputs, chunks of 64 bytes whose byte 4r + i is row r's code of input 4j + i (Q8_0: q + 128)
+    or, Q4_0, inputs 8j + i (low nibble) and 8j + 4 + i (high), codes q + 8."""
+    G, nb = p.shape[:2]
+    if fmt == "q8_0":
+        b = p[:, :, :512].reshape(G, nb, 8, 16, 4).permute(0, 3, 1, 2, 4)  # [G, r, nb, j, i]
+        return (b.reshape(G * 16, nb * QK)[: shape[0]].to(torch.int16) - 128).to(torch.int8).contiguous()
+    b = p[:, :, :256].reshape(G, nb, 4, 16, 4)  # [G, nb, j, r, i]
+    codes = torch.stack((b & 15, b >> 4), dim=3).permute(0, 4, 1, 2, 3, 5)  # [G, r, nb, j, half, i]
+    q = codes.reshape(G * 16, nb * QK)[: shape[0]].to(torch.int8) - 8
+    return pack_q4_0(q)
 
 
 def weight_of(layer: nn.Module) -> torch.Tensor:
@@ -474,7 +508,7 @@ def kernel_operands(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     """(weight, block scales or None) as `kernels.mm` / `moe_experts` take them, for the layers whose format
     they serve (fp32, bf16, f16, q8_0, q4_0); None for the others (int8 per-channel, int4 groups)."""
     if isinstance(layer, _BlockLinear):
-        return layer.codes, layer.d
+        return layer.stored_codes(keep=True), layer.d
     if isinstance(layer, (FastLinear, Half16Linear)) and layer.weight.dtype in (torch.float32, torch.bfloat16,
                                                                                   torch.float16):
         return layer.weight, None
