@@ -629,6 +629,15 @@ rows = [dict(n_prompt=int(p), n_gen=0, avg_ts=100.0 * (i + 1), stddev_ts=1.0, mo
 rows.append(dict(n_prompt=0, n_gen=n, avg_ts=50.0, stddev_ts=1.0, model_size=1))
 print(json.dumps(rows))
 """
+FAKE_FAILING = """#!{python}
+import sys
+if "--version" in sys.argv:
+    print("version: 1 (fake)"); sys.exit(0)
+print("llama_model_load: error loading model: error loading model hyperparameters: key not found in model: "
+      "deepseek2.attention.q_lora_rank", file=sys.stderr)
+print("llama_bench: error: failed to load model", file=sys.stderr)
+sys.exit(1)
+"""
 FAKE_BATCHED = """#!{python}
 import json
 for pl, speed in ((1, 40.0), (8, 160.0), (1, 41.0)):
@@ -666,3 +675,9 @@ def test_bench_vs_llamacpp(tmp_path, monkeypatch, capsys):
     assert "llama.cpp    40.00 tok/s" in b1 and "llama.cpp   160.00 tok/s" in b8 and "seekwen / llama.cpp" in b8
     assert "llama.cpp    50.00 tok/s" in next(x for x in out.splitlines() if x.strip().startswith("decode b1 "))
     assert "(llama.cpp " in out.splitlines()[-1]  # its roofline fraction
+    # a file llama.cpp cannot load: its own reason, as a clear error (exit status 2), no traceback
+    (tmp_path / "llama-bench").write_text(FAKE_FAILING.format(python=sys.executable))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "llama-bench failed on" in err and "key not found in model: deepseek2.attention.q_lora_rank" in err
+    assert "Traceback" not in err

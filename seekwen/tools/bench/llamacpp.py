@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ...errors import UserError
 from .report import line
 from .roofline import decode_bytes
 from .runners import Ours, interleaved, time_decode, time_prefill
@@ -56,6 +57,15 @@ def find_llamacpp() -> LlamaCpp | None:
     return LlamaCpp(bench, batched if batched.is_file() else None)
 
 
+def failed(tool: str, gguf: Path, r: subprocess.CompletedProcess) -> str:
+    """What to say when a llama.cpp tool fails: its exit status and its own error lines (llama.cpp says
+    why a file does not load, e.g. a metadata key its loader requires), else the end of its stderr."""
+    text = (r.stderr or "") + (r.stdout or "")
+    errors = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()]
+    why = "; ".join(errors[-3:]) if errors else text.strip()[-500:]
+    return f"{tool} failed on {gguf} (exit status {r.returncode}): {why}"
+
+
 def llama_bench(ll: LlamaCpp, gguf: Path, threads: int, n_gen: int, repeats: int) -> dict[str, float]:
     """llama-bench's tokens/s: {"prefill 32": .., "prefill 512": .., "decode b1": ..}."""
     cmd = [str(ll.bench), "-m", str(gguf), "-t", str(threads), "-p", "32,512", "-n", str(n_gen),
@@ -63,7 +73,7 @@ def llama_bench(ll: LlamaCpp, gguf: Path, threads: int, n_gen: int, repeats: int
     print(f"  $ {' '.join(cmd)}")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
-        raise RuntimeError(f"llama-bench failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+        raise UserError(failed("llama-bench", gguf, r))
     out = {}
     for row in json.loads(r.stdout):
         key = f"prefill {row['n_prompt']}" if row["n_gen"] == 0 else "decode b1"
@@ -82,7 +92,7 @@ def llama_batched(ll: LlamaCpp, gguf: Path, threads: int, n_gen: int) -> dict[st
     for _ in range(3):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if r.returncode != 0:
-            raise RuntimeError(f"llama-batched-bench failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+            raise UserError(failed("llama-batched-bench", gguf, r))
         for text in r.stdout.splitlines():
             if text.startswith("{"):
                 row = json.loads(text)
