@@ -93,10 +93,7 @@ class ModelRunner:
         n_keys = int(start.max()) + S
         tables = [t.to(dev) for t in self._tables([s for s, _ in rows], -(-n_keys // bs))]
         padded = bool((n_new < S).any())
-        alpha = None
-        if self.qwen_ntk:
-            alpha = torch.tensor([qwen_ntk_alpha(s.prompt_len, model.cfg.rope.seq_length) for s, _ in rows],
-                                 dtype=torch.float64)
+        alpha = self._ntk_alpha([s for s, _ in rows])
         batch = model.batch(
             positions,
             kv=self.cache.view(tables),
@@ -108,10 +105,7 @@ class ModelRunner:
         )
         if self.length_rope:
             self._length_rope(batch, positions, torch.tensor([s.prompt_len for s, _ in rows], device=dev))
-        keep = None
-        if not full:
-            keep = (torch.tensor(due, dtype=torch.long), (n_new - 1)[due])
-            keep = (keep[0].to(dev), keep[1].to(dev))
+        keep = None if full else (torch.tensor(due, dtype=torch.long, device=dev), (n_new - 1)[due].to(dev))
         return model(ids.to(dev), batch=batch, keep=keep)
 
     def flat(self, plan: list[tuple[Sequence, int]]) -> bool:
@@ -130,23 +124,22 @@ class ModelRunner:
         padded, and each token attends to the keys up to its own position through its sequence's block
         table (the chunk's own keys are written before any is read). Logits only where a token is due."""
         model, dev, bs = self.model, self.model.device, self.cache.block_size
-        seq_of, pos = [], []  # per token row: its sequence's index in the plan, its position
+        seqs = [s for s, _ in plan]
+        seq_of, pos, ids = [], [], []  # per token row: its sequence's index in the plan, position, token
         for i, (s, n) in enumerate(plan):
             seq_of += [i] * n
             pos += range(s.n_computed, s.n_computed + n)
-        ids = torch.tensor([s.token(p) for s, n in plan for p in range(s.n_computed, s.n_computed + n)])
+            ids += s.tokens(s.n_computed, s.n_computed + n)
         positions = torch.tensor(pos)[:, None]  # [T, 1]
         n_keys = max(pos) + 1
         index = torch.tensor(seq_of)
-        tables = [t[index].to(dev) for t in self._tables([s for s, _ in plan], -(-n_keys // bs))]
-        alpha = None
-        if self.qwen_ntk:
-            alpha = torch.tensor([qwen_ntk_alpha(s.prompt_len, model.cfg.rope.seq_length) for s, _ in plan],
-                                 dtype=torch.float64)[index]
+        tables = [t[index].to(dev) for t in self._tables(seqs, -(-n_keys // bs))]
+        alpha = self._ntk_alpha(seqs)
+        alpha = None if alpha is None else alpha[index]
         batch = model.batch(positions.to(dev), kv=self.cache.view(tables), n_keys=n_keys,
                             key_counts=[p + 1 for p in pos], ntk_alpha=alpha)
         if self.length_rope:
-            lens = torch.tensor([s.prompt_len for s, _ in plan])[index]
+            lens = torch.tensor([s.prompt_len for s in seqs])[index]
             self._length_rope(batch, positions.to(dev), lens.to(dev))
         keep, spans, end = [], [], 0  # rows whose logits are due: a sequence's last token, or all (verify)
         for s, n in plan:
@@ -156,8 +149,16 @@ class ModelRunner:
                 spans.append((s, len(keep), end - first, bool(s.draft)))
                 keep += range(first, end)
         rows = torch.tensor(keep, dtype=torch.long, device=dev)
-        logits = model(ids[:, None].to(dev), batch=batch, keep=(rows, torch.zeros_like(rows)))[:, 0]  # [n, V]
+        logits = model(torch.tensor(ids, device=dev)[:, None], batch=batch, keep=(rows, torch.zeros_like(rows)))
+        logits = logits[:, 0]  # [n, V]
         return [(s, logits[a : a + m] if full else logits[a]) for s, a, m, full in spans]
+
+    def _ntk_alpha(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Qwen v1 dynamic NTK: each sequence's alpha [k] (float64), fixed from its prompt length."""
+        if not self.qwen_ntk:
+            return None
+        return torch.tensor([qwen_ntk_alpha(s.prompt_len, self.model.cfg.rope.seq_length) for s in seqs],
+                            dtype=torch.float64)
 
     def _tables(self, seqs: list[Sequence], nb: int) -> list[torch.Tensor]:
         """Per cache group the sequences' block tables [k, nb] (long; the scratch block where none)."""

@@ -253,19 +253,19 @@ torch::Tensor paged_attention(torch::Tensor q1, torch::Tensor q2, torch::Tensor 
       // softmax numerators per query over its own keys; keys outside its row's range weigh 0
       for (int64_t j = 0; j < nq; ++j) {
         const int64_t b = gr.b0 + j / Q;
-        const int64_t lo = std::max(start[b], tk.t0) - tk.t0, hi = std::min(count[b], tk.t1) - tk.t0;
+        // the row's keys within this task: [lo, hi) of its len (empty when the row ends before it)
+        const int64_t lo = std::clamp<int64_t>(start[b] - tk.t0, 0, len);
+        const int64_t hi = std::clamp<int64_t>(count[b] - tk.t0, lo, len);
         float* sq = s.data() + j * len;
         float m = NEG_INF, l = 0.f;
         for (int64_t k = lo; k < hi; ++k) m = std::max(m, sq[k]);
-        std::fill(sq, sq + std::max<int64_t>(lo, 0), 0.f);
-        if (hi > lo) {
+        std::fill(sq, sq + lo, 0.f);
 #pragma omp simd reduction(+ : l)
-          for (int64_t k = lo; k < hi; ++k) {
-            sq[k] = fast_exp(sq[k] - m);
-            l += sq[k];
-          }
+        for (int64_t k = lo; k < hi; ++k) {
+          sq[k] = fast_exp(sq[k] - m);
+          l += sq[k];
         }
-        std::fill(sq + std::max(hi, lo), sq + len, 0.f);
+        std::fill(sq + hi, sq + len, 0.f);
         part_m[tk.out + j] = m;
         part_l[tk.out + j] = l;
       }
