@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import signal
 import socket
@@ -61,6 +63,38 @@ class ServerProcess:
         if self.log is not subprocess.DEVNULL:
             self.log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def serving(*args: str, log: Path):
+    """A ready server started with `args` (logging to `log`); it must stop cleanly (exit status 0)."""
+    srv = ServerProcess(*args, log=log)
+    try:
+        yield srv.wait_ready()
+    finally:
+        assert srv.terminate() == 0, srv.output()
+
+
+@functools.cache
+def bundled_fp32():
+    """The bundled model in fp32, loaded once per test process (the reference side of server tests)."""
+    import torch
+
+    import seekwen
+    from seekwen.tools.common import bundled_model_path
+
+    return seekwen.load(bundled_model_path(), dtype=torch.float32)
+
+
+def greedy_reference(server: ServerProcess, name: str, prompt: str, n: int) -> str:
+    """The bundled model's own greedy continuation (n tokens, no engine, no server) of the tokens the
+    server makes of `prompt`."""
+    import torch
+
+    ids = post_json(server.url + "/tokenize", {"model": name, "prompt": prompt})[1]["tokens"]
+    model = bundled_fp32()
+    new = model.generate(torch.tensor([ids]), max_new_tokens=n, stop_at_eos=False)[0].tolist()
+    return model.tokenizer.decode(new)
 
 
 def metric(text: str, name: str, **labels: str) -> float:

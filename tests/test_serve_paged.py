@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
-from serve_util import ServerProcess, http, metric, post_json
+from serve_util import greedy_reference, http, metric, post_json, serving
 
-import seekwen
 from seekwen.tools.common import bundled_model_path
 
 openai = pytest.importorskip("openai")
@@ -29,35 +27,15 @@ N = 16
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-paged") / "server.log"
-    srv = ServerProcess("--served-model-name", NAME, "--paged", "--max-batch", "4", log=log)
-    try:
-        yield srv.wait_ready()
-    finally:
-        assert srv.terminate() == 0, srv.output()
-
-
-def _reference(server, prompt: str) -> str:
-    """The model's own greedy continuation of the server's tokens for `prompt` (no engine, no server)."""
-    ids = post_json(server.url + "/tokenize", {"model": NAME, "prompt": prompt})[1]["tokens"]
-    model = _model()
-    new = model.generate(torch.tensor([ids]), max_new_tokens=N, stop_at_eos=False)[0].tolist()
-    return model.tokenizer.decode(new)
-
-
-_MODEL = []
-
-
-def _model():
-    if not _MODEL:
-        _MODEL.append(seekwen.load(bundled_model_path(), dtype=torch.float32))
-    return _MODEL[0]
+    with serving("--served-model-name", NAME, "--paged", "--max-batch", "4", log=log) as srv:
+        yield srv
 
 
 def test_paged_server_greedy_equals_generate_and_reuses_the_prefix(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
     kw = dict(model=NAME, temperature=0, max_tokens=N, extra_body={"ignore_eos": True})
     texts = [client.completions.create(prompt=p, **kw).choices[0].text for p in PROMPTS]  # one after another
-    assert texts == [_reference(server, p) for p in PROMPTS]
+    assert texts == [greedy_reference(server, NAME, p, N) for p in PROMPTS]
     text = http(server.url + "/metrics")[1].decode()
     assert metric(text, "seekwen_prefix_cache_hit_rate") > 0  # the later prompts found the shared prefix
 

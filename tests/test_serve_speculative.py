@@ -9,10 +9,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from serve_util import ServerProcess, http, metric, post_json
+from serve_util import greedy_reference, http, metric, serving
 
-import seekwen
 from seekwen.tools.common import bundled_model_path
 
 openai = pytest.importorskip("openai")
@@ -30,19 +28,9 @@ N = 20
 def server(request, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-spec") / "server.log"
     paged = ["--paged"] if request.param == "paged" else ["--engine", "rows"]
-    srv = ServerProcess("--served-model-name", NAME, "--speculative", "ngram", "--num-speculative-tokens", "4",
-                        "--max-batch", "3", *paged, log=log)
-    try:
-        yield srv.wait_ready()
-    finally:
-        assert srv.terminate() == 0, srv.output()
-
-
-def _reference(server, prompt: str) -> str:
-    ids = post_json(server.url + "/tokenize", {"model": NAME, "prompt": prompt})[1]["tokens"]
-    model = seekwen.load(bundled_model_path(), dtype=torch.float32)
-    new = model.generate(torch.tensor([ids]), max_new_tokens=N, stop_at_eos=False)[0].tolist()
-    return model.tokenizer.decode(new)
+    with serving("--served-model-name", NAME, "--speculative", "ngram", "--num-speculative-tokens", "4",
+                 "--max-batch", "3", *paged, log=log) as srv:
+        yield srv
 
 
 def test_speculating_server_greedy_equals_generate(server):
@@ -50,7 +38,7 @@ def test_speculating_server_greedy_equals_generate(server):
     kw = dict(model=NAME, temperature=0, max_tokens=N, extra_body={"ignore_eos": True})
     texts = [client.completions.create(prompt=p, **kw).choices[0].text for p in PROMPTS]
     streamed = "".join(c.choices[0].text for c in client.completions.create(prompt=PROMPTS[0], stream=True, **kw))
-    refs = [_reference(server, p) for p in PROMPTS]
+    refs = [greedy_reference(server, NAME, p, N) for p in PROMPTS]
     assert texts == refs and streamed == refs[0]
     text = http(server.url + "/metrics")[1].decode()
     drafted = metric(text, "seekwen_spec_decode_num_draft_tokens_total")
