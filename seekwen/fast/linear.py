@@ -152,6 +152,12 @@ class Int4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}"
 
 
+def chunked_mm(k, x: torch.Tensor, w: torch.Tensor, d: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """`kernels.mm` over x [M, in] (M up to CHUNKED_ROWS) in calls of at most MAX_ROWS rows: a few
+    prefill rows read the stored weight in place instead of a widened fp32 copy."""
+    return torch.cat([k.mm(x[i : i + kernels.MAX_ROWS], w, d, bias) for i in range(0, x.shape[0], kernels.MAX_ROWS)])
+
+
 class Half16Linear(nn.Module):
     """16-bit weights (bf16 or fp16) [out, in], fp32 activations and accumulation: y = x W^T + b. Up to
     CHUNKED_ROWS rows on CPU: the SIMD kernel widens each weight to fp32 in registers (`kernels.mm`, 16
@@ -179,8 +185,7 @@ class Half16Linear(nn.Module):
         if k is None or M > CHUNKED_ROWS:  # many rows (prefill) or no kernels: BLAS on the widened weight
             y = F.linear(x2, self.dequantized(), self.bias)
         else:  # up to CHUNKED_ROWS: the kernel over 16-row chunks, no fp32 copy of the weight per call
-            y = torch.cat([k.mm(x2[i : i + kernels.MAX_ROWS], self.weight, None, self.bias)
-                           for i in range(0, M, kernels.MAX_ROWS)])
+            y = chunked_mm(k, x2, self.weight, None, self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -353,9 +358,7 @@ class _BlockLinear(nn.Module):
         elif k is None or M > CHUNKED_ROWS:  # exact path, many rows (long prefill) or no kernels: BLAS
             y = F.linear(x2, self.dequantized(), self.bias)
         else:  # exact path up to CHUNKED_ROWS: the kernel over 16-row chunks, no fp32 copy of the weight
-            codes = self.stored_codes(keep=True)
-            y = torch.cat([k.mm(x2[i : i + kernels.MAX_ROWS], codes, self.d, self.bias)
-                           for i in range(0, M, kernels.MAX_ROWS)])
+            y = chunked_mm(k, x2, self.stored_codes(keep=True), self.d, self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
