@@ -88,7 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def check_args(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
-    for name in ("max_batch", "max_queue", "max_body_bytes"):
+    positive = ("max_batch", "max_queue", "max_body_bytes", "block_size", "max_num_batched_tokens")
+    for name in positive + (("num_blocks",) if args.num_blocks is not None else ()):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_model_len is not None and args.max_model_len < 2:
@@ -104,9 +105,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.speculative not in (None, "ngram") and args.engine == "paged":
         raise UserError(f"--paged speculates with ngram only; --speculative {args.speculative} runs on the "
                         "row-pool engine (--engine rows)")
-    for name in ("block_size", "max_num_batched_tokens") + (("num_blocks",) if args.num_blocks is not None else ()):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.speculative == "draft" and args.draft_model is None:
         raise UserError("--speculative draft needs --draft-model PATH")
     if args.draft_model is not None and args.speculative != "draft":
