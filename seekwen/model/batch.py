@@ -104,3 +104,11 @@ class ForwardBatch:
             allowed = allowed | ~allowed.any(-1, keepdim=True)
             self.masks[key] = allowed[:, None]
         return self.masks[key]
+
+
+def kept_tokens(h: torch.Tensor, keep: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """h [B, S, d] -> the tokens `Transformer.forward`'s `keep` selects: all, [B, 1, d] or [n, 1, d]."""
+    if keep is None:
+        return h
+    rows, index = keep if isinstance(keep, tuple) else (torch.arange(h.shape[0], device=h.device), keep)
+    return h[rows, index][:, None]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .batch import ForwardBatch
+from .batch import ForwardBatch, kept_tokens
 from .norm import RMSNorm
 
 
@@ -64,8 +64,7 @@ class MTPLayer(nn.Module):
         e = self.enorm(self.embed_tokens(input_ids))
         h = self.hnorm(hidden.to(e.dtype))
         x = self.block(self.eh_proj(torch.cat((e, h), dim=-1)), batch)  # [B, S, d]
-        kept = x if keep is None else x[torch.arange(x.shape[0], device=x.device), keep][:, None]
-        logits = self.logits(self.norm(kept))
+        logits = self.logits(self.norm(kept_tokens(x, keep)))
         return (logits, x) if return_hidden else logits
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:

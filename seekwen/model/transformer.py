@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention
-from .batch import ForwardBatch, KVStore
+from .batch import ForwardBatch, KVStore, kept_tokens
 from .mla import MLA
 from .mlp import MLP
 from .moe import MoE
@@ -145,14 +145,6 @@ class Transformer(nn.Module):
         """Final-normed hidden states [B, S, hidden] -> logits [B, S, vocab] (a tensor-parallel model
         overrides it to gather its vocabulary slices)."""
         return self.head(h)
-
-
-def kept_tokens(h: torch.Tensor, keep: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """h [B, S, d] -> the tokens `Transformer.forward`'s `keep` selects: all, [B, 1, d] or [n, 1, d]."""
-    if keep is None:
-        return h
-    rows, index = keep if isinstance(keep, tuple) else (torch.arange(h.shape[0], device=h.device), keep)
-    return h[rows, index][:, None]
 
 
 def ntk_alphas(true_lens: list[int], seq_length: int) -> torch.Tensor:
