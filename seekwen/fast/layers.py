@@ -78,10 +78,10 @@ class FastAttention(FromReference, Attention):
         self.q_norm, self.k_norm = ref.q_norm, ref.k_norm
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        kern = paged_kernels.decode_kernel(x, batch)
+        kern = paged_kernels.decode_kernel(x, batch, self.layer)
         if kern is None:
             return super().forward(x, batch)
-        # decode over a block-paged cache: store the new k/v, attend reading the blocks in place
+        # decode over a store's blocks (paged cache, or the row cache's rows): store the new k/v, attend in place
         B = x.shape[0]
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.project(x, batch)
@@ -113,17 +113,20 @@ class FastAttention(FromReference, Attention):
         return rotate(x, batch, self.interleaved)
 
     def describe(self) -> str:
-        decode = "grouped-query matmuls" if self.n_kv_heads != self.n_heads else "SDPA"
-        return (f"fused qkv ({describe_linear(self.wqkv)}); prefill SDPA causal kernel, decode {decode} "
-                "(paged cache: paged_attention kernel over the blocks)")
+        fallback = "grouped-query matmuls" if self.n_kv_heads != self.n_heads else "SDPA"
+        if paged_kernels.get() is None:
+            return f"fused qkv ({describe_linear(self.wqkv)}); prefill SDPA causal kernel, decode {fallback}"
+        return (f"fused qkv ({describe_linear(self.wqkv)}); prefill SDPA causal kernel; decode (fp32) one "
+                f"paged_attention kernel call reading the cache in place (ring-buffer window layers: {fallback})")
 
 
 class FastMLA(FromReference, MLA):
     """`MLA` with the query projection and wkv_a fused, and absorbed attention laid out heads-first
     against contiguous W_UK [H, d_nope, r] / W_UV^T [H, r, d_v]: that form runs as fast matrix-vector
     products on CPU, where the [B, S, H, .] einsum falls back to a slow batched kernel. One new token
-    per row with `counts` on CPU: the attention itself is one kernel call (`kernels.mla_decode`), so
-    decode stays close to flat as the cache grows."""
+    per row on CPU (fp32): the attention is one `paged_attention` call reading the latent cache in place
+    (the paged cache's blocks, or the row cache's rows as blocks), so decode stays close to flat as the
+    cache grows; elsewhere the absorbed product's own kernel (`kernels.mla_decode`) where it serves."""
 
     def __init__(self, ref: MLA, quantize: str | None = None, group_size: int = 64):
         nn.Module.__init__(self)
@@ -147,20 +150,10 @@ class FastMLA(FromReference, MLA):
         self.wo = fast_linear(ref.wo, quantize, group_size)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        kern = paged_kernels.decode_kernel(x, batch)
+        kern = paged_kernels.decode_kernel(x, batch, self.layer)
         if kern is not None:
             return self.paged_decode(kern, x, batch)
-        if self.kernel_decode(x, batch):
-            return self.decode(x, batch)
         return super().forward(x, batch)
-
-    def kernel_decode(self, x: torch.Tensor, batch: ForwardBatch) -> bool:
-        """Whether this call is one new token per row over the slot cache that `mla_decode` serves whole
-        (the reference forward then does host work it does not need: the mask, the mode choice)."""
-        B, S, _ = x.shape
-        return (S == 1 and batch.kv is not None and batch.key_counts is not None and self.window is None
-                and self.use_absorbed(S, True) and self.mla_kernel(B, x.dtype) is not None
-                and self.one_kernel_decode(S, batch.key_counts, x.dtype))
 
     def decode_inputs(self, x: torch.Tensor, batch: ForwardBatch):
         """One new token per row x [B, 1, d] -> (q_nope [B, 1, H, d_nope], rotated q_pe [B, 1, H, dr],
@@ -177,16 +170,9 @@ class FastMLA(FromReference, MLA):
             q_nope, q_pe = q_nope * s, q_pe * s
         return q_nope, q_pe, kv, k_pe
 
-    def decode(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Absorbed decode over the slot cache, the attention one `mla_decode` call (no mask is built)."""
-        B = x.shape[0]
-        q_nope, q_pe, kv, k_pe = self.decode_inputs(x, batch)
-        stored = batch.kv.write(self.layer, batch.positions, batch.n_keys, kv=kv, pe=k_pe)
-        out = self.absorbed(q_nope, q_pe, stored["kv"], stored["pe"], None, batch.key_counts)  # [B, 1, H, d_v]
-        return self.wo(out.reshape(B, 1, self.n_heads * self.v_dim))
-
     def paged_decode(self, kern, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Decode over a block-paged cache: absorbed attention reading the latent blocks in place."""
+        """Decode over a store's blocks (`paged_kernels.decode_kernel`): absorbed attention reading the
+        latent blocks in place."""
         B, H = x.shape[0], self.n_heads
         q_nope, q_pe, kv, k_pe = self.decode_inputs(x, batch)
         batch.kv.write(self.layer, batch.positions, 0, kv=kv, pe=k_pe)
@@ -255,14 +241,15 @@ class FastMLA(FromReference, MLA):
         return n_new == 1 and counts is not None and dtype == torch.float32 and self.kv_lora_rank % 16 == 0
 
     def describe(self) -> str:
-        if self.use_kernels and self.kv_lora_rank % 16 == 0:
+        if paged_kernels.get() is not None:
+            decode = "absorbed, one paged_attention kernel call per layer reading the latent cache in place (fp32)"
+        elif self.use_kernels and self.kv_lora_rank % 16 == 0:
             decode = f"absorbed, one mla_decode kernel call per layer ({isa_name()})"
         elif self.use_kernels:
             decode = f"absorbed, per-head f32_bmm kernels ({isa_name()}), bmm attention"
         else:
             decode = "absorbed, bmm over the cached latents"
-        return (f"fused q/kv_a ({describe_linear(self.wq_kv_a)}); prefill naive SDPA; decode {decode} "
-                "(paged cache: paged_attention kernel over the latent blocks)")
+        return f"fused q/kv_a ({describe_linear(self.wq_kv_a)}); prefill naive SDPA; decode {decode}"
 
 
 class FastMLP(FromReference, MLP):

@@ -28,10 +28,11 @@ def get():
                            "gathering the cache instead")
 
 
-def decode_kernel(x: torch.Tensor, batch):
-    """The kernel when it serves this call: one new token per row (known key counts) over a KV store
-    that exposes its blocks (`blocks(layer)`), CPU fp32. Else None."""
-    if x.shape[1] != 1 or batch.key_counts is None or not hasattr(batch.kv, "blocks"):
+def decode_kernel(x: torch.Tensor, batch, layer: int):
+    """The kernel when it serves this call of `layer`: one new token per row (known key counts) over a KV
+    store that exposes the layer's blocks (`blocks(layer)`: the paged cache, or the row cache's
+    full-length layers), CPU fp32. Else None."""
+    if x.shape[1] != 1 or batch.key_counts is None or not hasattr(batch.kv, "blocks") or batch.kv.is_ring(layer):
         return None
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return None

@@ -42,6 +42,7 @@ class KVCache:
         B, T = batch_size, max_len
         self.windows: dict[int, int] = {}  # layer -> window, for layers kept in a ring buffer
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (positions, flat slots) of the last call
+        self._table: torch.Tensor | None = None  # blocks(): row b is block b
         self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(cfg.num_layers):
             if cfg.mla is not None:
@@ -99,6 +100,15 @@ class KVCache:
                 store[name][rows, positions] = t.to(store[name].dtype)
         return {name: t[:, :n_keys] for name, t in store.items()}
 
+    def blocks(self, layer: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+        """In-place reads for the fast decode kernels, in the paged cache's terms: each row is one block of
+        max_len slots, so the layer's tensors [B, T, ...] are the pools and row b's block table is [b].
+        Full-length layers only (a ring layer's slots are not positions)."""
+        assert not self.is_ring(layer), "a ring layer has no blocks"
+        if self._table is None:
+            self._table = torch.arange(self.batch_size, dtype=torch.int32).view(-1, 1)  # [B, 1]
+        return self.layers[layer], self._table, self.max_len
+
     def decode_slots(self, positions: torch.Tensor) -> torch.Tensor:
         """Row b's slot positions[b, 0] as an index into the flattened [B * max_len, ...] store, computed once
         per call (the layers of one forward share `positions`) and kept on this view."""
@@ -141,7 +151,7 @@ class KVCache:
         """A view of rows [start, stop): same storage, so writes and `lens` updates go through."""
         view = KVCache.__new__(KVCache)
         view.cfg, view.max_len, view.windows = self.cfg, self.max_len, self.windows
-        view.batch_size, view._slots = stop - start, None
+        view.batch_size, view._slots, view._table = stop - start, None, None
         view.layers = [{name: t[start:stop] for name, t in layer.items()} for layer in self.layers]
         return view
 
