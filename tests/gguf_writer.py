@@ -30,7 +30,12 @@ _ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 
 def hf_tensors(folder: Path, cfg: dict) -> list[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors after the converter's own rewrites, still under HF-style names."""
-    state = {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
+    return converted({k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}, cfg)
+
+
+def converted(state: dict[str, torch.Tensor], cfg: dict) -> list[tuple[str, torch.Tensor]]:
+    """The converter's rewrites of HF tensors (the whole checkpoint, or any part of it that holds every
+    expert of the layers it has: experts are stacked per layer and projection)."""
     out, experts = [], {}
     for name, t in state.items():
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
@@ -162,10 +167,12 @@ def _deepseek_metadata(w: gguf.GGUFWriter, cfg: dict) -> None:
 
 
 def write_gguf(folder: Path, out: Path, kind: str = "F32", types: dict[str, str] | None = None,
-               tokenizer: dict | None = None) -> dict[str, str]:
+               tokenizer: dict | None = None, tensors=None) -> dict[str, str]:
     """Convert the HF checkpoint in `folder` to `out` with tensors of `kind` (F32, F16, BF16, Q8_0, Q4_0);
     `types` overrides the type per GGUF tensor name (e.g. K-quants written as raw blocks elsewhere);
-    `tokenizer`: GGUF tokenizer keys to add. Returns GGUF name -> type written."""
+    `tokenizer`: GGUF tokenizer keys to add; `tensors`: an iterable of `converted` (name, tensor) pairs to
+    write instead of the folder's model.safetensors (only its config.json is read then), consumed one at a
+    time. Returns GGUF name -> type written."""
     cfg = json.loads((folder / "config.json").read_text())
     arch = ARCH[cfg["model_type"]]
     names = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
@@ -174,7 +181,7 @@ def write_gguf(folder: Path, out: Path, kind: str = "F32", types: dict[str, str]
     if tokenizer:
         add_tokenizer(w, **tokenizer)
     written = {}
-    for hf_name, t in hf_tensors(folder, cfg):
+    for hf_name, t in hf_tensors(folder, cfg) if tensors is None else tensors:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, hf_name
         want = (types or {}).get(name, tensor_type(name, t, kind))
