@@ -31,10 +31,14 @@ static inline void group_dots(const uint8_t* gp, const QAct& a, int64_t nb, IV::
   for (int64_t b = 0; b < nb; ++b, gp += QB) {
     for (int64_t l = 0; l < QB; l += 64)  // the block ~4.5 KB ahead (each thread's stream is sequential)
       _mm_prefetch((const char*)(gp + AHEAD * QB + l), _MM_HINT_T0);
-    IV::ivec s[MB][H];  // this block's integer dots, started at the correction (a.s: see qmm)
+    // this block's integer dots, started at the correction (a.s: see qmm). For few rows in two
+    // independent chains (s, t: half the dependent vpdpbusd latency per block; with more rows the rows'
+    // chains overlap anyway); integer sums, so the order does not change the result
+    constexpr bool SPLIT = MB <= IV::SPLIT_MB;
+    IV::ivec s[MB][H], t[MB][H];
     for (int m = 0; m < MB; ++m) {
       const IV::ivec c = IV::set1(a.s[m * nb + b]);
-      for (int h = 0; h < H; ++h) s[m][h] = c;
+      for (int h = 0; h < H; ++h) s[m][h] = c, t[m][h] = IV::set1(0);  // (t unused unless SPLIT)
     }
     const int8_t* xb = a.q + 32 * b;  // activation row m, block b: xb + m * a.K
     if constexpr (Q4) {
@@ -46,19 +50,31 @@ static inline void group_dots(const uint8_t* gp, const QAct& a, int64_t nb, IV::
         }
         for (int m = 0; m < MB; ++m) {
           const IV::ivec x0 = IV::bcast4(xb + m * a.K + 8 * j), x1 = IV::bcast4(xb + m * a.K + 8 * j + 4);
-          for (int h = 0; h < H; ++h) s[m][h] = IV::dot_u(IV::dot_u(s[m][h], lo[h], x0), hi[h], x1);
+          for (int h = 0; h < H; ++h) {
+            s[m][h] = IV::dot_u(s[m][h], lo[h], x0);
+            if constexpr (SPLIT) t[m][h] = IV::dot_u(t[m][h], hi[h], x1);
+            else s[m][h] = IV::dot_u(s[m][h], hi[h], x1);
+          }
         }
       }
     } else {
-      for (int j = 0; j < 8; ++j) {
-        IV::ivec w[H];
-        for (int h = 0; h < H; ++h) w[h] = IV::load(gp + 64 * j + h * IV::BYTES);
+      for (int j = 0; j < 8; j += 2) {
+        IV::ivec w0[H], w1[H];
+        for (int h = 0; h < H; ++h)
+          w0[h] = IV::load(gp + 64 * j + h * IV::BYTES), w1[h] = IV::load(gp + 64 * (j + 1) + h * IV::BYTES);
         for (int m = 0; m < MB; ++m) {
-          const IV::ivec x = IV::bcast4(xb + m * a.K + 4 * j);
-          for (int h = 0; h < H; ++h) s[m][h] = IV::dot_q8(s[m][h], w[h], x);
+          const IV::ivec x0 = IV::bcast4(xb + m * a.K + 4 * j), x1 = IV::bcast4(xb + m * a.K + 4 * j + 4);
+          for (int h = 0; h < H; ++h) {
+            s[m][h] = IV::dot_q8(s[m][h], w0[h], x0);
+            if constexpr (SPLIT) t[m][h] = IV::dot_q8(t[m][h], w1[h], x1);
+            else s[m][h] = IV::dot_q8(s[m][h], w1[h], x1);
+          }
         }
       }
     }
+    if constexpr (SPLIT)
+      for (int m = 0; m < MB; ++m)
+        for (int h = 0; h < H; ++h) s[m][h] = IV::add(s[m][h], t[m][h]);
     IV::fvec dw[H];  // the 16 rows' weight scales
     for (int h = 0; h < H; ++h) dw[h] = IV::load_f16(gp + CODES + 2 * h * IV::LANES);
     for (int m = 0; m < MB; ++m) {

@@ -22,6 +22,7 @@ struct IV {
   using fvec = __m512;
   static constexpr int LANES = 16, BYTES = 64;
   static constexpr int MBMAX = 8;  // 8 rows: 8 float + 8 int accumulators, the weights, a broadcast
+  static constexpr int SPLIT_MB = 4;  // up to 4 rows: two integer chains per row (q8dot.h)
   static constexpr int Q8_BIAS = 128;
   static inline ivec load(const uint8_t* p) { return _mm512_loadu_si512((const void*)p); }
   static inline ivec bcast4(const int8_t* p) {
@@ -30,6 +31,7 @@ struct IV {
     return _mm512_set1_epi32(v);
   }
   static inline ivec set1(int32_t v) { return _mm512_set1_epi32(v); }
+  static inline ivec add(ivec a, ivec b) { return _mm512_add_epi32(a, b); }
   static inline ivec lo4(ivec v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
   static inline ivec hi4(ivec v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15)); }
   static inline ivec dot_u(ivec acc, ivec u, ivec a) { return _mm512_dpbusd_epi32(acc, u, a); }
@@ -68,6 +70,7 @@ struct IV {
   using fvec = __m256;
   static constexpr int LANES = 8, BYTES = 32;
   static constexpr int MBMAX = 3;  // 3 rows x 2 halves: 6 float + 6 int accumulators, 2 weights, a broadcast
+  static constexpr int SPLIT_MB = 1;  // one row: two integer chains (q8dot.h); more would spill
   static constexpr int Q8_BIAS = SEEKWEN_IV_VNNI ? 128 : 0;
   static inline ivec load(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
   static inline ivec bcast4(const int8_t* p) {
@@ -76,6 +79,7 @@ struct IV {
     return _mm256_set1_epi32(v);
   }
   static inline ivec set1(int32_t v) { return _mm256_set1_epi32(v); }
+  static inline ivec add(ivec a, ivec b) { return _mm256_add_epi32(a, b); }
   static inline ivec lo4(ivec v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
   static inline ivec hi4(ivec v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15)); }
 #if SEEKWEN_IV_VNNI
