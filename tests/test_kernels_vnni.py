@@ -213,3 +213,57 @@ def test_packed_blocks_are_the_only_copy(cls, K, N):
             assert torch.equal(layer(x), exact)
         assert layer.codes.numel() == stored.numel()  # the exact path keeps them from now on
         assert torch.equal(layer(x), fast)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("rows", [[1], [1, 1, 1, 1, 1, 1], [3, 1, 5], [16]])
+def test_qmm_experts_equals_qmm_per_expert(fmt, rows, qisa):
+    """qmm_experts (one MoE layer's chosen experts, Q8_0 / Q4_0, int8 activations): each expert's rows are
+    qmm(x, gate/up) -> silu(gate) * up -> qmm(., down), bit for bit, whatever else runs in the call."""
+    g = torch.Generator().manual_seed(len(rows) + sum(rows))
+    D, I = 96, 64
+    w13 = [L.make_linear(torch.randn(2 * I, D, generator=g), None, fmt) for _ in rows]
+    w2 = [L.make_linear(torch.randn(D, I, generator=g), None, fmt) for _ in rows]
+    p13 = [K_.qpack(la.codes, la.d) for la in w13]
+    p2 = [K_.qpack(la.codes, la.d) for la in w2]
+    xs = torch.randn(sum(rows), D, generator=g)
+    ys = K_.qmm_experts(xs, p13, p2, rows, I)
+    r0 = 0
+    for e, n in enumerate(rows):
+        h = K_.qmm(xs[r0 : r0 + n].contiguous(), p13[e], 2 * I, None)
+        act = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]).contiguous()
+        assert torch.equal(ys[r0 : r0 + n], K_.qmm(act, p2[e], D, None)), e
+        r0 += n
+    with pytest.raises(RuntimeError, match="add up"):
+        K_.qmm_experts(xs, p13, p2, [r + 1 for r in rows], I)
+    with pytest.raises(RuntimeError, match="packed"):
+        K_.qmm_experts(xs, p2, p13, rows, I)  # gate/up and down swapped
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("n_tokens", [1, 5, 16])
+def test_grouped_experts_int8_activations(fmt, n_tokens):
+    """GroupedExperts with Q8_0 / Q4_0 experts in the default "q8" mode: one qmm_experts call, the same
+    result as summing each chosen expert's own layers (which run qmm); the experts keep their packed
+    blocks only."""
+    from seekwen.fast import GroupedExperts
+    from seekwen.model.moe import Experts, dispatch
+
+    torch.manual_seed(n_tokens)
+    E, D, I, k = 8, 64, 96, 3
+    ref = Experts(E, D, I)
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    fast = GroupedExperts(ref, fmt)
+    x = torch.randn(n_tokens, D)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(n_tokens)])
+    w = torch.rand(n_tokens, k)
+    with torch.inference_mode():
+        got = fast(x, w, idx)
+        want = dispatch(x, w, idx, E, fast.expert)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert "qmm_experts" in fast.describe()
+    used = set(idx.flatten().tolist())
+    assert all(fast.w13[e].codes.numel() == 0 and fast.w2[e].codes.numel() == 0 for e in used)

@@ -26,9 +26,11 @@ from ..model.mlp import MLP
 from ..model.moe import Experts, dispatch, dispatch_sorted
 from ..model.norm import RMSNorm
 from ..model.rope import apply_rope
-from . import kernels, paged_kernels, step_ops
+from . import kernels, linear, paged_kernels, step_ops
 from .linear import (
+    KERNEL_FORMATS,
     FastLinear,
+    _BlockLinear,
     block_linear,
     describe_linear,
     fuse,
@@ -287,10 +289,11 @@ class GroupedExperts(FromReference, nn.Module):
         )
         self.w2 = nn.ModuleList(make_linear(experts.w2[e].detach(), None, quantize, group_size) for e in range(E))
         # moe_experts' case, decided once: fp32 weights as loaded, or bf16 / f16 / q8_0 / q4_0, on CPU
-        ops = [kernel_operands(la) for la in (*self.w13, *self.w2)]
         on_cpu = experts.w1.device.type == "cpu"
         fp32_or_format = quantize is not None or experts.w1.dtype == torch.float32
-        self.use_kernels = on_cpu and fp32_or_format and all(op is not None for op in ops) and kernels.get() is not None
+        served = all(weight_format(la) in KERNEL_FORMATS for la in (*self.w13, *self.w2))
+        self.use_kernels = on_cpu and fp32_or_format and served and kernels.get() is not None
+        self.blocks = all(isinstance(la, _BlockLinear) for la in (*self.w13, *self.w2))  # Q8_0 / Q4_0
 
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
@@ -332,7 +335,11 @@ class GroupedExperts(FromReference, nn.Module):
 
     def _kernel_experts(self, kern, xs: torch.Tensor, experts: list[int], rows: list[int]) -> torch.Tensor:
         """xs [sum(rows), dim], rows[i] of them for experts[i] -> their SwiGLU outputs, one moe_experts call
-        over the experts' weights in their format (read in place)."""
+        over the experts' weights in their format (read in place); Q8_0 / Q4_0 with int8 activations (the
+        layers' default, `linear.ACTIVATIONS`): one qmm_experts call over their packed blocks."""
+        if self.blocks and linear.ACTIVATIONS == "q8":
+            return kern.qmm_experts(xs, [self.w13[e].packed(kern) for e in experts],
+                                    [self.w2[e].packed(kern) for e in experts], rows, self.w2[0].in_features)
         op13 = [kernel_operands(self.w13[e]) for e in experts]  # (weight, block scales or None)
         op2 = [kernel_operands(self.w2[e]) for e in experts]
         scaled = op13[0][1] is not None, op2[0][1] is not None
@@ -342,6 +349,9 @@ class GroupedExperts(FromReference, nn.Module):
     def describe(self) -> str:
         if self.use_kernels:
             fmt = weight_format(self.w13[0])
+            if self.blocks and linear.ACTIVATIONS == "q8":
+                return (f"{self.n_experts} experts, chosen ones in one qmm_experts kernel call ({fmt}, int8 "
+                        f"activations, {kernels.get().qisa()}, <= {kernels.MAX_ROWS} tokens), else grouped per expert")
             return (f"{self.n_experts} experts, chosen ones in one moe_experts kernel call ({fmt}, {isa_name()}, "
                     f"<= {kernels.MAX_ROWS} tokens), else grouped per expert")
         return f"{self.n_experts} experts grouped by expert, one fused product each ({describe_linear(self.w13[0])})"

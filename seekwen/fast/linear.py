@@ -507,6 +507,9 @@ def isa_name() -> str:
     return k.isa() if k is not None else "off"
 
 
+KERNEL_FORMATS = ("float32", "bf16", "f16", "q8_0", "q4_0")  # weight_format()s that kernels.mm / moe_experts take
+
+
 def kernel_operands(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight, block scales or None) as `kernels.mm` / `moe_experts` take them, for the layers whose format
     they serve (fp32, bf16, f16, q8_0, q4_0); None for the others (int8 per-channel, int4 groups)."""

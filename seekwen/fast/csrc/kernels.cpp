@@ -445,33 +445,42 @@ static void check_qx(const torch::Tensor& x) {
               "quantize_act / qmm: x must be contiguous fp32 [M, K], K % 32 == 0");
 }
 
+// x [M, K] fp32 -> its int8 blocks (q, d, s), as qmm quantizes it
+struct QRows {
+  torch::Tensor q, d, s;
+  explicit QRows(const torch::Tensor& x)
+      : q(torch::empty({x.size(0), x.size(1)}, x.options().dtype(torch::kChar))),
+        d(torch::empty({x.size(0), x.size(1) / 32}, x.options())),
+        s(torch::empty({x.size(0), x.size(1) / 32}, x.options().dtype(torch::kInt))) {
+    quantize_rows(x, q, d, s);
+  }
+  QAct act() const { return {q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<int32_t>(), q.size(1)}; }
+};
+
 // x [M, K] -> (q, d, s) as qmm quantizes it (for tests): ggml's quantize_row_q8_0 plus the block sums
 std::vector<torch::Tensor> quantize_act(torch::Tensor x) {
   check_qx(x);
-  const int64_t M = x.size(0), K = x.size(1);
-  auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
-  auto d = torch::empty({M, K / 32}, x.options());
-  auto s = torch::empty({M, K / 32}, x.options().dtype(torch::kInt));
-  quantize_rows(x, q, d, s);
-  return {q, d, s};
+  const QRows xq(x);
+  return {xq.q, xq.d, xq.s};
+}
+
+static void check_packed(const torch::Tensor& packed, int64_t N, int64_t K) {
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == torch::kByte &&
+              (packed.size(2) == 544 || packed.size(2) == 288) && packed.size(0) == (N + 15) / 16 &&
+              packed.size(1) * 32 == K, "qmm: packed must be qpack's [ceil(N / 16), K / 32, 544 | 288]");
 }
 
 // y[M, N] = x . W^T (+ bias) with x quantized to int8 blocks, W packed by qpack (N: W's rows)
 torch::Tensor qmm(torch::Tensor x, torch::Tensor packed, int64_t N, c10::optional<torch::Tensor> bias) {
   check_qx(x);
-  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == torch::kByte &&
-              (packed.size(2) == 544 || packed.size(2) == 288) && packed.size(0) == (N + 15) / 16 &&
-              packed.size(1) * 32 == x.size(1), "qmm: packed must be qpack's [ceil(N / 16), K / 32, 544 | 288]");
+  check_packed(packed, N, x.size(1));
   TORCH_CHECK(!bias.has_value() || !bias->defined() ||
               (bias->scalar_type() == torch::kFloat && bias->numel() == N && bias->is_contiguous()), "qmm: bias fp32 [N]");
   const int64_t M = x.size(0), K = x.size(1);
-  auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
-  auto d = torch::empty({M, K / 32}, x.options());
-  auto s = torch::empty({M, K / 32}, x.options().dtype(torch::kInt));
-  quantize_rows(x, q, d, s);
+  const QRows xq(x);
   auto y = torch::empty({M, N}, x.options());
   const QPacked w{packed.data_ptr<uint8_t>(), N, K, packed.size(2) == 288};
-  const QAct a{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<int32_t>(), K};
+  const QAct a = xq.act();
   float* yp = y.data_ptr<float>();
   const float* bp = opt_ptr(bias);
   switch (qisa_now()) {
@@ -483,6 +492,57 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor packed, int64_t N, c10::optiona
     default: i256::qmm(w, a, M, bp, yp); break;
   }
   return y;
+}
+
+// grouped_qmm (q8dot.h) with the code qisa() names; the scalar code runs the experts one after another
+static void grouped_qmm(const std::vector<QPacked>& ws, const QAct& a, const std::vector<int64_t>& rows, float* y) {
+  const int64_t G = ws.size();
+  switch (qisa_now()) {
+#ifdef SEEKWEN_AVX512
+    case QIsa::Avx512Vnni: i512::grouped_qmm(ws.data(), a, rows.data(), G, y); return;
+    case QIsa::AvxVnni: i256vnni::grouped_qmm(ws.data(), a, rows.data(), G, y); return;
+#endif
+    case QIsa::Scalar: {
+      const int64_t nb = a.K / 32;
+      for (int64_t e = 0, r0 = 0; e < G; r0 += rows[e++]) {
+        const QAct ae{a.q + r0 * a.K, a.d + r0 * nb, a.s + r0 * nb, a.K};
+        qmm_scalar(ws[e], ae, rows[e], nullptr, y + r0 * ws[e].N);
+      }
+      return;
+    }
+    default: i256::grouped_qmm(ws.data(), a, rows.data(), G, y); return;
+  }
+}
+
+// One MoE layer's routed SwiGLU experts with Q8_0 / Q4_0 weights and int8 activations: xs [R, D], rows[e]
+// consecutive rows of it for expert e, its fused gate/up p13[e] (qpack'ed [2I, D]) and down p2[e] ([D, I]).
+// xs is quantized once, gate/up runs as one grouped product, silu(gate) * up is quantized once, down runs
+// as a second grouped product -> [R, D]. Each expert's rows equal qmm's for it, bit for bit.
+torch::Tensor qmm_experts(torch::Tensor xs, std::vector<torch::Tensor> p13, std::vector<torch::Tensor> p2,
+                          std::vector<int64_t> rows, int64_t I) {
+  const int64_t G = rows.size();
+  check_qx(xs);
+  const int64_t R = xs.size(0), D = xs.size(1);
+  TORCH_CHECK(G > 0 && (int64_t)p13.size() == G && (int64_t)p2.size() == G, "qmm_experts: one p13, p2 per expert");
+  TORCH_CHECK(I % 32 == 0, "qmm_experts: the experts' width must be a multiple of 32");
+  std::vector<QPacked> w13, w2;
+  int64_t total = 0;
+  for (int64_t e = 0; e < G; ++e) {
+    check_packed(p13[e], 2 * I, D);
+    check_packed(p2[e], D, I);
+    TORCH_CHECK(p13[e].size(2) == p13[0].size(2) && p2[e].size(2) == p2[0].size(2), "qmm_experts: one format");
+    TORCH_CHECK(rows[e] > 0, "qmm_experts: empty expert");
+    w13.push_back({p13[e].data_ptr<uint8_t>(), 2 * I, D, p13[e].size(2) == 288});
+    w2.push_back({p2[e].data_ptr<uint8_t>(), D, I, p2[e].size(2) == 288});
+    total += rows[e];
+  }
+  TORCH_CHECK(total == R, "qmm_experts: rows must add up to xs's rows");
+  auto h = torch::empty({R, 2 * I}, xs.options());
+  grouped_qmm(w13, QRows(xs).act(), rows, h.data_ptr<float>());
+  auto act = torch::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I);  // [R, I], contiguous
+  auto ys = torch::empty({R, D}, xs.options());
+  grouped_qmm(w2, QRows(act).act(), rows, ys.data_ptr<float>());
+  return ys;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -497,6 +557,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", torch::wrap_pybind_function(set_isa), "force avx2 or avx512; returns isa()");
   m.def("qpack", torch::wrap_pybind_function(qpack), "Q8_0 / Q4_0 blocks -> qmm's packed groups of 16 rows");
   m.def("qmm", torch::wrap_pybind_function(qmm), "y = x . W^T (+ bias), x as int8 blocks, W qpack'ed");
+  m.def("qmm_experts", torch::wrap_pybind_function(qmm_experts), "MoE routed experts, Q8_0 / Q4_0 with int8 activations");
   m.def("quantize_act", torch::wrap_pybind_function(quantize_act), "x -> int8 blocks (q, d, sums) as qmm's");
   m.def("qisa", torch::wrap_pybind_function(qisa), "qmm's integer code: avx512vnni, avxvnni, avx2, scalar");
   m.def("set_qisa", torch::wrap_pybind_function(set_qisa), "force qmm's integer code (or auto)");

@@ -107,24 +107,56 @@ static inline void group_mb(int64_t mb, const uint8_t* gp, const QAct& a, int64_
   else if constexpr (MB < IV::MBMAX) group_mb<Q4, MB + 1>(mb, gp, a, nb, n0, nr, bias, y, ldy);
 }
 
-// y[M, N] = x . W^T (+ bias) for packed weights w and quantized activations a [M, K]: the groups split
-// across threads; each group's rows run against the activation rows IV::MBMAX at a time (more rows: the
-// group's packed weights, 16 x K bytes or half that, are read again from L1/L2).
-// (a.s: the activations' block sums; the blocks' integer accumulators start at -bias * sum, kept in c.)
+// y[M, N] = x . W^T (+ bias) over the row groups [g0, g1) of packed weights w, for quantized activations
+// a [M, K] whose a.s are already the blocks' corrections (`corrections`): each group's rows run against
+// the activation rows IV::MBMAX at a time (more rows: the group's packed weights, 16 x K bytes or half
+// that, are read again from L1/L2).
+static void qmm_groups(const QPacked& w, const QAct& a, int64_t M, const float* bias, float* y, int64_t g0,
+                       int64_t g1) {
+  const int64_t nb = w.K / 32, gbytes = nb * (w.q4 ? 288 : 544);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t n0 = 16 * g, nr = std::min<int64_t>(16, w.N - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += IV::MBMAX) {
+      const int64_t mb = std::min<int64_t>(IV::MBMAX, M - m0);
+      const QAct am{a.q + m0 * a.K, a.d + m0 * nb, a.s + m0 * nb, a.K};
+      if (w.q4) group_mb<true>(mb, w.p + g * gbytes, am, nb, n0, nr, bias, y + m0 * w.N, w.N);
+      else group_mb<false>(mb, w.p + g * gbytes, am, nb, n0, nr, bias, y + m0 * w.N, w.N);
+    }
+  }
+}
+
+// The blocks' integer accumulators start at -(the codes' unsigned offset: 8 or IV::Q8_BIAS) * (the
+// activation block's sum): c [M * nb] from the sums a.s.
+static std::vector<int32_t> corrections(const QAct& a, int64_t M, bool q4) {
+  const int32_t unsigned_bias = q4 ? 8 : IV::Q8_BIAS;
+  std::vector<int32_t> c(M * (a.K / 32));
+  for (size_t i = 0; i < c.size(); ++i) c[i] = -unsigned_bias * a.s[i];
+  return c;
+}
+
+// y[M, N] = x . W^T (+ bias) for packed weights w and quantized activations a [M, K] (a.s: the
+// activations' block sums): the row groups split across threads.
 static void qmm(const QPacked& w, const QAct& a, int64_t M, const float* bias, float* y) {
-  const int64_t nb = w.K / 32, groups = (w.N + 15) / 16, gbytes = nb * (w.q4 ? 288 : 544);
-  const int32_t unsigned_bias = w.q4 ? 8 : IV::Q8_BIAS;
-  std::vector<int32_t> c(M * nb);
-  for (int64_t i = 0; i < M * nb; ++i) c[i] = -unsigned_bias * a.s[i];
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t n0 = 16 * g, nr = std::min<int64_t>(16, w.N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += IV::MBMAX) {
-        const int64_t mb = std::min<int64_t>(IV::MBMAX, M - m0);
-        const QAct am{a.q + m0 * a.K, a.d + m0 * nb, c.data() + m0 * nb, a.K};
-        if (w.q4) group_mb<true>(mb, w.p + g * gbytes, am, nb, n0, nr, bias, y + m0 * w.N, w.N);
-        else group_mb<false>(mb, w.p + g * gbytes, am, nb, n0, nr, bias, y + m0 * w.N, w.N);
-      }
+  const std::vector<int32_t> c = corrections(a, M, w.q4);
+  const QAct ac{a.q, a.d, c.data(), a.K};
+  at::parallel_for(0, (w.N + 15) / 16, 1, [&](int64_t g0, int64_t g1) { qmm_groups(w, ac, M, bias, y, g0, g1); });
+}
+
+// Grouped products (MoE experts): for each e < G, y[e's rows] = x[e's rows] . ws[e]^T, rows[e] consecutive
+// activation rows each (a: all of them, quantized once), every ws[e] [N, K] of one format. One thread team
+// over all (expert, row group) pairs, each thread a contiguous range: the experts' weights stream back to
+// back with no fork/join per expert.
+static void grouped_qmm(const QPacked* ws, const QAct& a, const int64_t* rows, int64_t G, float* y) {
+  std::vector<int64_t> r0(G + 1, 0);
+  for (int64_t e = 0; e < G; ++e) r0[e + 1] = r0[e] + rows[e];
+  const std::vector<int32_t> c = corrections(a, r0[G], ws[0].q4);
+  const int64_t nb = a.K / 32, N = ws[0].N, groups = (N + 15) / 16;
+  at::parallel_for(0, G * groups, 1, [&](int64_t i, int64_t end) {
+    while (i < end) {  // [i, end) may start and end inside an expert
+      const int64_t e = i / groups, g0 = i % groups, g1 = std::min(groups, g0 + (end - i));
+      const QAct ae{a.q + r0[e] * a.K, a.d + r0[e] * nb, c.data() + r0[e] * nb, a.K};
+      qmm_groups(ws[e], ae, rows[e], nullptr, y + r0[e] * N, g0, g1);
+      i += g1 - g0;
     }
   });
 }
