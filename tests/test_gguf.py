@@ -147,6 +147,31 @@ def test_fast_path_runs_gguf_blocks_in_the_block_kernels(kind, gguf_file):
         _within_q8_activation_rounding(fast(ids[:1, :1]), plain(ids[:1, :1]), moe=False)
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "BF16"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_moe"])
+def test_fast_path_runs_gguf_experts_as_stored(name, kind, gguf_file):
+    """Stacked routed experts (ffn_*_exps) in a Q8_0 / Q4_0 / BF16 file: the fast path's experts are built
+    from the file's blocks or 16-bit weights as they are (gate/up fused by stacking rows), each equal to
+    the plain model's dequantized expert, and the logits are the plain path's on the exact path."""
+    from seekwen.fast import GroupedExperts
+    from seekwen.fast.linear import Half16Linear, Q4_0Linear, Q8_0Linear
+
+    cls = {"Q8_0": Q8_0Linear, "Q4_0": Q4_0Linear, "BF16": Half16Linear}[kind]
+    path = gguf_file(name, kind)
+    plain, fast = seekwen.load(path, dtype="float32", fast=False), seekwen.load(path, dtype="float32")
+    moe = next(i for i, b in enumerate(fast.layers) if isinstance(getattr(b.ffn, "experts", None), GroupedExperts))
+    got, ref = fast.layers[moe].ffn.experts, plain.layers[moe].ffn.experts
+    assert set(ref.gguf_blocks) == {"w1", "w2", "w3"}
+    for e in range(got.n_experts):
+        assert isinstance(got.w13[e], cls) and isinstance(got.w2[e], cls)
+        assert torch.equal(got.w13[e].dequantized(), torch.cat([ref.w1[e], ref.w3[e]]))
+        assert torch.equal(got.w2[e].dequantized(), ref.w2[e])
+    ids = ids_for()
+    with torch.no_grad(), block_activations("fp32"):
+        assert (fast(ids) - plain(ids)).abs().max() <= 1e-4
+        assert (fast(ids[:1, :1]) - plain(ids[:1, :1])).abs().max() <= 1e-4  # one token: the kernels
+
+
 def test_tied_head_of_a_quantized_gguf_runs_its_blocks():
     """A tied Qwen2 file from llama.cpp's converter: the LM head is token_embd's Q8_0 blocks on the fast
     path (not the dequantized fp32 table: 4x the bytes per token), the logits the plain path's."""

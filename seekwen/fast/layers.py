@@ -271,6 +271,20 @@ class FastMLP(FromReference, MLP):
         return f"fused gate/up ({describe_linear(self.w13)})"
 
 
+def expert_projection(experts: Experts, name: str, e: int) -> nn.Module:
+    """Expert e's projection `name` (w1 gate, w3 up, w2 down) as a bias-free linear layer over its row of
+    the stacked weight, carrying the GGUF file's blocks of it where the loader kept them
+    (`Experts.gguf_blocks`), so `fuse` / `fast_linear` build it as stored."""
+    w = getattr(experts, name)[e].detach()  # [out, in], a view
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(w, requires_grad=False)
+    blocks = getattr(experts, "gguf_blocks", {}).get(name)
+    if blocks is not None:
+        kind, q, d = blocks
+        layer.gguf_blocks = (kind, q[e], None if d is None else d[e])
+    return layer
+
+
 class GroupedExperts(FromReference, nn.Module):
     """E SwiGLU experts, each a fused gate/up layer w13 [dim -> 2*inter] and a down layer w2.
 
@@ -283,11 +297,12 @@ class GroupedExperts(FromReference, nn.Module):
         super().__init__()
         E = experts.w1.shape[0]
         self.n_experts = E
-        self.w13 = nn.ModuleList(
-            make_linear(torch.cat((experts.w1[e], experts.w3[e]), 0).detach(), None, quantize, group_size)
-            for e in range(E)
-        )
-        self.w2 = nn.ModuleList(make_linear(experts.w2[e].detach(), None, quantize, group_size) for e in range(E))
+
+        def proj(name: str, e: int) -> nn.Module:
+            return expert_projection(experts, name, e)
+
+        self.w13 = nn.ModuleList(fuse([proj("w1", e), proj("w3", e)], quantize, group_size) for e in range(E))
+        self.w2 = nn.ModuleList(fast_linear(proj("w2", e), quantize, group_size) for e in range(E))
         # moe_experts' case, decided once: fp32 weights as loaded, or bf16 / f16 / q8_0 / q4_0, on CPU
         on_cpu = experts.w1.device.type == "cpu"
         fp32_or_format = quantize is not None or experts.w1.dtype == torch.float32

@@ -25,6 +25,7 @@ from torch import nn
 from ..config import ConfigError, ModelConfig
 from ..hf.families import parse_config
 from ..hf.loader import build, parse_dtype
+from ..model.moe import Experts
 from ..model.transformer import Transformer
 from .config import model_config
 from .names import IGNORED, PERMUTED_QK, composites, gguf_name, our_name, qk_heads, unpermute_qk
@@ -182,6 +183,27 @@ def _load_one(model: Transformer, f: GGUFFile, name: str, param: str, params: di
         w = unpermute_qk(w, heads)
     _copy(f, params, param, w, name)
     keep_half(_linear_of(model, param), t.type, w, params[param])
+    keep_expert_blocks(model, param, t, w)
+
+
+def keep_expert_blocks(model: nn.Module, param: str, t, w: torch.Tensor) -> None:
+    """Stacked routed experts (`ffn.experts.w1` / `w3` / `w2` [E, N, K]) stored as Q8_0 / Q4_0 blocks, or
+    as F16 / BF16 in an fp32 model: the Experts module also keeps them as the file has them,
+    `gguf_blocks[w*] = (kind, q [E, N, K], d [E, N, K // 32] or None)`, so the fast path's experts run as
+    stored (like a linear layer's `gguf_blocks`); the parameter holds the dequantized values for the rest."""
+    path, _, leaf = param.rpartition(".")
+    if leaf not in ("w1", "w2", "w3") or not isinstance(model.get_submodule(path), Experts):
+        return
+    E = w.shape[0]
+    if t.type in BLOCKS:
+        q, d = BLOCKS[t.type](t.data)  # [E * N, K], [E * N, K // 32]
+        blocks = (t.type, q.view(E, -1, q.shape[-1]), d.view(E, -1, d.shape[-1]))
+    elif t.type in ("F16", "BF16") and model.get_parameter(param).dtype == torch.float32:
+        blocks = (t.type, w.contiguous(), None)
+    else:
+        return
+    experts = model.get_submodule(path)
+    experts.gguf_blocks = {**getattr(experts, "gguf_blocks", {}), leaf: blocks}
 
 
 def keep_half(layer: nn.Linear | None, kind: str, w: torch.Tensor, param: torch.Tensor) -> None:
