@@ -243,7 +243,7 @@ def test_qmm_experts_equals_qmm_per_expert(fmt, rows, qisa):
 
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-@pytest.mark.parametrize("n_tokens", [1, 5, 16])
+@pytest.mark.parametrize("n_tokens", [1, 5, 16, 40])
 def test_grouped_experts_int8_activations(fmt, n_tokens):
     """GroupedExperts with Q8_0 / Q4_0 experts in the default "q8" mode: one qmm_experts call, the same
     result as summing each chosen expert's own layers (which run qmm); the experts keep their packed

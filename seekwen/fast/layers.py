@@ -308,7 +308,12 @@ class GroupedExperts(FromReference, nn.Module):
         fp32_or_format = quantize is not None or experts.w1.dtype == torch.float32
         served = all(weight_format(la) in KERNEL_FORMATS for la in (*self.w13, *self.w2))
         self.use_kernels = on_cpu and fp32_or_format and served and kernels.get() is not None
-        self.blocks = all(isinstance(la, _BlockLinear) for la in (*self.w13, *self.w2))  # Q8_0 / Q4_0
+
+    @property
+    def int8_activations(self) -> bool:
+        """Whether the experts run qmm_experts: Q8_0 / Q4_0 layers in the default "q8" mode (ACTIVATIONS)."""
+        return (linear.ACTIVATIONS == "q8" and isinstance(self.w13[0], _BlockLinear)
+                and isinstance(self.w2[0], _BlockLinear))
 
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
@@ -318,7 +323,8 @@ class GroupedExperts(FromReference, nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights/indices [N, k] -> sum_k weights * expert_k(x) [N, dim]."""
         N, k = indices.shape
-        fused = self.use_kernels and x.dtype == torch.float32 and 0 < N <= kernels.MAX_ROWS
+        any_rows = self.int8_activations  # qmm_experts: any number of tokens
+        fused = self.use_kernels and x.dtype == torch.float32 and 0 < N and (any_rows or N <= kernels.MAX_ROWS)
         if N == 1:
             return self._one_token(kernels.get() if fused else None, x, weights, indices)
         if fused:
@@ -352,7 +358,7 @@ class GroupedExperts(FromReference, nn.Module):
         """xs [sum(rows), dim], rows[i] of them for experts[i] -> their SwiGLU outputs, one moe_experts call
         over the experts' weights in their format (read in place); Q8_0 / Q4_0 with int8 activations (the
         layers' default, `linear.ACTIVATIONS`): one qmm_experts call over their packed blocks."""
-        if self.blocks and linear.ACTIVATIONS == "q8":
+        if self.int8_activations:
             return kern.qmm_experts(xs, [self.w13[e].packed(kern) for e in experts],
                                     [self.w2[e].packed(kern) for e in experts], rows, self.w2[0].in_features)
         op13 = [kernel_operands(self.w13[e]) for e in experts]  # (weight, block scales or None)
@@ -364,9 +370,9 @@ class GroupedExperts(FromReference, nn.Module):
     def describe(self) -> str:
         if self.use_kernels:
             fmt = weight_format(self.w13[0])
-            if self.blocks and linear.ACTIVATIONS == "q8":
+            if self.int8_activations:
                 return (f"{self.n_experts} experts, chosen ones in one qmm_experts kernel call ({fmt}, int8 "
-                        f"activations, {kernels.get().qisa()}, <= {kernels.MAX_ROWS} tokens), else grouped per expert")
+                        f"activations, {kernels.get().qisa()}, any number of tokens)")
             return (f"{self.n_experts} experts, chosen ones in one moe_experts kernel call ({fmt}, {isa_name()}, "
                     f"<= {kernels.MAX_ROWS} tokens), else grouped per expert")
         return f"{self.n_experts} experts grouped by expert, one fused product each ({describe_linear(self.w13[0])})"
