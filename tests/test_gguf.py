@@ -34,6 +34,9 @@ GGUF_SPECS = {
     "deepseek_v3": dataclasses.replace(SPECS["deepseek_v3"], rope=dict(_YARN, mscale=0.707, mscale_all_dim=0.707)),
     "qwen2_moe": dataclasses.replace(SPECS["qwen2_moe"], kwargs={**SPECS["qwen2_moe"].kwargs, "mlp_only_layers": []}),
     "qwen3_moe": SPECS["qwen3_moe"],
+    # MLA with rank, nope and v of 32: attn_k_b / attn_v_b quantize (whole blocks per row)
+    "deepseek_v2_mla32": dataclasses.replace(SPECS["deepseek_v2_no_q_lora"], kwargs={
+        **SPECS["deepseek_v2_no_q_lora"].kwargs, "kv_lora_rank": 32, "qk_nope_head_dim": 32, "v_head_dim": 32}),
 }
 FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
 
@@ -170,6 +173,31 @@ def test_fast_path_runs_gguf_experts_as_stored(name, kind, gguf_file):
     with torch.no_grad(), block_activations("fp32"):
         assert (fast(ids) - plain(ids)).abs().max() <= 1e-4
         assert (fast(ids[:1, :1]) - plain(ids[:1, :1])).abs().max() <= 1e-4  # one token: the kernels
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_fast_mla_runs_the_files_k_b_v_b_blocks(kind, gguf_file):
+    """attn_k_b / attn_v_b as blocks: the fast path's absorbed products run per head on them (qmm_grouped,
+    int8 activations), the plain path on their dequantized values; the exact mode still equals the plain
+    path, and the default stays within the int8-activation rounding."""
+    path = gguf_file("deepseek_v2_mla32", kind)
+    plain, fast = seekwen.load(path, dtype="float32", fast=False), seekwen.load(path, dtype="float32")
+    attn, ref = fast.layers[0].attn, plain.layers[0].attn
+    assert set(ref.wkv_b.gguf_heads) == {"k_b", "v_b"} and len(attn.uk_heads) == attn.n_heads
+    H, nope, r = attn.n_heads, attn.nope, attn.kv_lora_rank
+    uk_t = torch.stack([la.dequantized() for la in attn.uk_heads])  # [H, r, nope]
+    assert torch.equal(uk_t, ref.wkv_b.weight.view(H, -1, r)[:, :nope].transpose(1, 2))
+    assert "qmm_grouped" in attn.describe()
+    ids = ids_for()
+    with torch.no_grad():
+        for layer in (*fast.layers, *plain.layers):
+            layer.attn.mode = "absorb"
+        with block_activations("fp32"):
+            assert (fast(ids) - plain(ids)).abs().max() <= 1e-4
+        _within_q8_activation_rounding(fast(ids), plain(ids), moe=True)
+        a = plain.generate(ids[:1], max_new_tokens=6, temperature=0.0)
+        b = fast.generate(ids[:1], max_new_tokens=6, temperature=0.0)
+        assert a.shape == b.shape
 
 
 def test_tied_head_of_a_quantized_gguf_runs_its_blocks():

@@ -267,3 +267,20 @@ def test_grouped_experts_int8_activations(fmt, n_tokens):
     assert "qmm_experts" in fast.describe()
     used = set(idx.flatten().tolist())
     assert all(fast.w13[e].codes.numel() == 0 and fast.w2[e].codes.numel() == 0 for e in used)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_qmm_grouped_equals_qmm_per_group(fmt, qisa):
+    g = torch.Generator().manual_seed(7)
+    K, N, rows = 64, 40, [2, 1, 5]
+    layers = [L.make_linear(torch.randn(N, K, generator=g), None, fmt) for _ in rows]
+    packed = [K_.qpack(la.codes, la.d) for la in layers]
+    xs = torch.randn(sum(rows), K, generator=g)
+    y = K_.qmm_grouped(xs, packed, rows, N)
+    r0 = 0
+    for p, n in zip(packed, rows, strict=True):
+        assert torch.equal(y[r0 : r0 + n], K_.qmm(xs[r0 : r0 + n].contiguous(), p, N, None))
+        r0 += n
+    with pytest.raises(RuntimeError, match="add up"):
+        K_.qmm_grouped(xs, packed, [1, 1, 1], N)

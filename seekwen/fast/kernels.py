@@ -29,6 +29,8 @@ cached under ~/.cache/torch_extensions):
   any number of rows. The weights first go through `qpack(codes, d)`: blocks regrouped so one 512-bit
   vector holds 4 input channels of 16 output rows (layout: csrc/q8dot.h), so each weight load serves up
   to 8 activation rows at once;
+- `qmm_grouped(xs, packed, rows, N)`: qmm per group, rows[g] consecutive rows of xs against packed[g], one
+  threaded pass over all groups (MLA's absorbed W_UK / W_UV per head, from a GGUF file's k_b / v_b blocks);
 - `qmm_experts(xs, p13s, p2s, rows, I)`: `moe_experts` for Q8_0 / Q4_0 experts with int8 activations:
   xs quantized once, every chosen expert's gate/up against its qpack'ed blocks in one threaded pass,
   silu(gate) * up quantized once, every down product in a second pass; each expert's rows equal `qmm`'s.
@@ -61,7 +63,7 @@ SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, vec_avx2.h and vec_avx
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: else at::parallel_for runs serially
 LDFLAGS = ["-fopenmp"]
 FUNCTIONS = ("f32_mm", "mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa", "qpack",
-             "qmm", "qmm_experts", "quantize_act", "qisa", "set_qisa")
+             "qmm", "qmm_grouped", "qmm_experts", "quantize_act", "qisa", "set_qisa")
 
 MAX_ROWS = 16  # the kernels serve up to this many activation rows (decode, small batches); more: BLAS
 

@@ -149,6 +149,11 @@ class FastMLA(FromReference, MLA):
             self.wq_b = fast_linear(ref.wq_b, quantize, group_size)
         self.kv_norm = ref.kv_norm
         self.wkv_b = FastLinear(ref.wkv_b.weight.detach())  # prefill (naive) path; kept unquantized: it is small
+        # a GGUF file's k_b / v_b blocks (loader.keep_mla_head_blocks): W_UK^T [r, nope] and W_UV^T [d_v, r]
+        # per head as stored, for the absorbed products on int8 activations (read 4-8x fewer bytes per token)
+        heads = getattr(ref.wkv_b, "gguf_heads", None) if quantize is None and self.use_kernels else None
+        self.uk_heads = None if heads is None else head_layers(*heads["k_b"])
+        self.uv_heads = None if heads is None else head_layers(*heads["v_b"])
         self.wo = fast_linear(ref.wo, quantize, group_size)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -192,6 +197,8 @@ class FastMLA(FromReference, MLA):
         """q_nope [B, S, H, d_nope] -> the queries in latent space, heads first [H, B*S, r]."""
         B, S, H, _ = q_nope.shape
         q_h = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.nope)
+        if self.int8_heads(q_h):
+            return per_head_qmm(self.uk_heads, q_h, self.kv_lora_rank)
         k = self.mla_kernel(B * S, q_h.dtype) if q_h.device.type == "cpu" else None
         if k is not None:
             return k.f32_bmm(q_h.contiguous(), self.w_uk_t)
@@ -201,7 +208,9 @@ class FastMLA(FromReference, MLA):
         """Latent attention outputs heads first [H, B*S, r] -> [B, S, H, d_v] (through W_UV)."""
         H = self.n_heads
         k = self.mla_kernel(B * S, o_h.dtype) if o_h.device.type == "cpu" else None
-        if k is not None:
+        if self.int8_heads(o_h):
+            out = per_head_qmm(self.uv_heads, o_h, self.v_dim)  # [H, B*S, d_v]
+        elif k is not None:
             out = k.f32_bmm(o_h.contiguous(), self.w_uv_t)  # [H, B*S, d_v]
         else:
             out = torch.einsum("hsr,hrd->hsd", o_h, self.w_uv)
@@ -213,6 +222,11 @@ class FastMLA(FromReference, MLA):
         if self.q_lora_rank is not None:
             q = self.wq_b(self.q_norm(q))
         return q, kv_a
+
+    def int8_heads(self, x: torch.Tensor) -> bool:
+        """Whether the absorbed per-head products run on the file's k_b / v_b blocks (int8 activations)."""
+        return (self.uk_heads is not None and linear.ACTIVATIONS == "q8" and x.dtype == torch.float32
+                and x.device.type == "cpu")
 
     def mla_kernel(self, n_rows: int, dtype: torch.dtype):
         """The C++ kernels when they serve this call: CPU fp32 weights, fp32 activations, few rows."""
@@ -251,7 +265,22 @@ class FastMLA(FromReference, MLA):
             decode = f"absorbed, per-head f32_bmm kernels ({isa_name()}), bmm attention"
         else:
             decode = "absorbed, bmm over the cached latents"
+        if self.uk_heads is not None:
+            decode += f"; W_UK / W_UV per head from the file's {weight_format(self.uk_heads[0])} blocks (qmm_grouped)"
         return f"fused q/kv_a ({describe_linear(self.wq_kv_a)}); prefill naive SDPA; decode {decode}"
+
+
+def head_layers(kind: str, q: torch.Tensor, d: torch.Tensor) -> nn.ModuleList:
+    """One block-format layer per head from stacked blocks q [H, N, K], d [H, N, K // 32]."""
+    return nn.ModuleList(block_linear(kind, q[h], d[h]) for h in range(q.shape[0]))
+
+
+def per_head_qmm(layers: nn.ModuleList, x_h: torch.Tensor, N: int) -> torch.Tensor:
+    """x_h [H, M, K] against head h's block layer [N, K] each, one `qmm_grouped` call -> [H, M, N]."""
+    k = kernels.get()
+    H, M, K = x_h.shape
+    packed = [layer.packed(k) for layer in layers]
+    return k.qmm_grouped(x_h.reshape(H * M, K).contiguous(), packed, [M] * H, N).view(H, M, N)
 
 
 class FastMLP(FromReference, MLP):

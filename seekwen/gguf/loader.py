@@ -162,7 +162,25 @@ def _load_composites(model: Transformer, f: GGUFFile, params: dict) -> tuple[set
             _copy(f, params, param, t, " + ".join(comp.sources))
             filled.add(param)
         consumed.update(comp.sources)
+        keep_mla_head_blocks(model, f, comp.sources, comp.params)
     return filled, consumed
+
+
+def keep_mla_head_blocks(model: Transformer, f: GGUFFile, sources: tuple[str, ...], params: tuple[str, ...]) -> None:
+    """MLA's attn_k_b [H, r, nope] and attn_v_b [H, v, r] stored as Q8_0 / Q4_0 blocks: besides the joined
+    kv_b parameter (dequantized), its layer keeps them per head as `gguf_heads` = {"k_b": (kind, q [H, r,
+    nope], d), "v_b": (kind, q [H, v, r], d)}: the absorbed decode's W_UK^T / W_UV^T per head as stored."""
+    if len(sources) != 2 or not sources[0].endswith("attn_k_b.weight") or len(params) != 1:
+        return
+    heads = {}
+    for key, name in zip(("k_b", "v_b"), sources, strict=True):
+        t = f.tensors[name]
+        if t.type not in BLOCKS or len(t.shape) != 3:
+            return
+        q, d = BLOCKS[t.type](t.data)  # [H * N, K], [H * N, K // 32]
+        H = t.shape[0]
+        heads[key] = (t.type, q.view(H, -1, q.shape[-1]), d.view(H, -1, d.shape[-1]))
+    model.get_submodule(params[0].removesuffix(".weight")).gguf_heads = heads
 
 
 def _load_one(model: Transformer, f: GGUFFile, name: str, param: str, params: dict, blocks: dict) -> None:

@@ -514,6 +514,28 @@ static void grouped_qmm(const std::vector<QPacked>& ws, const QAct& a, const std
   }
 }
 
+// Grouped products y[R, N] with int8 activations: rows[g] consecutive rows of xs [R, K] against packed[g]
+// (qpack'ed [N, K], one format), one thread team over all (group, row group) pairs; each group's rows equal
+// qmm's for it, bit for bit. (MLA's absorbed W_UK / W_UV per head from a GGUF file's k_b / v_b blocks.)
+torch::Tensor qmm_grouped(torch::Tensor xs, std::vector<torch::Tensor> packed, std::vector<int64_t> rows, int64_t N) {
+  check_qx(xs);
+  const int64_t G = rows.size(), R = xs.size(0), K = xs.size(1);
+  TORCH_CHECK(G > 0 && (int64_t)packed.size() == G, "qmm_grouped: one packed weight per group");
+  std::vector<QPacked> ws;
+  int64_t total = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    check_packed(packed[g], N, K);
+    TORCH_CHECK(packed[g].size(2) == packed[0].size(2), "qmm_grouped: one format");
+    TORCH_CHECK(rows[g] > 0, "qmm_grouped: empty group");
+    ws.push_back({packed[g].data_ptr<uint8_t>(), N, K, packed[g].size(2) == 288});
+    total += rows[g];
+  }
+  TORCH_CHECK(total == R, "qmm_grouped: rows must add up to xs's rows");
+  auto y = torch::empty({R, N}, xs.options());
+  grouped_qmm(ws, QRows(xs).act(), rows, y.data_ptr<float>());
+  return y;
+}
+
 // One MoE layer's routed SwiGLU experts with Q8_0 / Q4_0 weights and int8 activations: xs [R, D], rows[e]
 // consecutive rows of it for expert e, its fused gate/up p13[e] (qpack'ed [2I, D]) and down p2[e] ([D, I]).
 // xs is quantized once, gate/up runs as one grouped product, silu(gate) * up is quantized once, down runs
@@ -557,6 +579,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", torch::wrap_pybind_function(set_isa), "force avx2 or avx512; returns isa()");
   m.def("qpack", torch::wrap_pybind_function(qpack), "Q8_0 / Q4_0 blocks -> qmm's packed groups of 16 rows");
   m.def("qmm", torch::wrap_pybind_function(qmm), "y = x . W^T (+ bias), x as int8 blocks, W qpack'ed");
+  m.def("qmm_grouped", torch::wrap_pybind_function(qmm_grouped), "grouped qmm: rows[g] rows against packed[g]");
   m.def("qmm_experts", torch::wrap_pybind_function(qmm_experts), "MoE routed experts, Q8_0 / Q4_0 with int8 activations");
   m.def("quantize_act", torch::wrap_pybind_function(quantize_act), "x -> int8 blocks (q, d, sums) as qmm's");
   m.def("qisa", torch::wrap_pybind_function(qisa), "qmm's integer code: avx512vnni, avxvnni, avx2, scalar");
