@@ -276,11 +276,13 @@ def head_layers(kind: str, q: torch.Tensor, d: torch.Tensor) -> nn.ModuleList:
 
 
 def per_head_qmm(layers: nn.ModuleList, x_h: torch.Tensor, N: int) -> torch.Tensor:
-    """x_h [H, M, K] against head h's block layer [N, K] each, one `qmm_grouped` call -> [H, M, N]."""
+    """x_h [H, M, K] against head h's block layer [N, K] each, one `qmm_grouped` call -> [H, M, N]. The
+    heads' packed blocks are looked up once and kept on the list."""
     k = kernels.get()
     H, M, K = x_h.shape
-    packed = [layer.packed(k) for layer in layers]
-    return k.qmm_grouped(x_h.reshape(H * M, K).contiguous(), packed, [M] * H, N).view(H, M, N)
+    if getattr(layers, "packed", None) is None:
+        layers.packed = [layer.packed(k) for layer in layers]
+    return k.qmm_grouped(x_h.reshape(H * M, K).contiguous(), layers.packed, [M] * H, N).view(H, M, N)
 
 
 class FastMLP(FromReference, MLP):
@@ -337,6 +339,7 @@ class GroupedExperts(FromReference, nn.Module):
         fp32_or_format = quantize is not None or experts.w1.dtype == torch.float32
         served = all(weight_format(la) in KERNEL_FORMATS for la in (*self.w13, *self.w2))
         self.use_kernels = on_cpu and fp32_or_format and served and kernels.get() is not None
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # expert -> its qpack'ed blocks
 
     @property
     def int8_activations(self) -> bool:
@@ -388,13 +391,21 @@ class GroupedExperts(FromReference, nn.Module):
         over the experts' weights in their format (read in place); Q8_0 / Q4_0 with int8 activations (the
         layers' default, `linear.ACTIVATIONS`): one qmm_experts call over their packed blocks."""
         if self.int8_activations:
-            return kern.qmm_experts(xs, [self.w13[e].packed(kern) for e in experts],
-                                    [self.w2[e].packed(kern) for e in experts], rows, self.w2[0].in_features)
+            packed = [self.packed(kern, e) for e in experts]
+            return kern.qmm_experts(xs, [p13 for p13, _ in packed], [p2 for _, p2 in packed], rows,
+                                    self.w2[0].in_features)
         op13 = [kernel_operands(self.w13[e]) for e in experts]  # (weight, block scales or None)
         op2 = [kernel_operands(self.w2[e]) for e in experts]
         scaled = op13[0][1] is not None, op2[0][1] is not None
         return kern.moe_experts(xs, [w for w, _ in op13], [w for w, _ in op2], rows,
                                 [d for _, d in op13] if scaled[0] else [], [d for _, d in op2] if scaled[1] else [])
+
+    def packed(self, kern, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (gate/up, down) blocks as qmm_experts reads them, looked up once (a decode step
+        touches k experts per layer: no per-step calls into each layer)."""
+        if e not in self._packed:
+            self._packed[e] = self.w13[e].packed(kern), self.w2[e].packed(kern)
+        return self._packed[e]
 
     def describe(self) -> str:
         if self.use_kernels:
