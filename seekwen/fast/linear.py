@@ -3,11 +3,12 @@
 The plain model uses `nn.Linear` (weight [out, in], `F.linear`), the reference. Batch-1/batch-8 decode
 on this kind of CPU is bound by streaming weights, and the BLAS serves few-row products poorly (see
 /work/shared/cpu-measurements.md), so up to `kernels.MAX_ROWS` rows on CPU every layer uses an AVX2 or
-AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) use the
-BLAS (the quantized formats dequantize first; Q8_0 / Q4_0 with int8 activations run `kernels.qmm` for any
+AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill): fp32
+weights run our GEMM (`kernels.f32_gemm`, faster than the BLAS here), the other formats the BLAS (the
+quantized formats dequantize first; Q8_0 / Q4_0 with int8 activations run `kernels.qmm` for any
 number of rows, faster than BLAS even at 512). One class per weight format (`make_linear(w, b, fmt)`):
 
-- `FastLinear`: fp32 weight [out, in] as loaded; `kernels.f32_mm` (few rows) or `F.linear`.
+- `FastLinear`: fp32 weight [out, in] as loaded; `kernels.f32_mm` (few rows), `kernels.f32_gemm` (more).
 - `Half16Linear`: bf16 or fp16 weight [out, in] (`--quantize bf16|f16`), widened to fp32 in registers.
 - `Q8_0Linear`, `Q4_0Linear`: GGUF's block formats, 32 input channels per block with one fp16 scale d:
   w = q * d with q int8 (Q8_0) or q in -8..7 stored as 4-bit codes q + 8 (Q4_0). `from_float` quantizes
@@ -42,8 +43,10 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 class FastLinear(nn.Module):
-    """y = x W^T + b with W stored [out, in] contiguous (the nn.Linear layout). fp32 on CPU with at most
-    `kernels.MAX_ROWS` rows (decode): the SIMD kernel; otherwise (prefill, bf16, no compiler): F.linear."""
+    """y = x W^T + b with W stored [out, in] contiguous (the nn.Linear layout). fp32 on CPU: at most
+    `kernels.MAX_ROWS` rows (decode) the few-row SIMD kernel `kernels.f32_mm`, more rows (prefill) the
+    GEMM `kernels.f32_gemm` (faster than the BLAS on this CPU from 17 rows on); otherwise (bf16, GPU, no
+    compiler): F.linear."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -56,10 +59,12 @@ class FastLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x)  # [M, in]
-        k = kernels.get() if self.weight.dtype == torch.float32 and kernels.usable(x2, self.weight) else None
+        k = kernels.get() if self.weight.dtype == torch.float32 and kernels.usable(x2[: kernels.MAX_ROWS],
+                                                                                 self.weight) else None
         if k is None:
             return F.linear(x, self.weight, self.bias)
-        return k.f32_mm(x2.contiguous(), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        mm = k.f32_mm if x2.shape[0] <= kernels.MAX_ROWS else k.f32_gemm  # [M, out]
+        return mm(x2.contiguous(), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
@@ -530,7 +535,8 @@ def weight_format(layer: nn.Module) -> str:
 
 
 def describe_linear(layer: nn.Module) -> str:
-    """Which implementation a linear layer of the fast path runs, e.g. "fp32 f32_mm[avx512] <= 16 rows, else BLAS"."""
+    """Which implementation a linear layer of the fast path runs, e.g. "fp32 f32_mm[avx512] <= 16 rows, else
+    f32_gemm[avx512]"."""
     fmt = weight_format(layer)
     name = {Int8Linear: "int8_mm", Int4Linear: "int4_mm", Half16Linear: "mm", Q8_0Linear: "mm",
             Q4_0Linear: "mm"}.get(type(layer), "f32_mm")
@@ -540,5 +546,5 @@ def describe_linear(layer: nn.Module) -> str:
         return f"{fmt} {'F.linear' if plain else 'dequantize + F.linear'}"
     if isinstance(layer, _BlockLinear) and ACTIVATIONS == "q8":
         return f"{fmt} qmm[{kernels.get().qisa()}] int8 activations, any rows"
-    prefill = "BLAS" if plain else "dequantize + BLAS"
+    prefill = f"f32_gemm[{isa_name()}]" if plain else "dequantize + BLAS"
     return f"{fmt} {name}[{isa_name()}] <= {kernels.MAX_ROWS} rows, else {prefill}"

@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -65,6 +66,7 @@ struct QPacked {
 namespace avx2 {
 #include "vec_avx2.h"
 #include "loops.h"
+#include "gemm.h"
 }  // namespace avx2
 
 namespace i256 {  // AVX2: vpmaddubsw + vpmaddwd (the whole file is built with -mavx2)
@@ -81,6 +83,7 @@ namespace i256 {  // AVX2: vpmaddubsw + vpmaddwd (the whole file is built with -
 namespace avx512 {
 #include "vec_avx512.h"
 #include "loops.h"
+#include "gemm.h"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -152,6 +155,21 @@ torch::Tensor f32_mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tens
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
   SEEKWEN_DISPATCH(f32_mm, x.data_ptr<float>(), w.data_ptr<float>(), M, K, N, opt_ptr(bias), y.data_ptr<float>());
+  return y;
+}
+
+// y[M, N] = x[M, K] . w[N, K]^T (+ bias), fp32, any number of rows: gemm.h's prefill GEMM
+torch::Tensor f32_gemm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check(x, w, 1);
+  TORCH_CHECK(w.scalar_type() == torch::kFloat, "f32_gemm: fp32 weights");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->scalar_type() == torch::kFloat &&
+              bias->is_contiguous() && bias->numel() == w.size(0)), "f32_gemm: bias fp32 [N]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M > 0 && N > 0 && K > 0)
+    SEEKWEN_DISPATCH(f32_gemm, x.data_ptr<float>(), w.data_ptr<float>(), M, K, N, opt_ptr(bias), y.data_ptr<float>());
+  else if (M > 0 && N > 0)
+    y.copy_(bias.has_value() && bias->defined() ? bias->expand({M, N}) : torch::zeros({M, N}, x.options()));
   return y;
 }
 
@@ -487,6 +505,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor packed, int64_t N, c10::optiona
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_mm", torch::wrap_pybind_function(f32_mm), "y = x . w^T (+ bias), fp32 weights [N, K]");
+  m.def("f32_gemm", torch::wrap_pybind_function(f32_gemm), "y = x . w^T (+ bias), fp32, many rows (prefill)");
   m.def("mm", torch::wrap_pybind_function(mm), "y = x . W^T (+ bias): fp32/bf16/fp16, Q8_0 or Q4_0 weights");
   m.def("f32_bmm", torch::wrap_pybind_function(f32_bmm), "per-head y[h] = x[h] . w[h]^T");
   m.def("int8_mm", torch::wrap_pybind_function(int8_mm), "y = x . (q * s)^T (+ bias), int8 weights");

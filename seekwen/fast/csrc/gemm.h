@@ -1,0 +1,121 @@
+// The many-row fp32 GEMM (prefill): y[M, N] = x[M, K] . W[N, K]^T (+ bias), fp32 in, fp32 accumulation,
+// fp32 out, W read in place in its stored [N, K] layout (no packed copy of the weights).
+//
+// Textually included by kernels.cpp once per instruction set, after that namespace's vector traits `V`
+// and loops.h (no include guard, no #includes), like loops.h.
+//
+// Design: outer products with the vectors along M. x is transposed per call into panels of P = 2 V::L
+// rows (xt [panels][K][P], zero past M; cheap: M x K). A tile is P activation rows
+// x NB weight rows (NB = 12 with AVX-512, 6 with AVX2): 2 x NB accumulators, and per k two vector loads of
+// xt and NB scalar broadcasts straight from W's rows (each row streamed sequentially). So the weights need
+// neither packing nor K tails, and the accumulation over k is plain fp32 in order. The finished tile
+// [NB][P] is written transposed into y (a few hundred scalar stores per K block; negligible against the
+// 2 P NB K flops). Cache blocking: K in blocks of <= GEMM_KC (an xt panel slice of <= 128 KB and the
+// W slice stay in L2), N in slices of ~GEMM_WSLICE bytes of weights reused across all panels of x.
+// Threads: the weight-row groups split evenly (every thread streams its own rows of W), and the panels
+// of x as well where there are fewer groups than threads.
+
+constexpr int GEMM_MV = 2;                       // vectors of activation rows per tile
+constexpr int64_t GEMM_P = GEMM_MV * V::L;       // activation rows per panel: 32 (AVX-512), 16 (AVX2)
+constexpr int GEMM_NB = V::L == 16 ? 12 : 6;     // weight rows per tile: 2 x NB accumulators of 32 / 16 regs
+constexpr int64_t GEMM_KC = 1024;                // most K per block
+constexpr int64_t GEMM_WSLICE = 384 * 1024;      // bytes of W per N slice (L2-resident across panels)
+
+// xt[p - p0][k][i] = x[p P + i, k] for panels p in [p0, p1), 0 for rows past M.
+static void gemm_pack_x(const float* x, int64_t M, int64_t K, float* xt, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    float* o = xt + p * K * GEMM_P;
+    for (int64_t i = 0; i < GEMM_P; ++i) {
+      const int64_t m = p * GEMM_P + i;
+      if (m < M)
+        for (int64_t k = 0; k < K; ++k) o[k * GEMM_P + i] = x[m * K + k];
+      else
+        for (int64_t k = 0; k < K; ++k) o[k * GEMM_P + i] = 0.f;
+    }
+  }
+}
+
+// t[j][i] = sum_k xt[k][i] w[j, k] over kc inputs, i < MV L, j < NB: w row j at w + j ldw. The next
+// tile's weight rows (NB further on) are prefetched once per 64-byte line as the rows stream.
+template <int MV, int NB>
+static inline void gemm_tile(const float* xt, const float* w, int64_t ldw, int64_t kc, float* t) {
+  V::vec acc[NB][MV];
+  for (int j = 0; j < NB; ++j)
+    for (int v = 0; v < MV; ++v) acc[j][v] = V::zero();
+  for (int64_t k = 0; k < kc; ++k) {
+    if (k % 16 == 0)
+      for (int j = 0; j < NB; ++j) _mm_prefetch((const char*)(w + (j + NB) * ldw + k), _MM_HINT_T0);
+    V::vec xv[MV];
+    for (int v = 0; v < MV; ++v) xv[v] = V::load(xt + k * GEMM_P + v * V::L);
+    for (int j = 0; j < NB; ++j) {
+      const V::vec b = V::set1(w[j * ldw + k]);
+      for (int v = 0; v < MV; ++v) acc[j][v] = V::fma(b, xv[v], acc[j][v]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int v = 0; v < MV; ++v) V::store(t + j * GEMM_P + v * V::L, acc[j][v]);
+}
+
+// gemm_tile with a run-time row count nb (1..GEMM_NB: the N tail) and vector count mv (1: <= L rows left).
+template <int MV, int NB = GEMM_NB>
+static inline void gemm_tile_nb(int nb, const float* xt, const float* w, int64_t ldw, int64_t kc, float* t) {
+  if (nb == NB) gemm_tile<MV, NB>(xt, w, ldw, kc, t);
+  else if constexpr (NB > 1) gemm_tile_nb<MV, NB - 1>(nb, xt, w, ldw, kc, t);
+}
+static inline void gemm_tile_any(int64_t mr, int nb, const float* xt, const float* w, int64_t ldw, int64_t kc,
+                                 float* t) {
+  if (mr <= V::L) gemm_tile_nb<1>(nb, xt, w, ldw, kc, t);
+  else gemm_tile_nb<GEMM_MV>(nb, xt, w, ldw, kc, t);
+}
+
+// y[i, j] (ldy) = t[j][i] (+ bias[j] if first, else + y[i, j]) for i < mr, j < nb.
+static inline void gemm_store(const float* t, int64_t mr, int nb, const float* bias, bool first, float* y,
+                              int64_t ldy) {
+  for (int64_t i = 0; i < mr; ++i) {
+    float* yr = y + i * ldy;
+    for (int j = 0; j < nb; ++j) {
+      const float prev = first ? (bias ? bias[j] : 0.f) : yr[j];
+      yr[j] = prev + t[j * GEMM_P + i];
+    }
+  }
+}
+
+// One thread's share: weight rows [n0, n1) against panels [p0, p1) of xt; K blocks outermost, then N
+// slices of W, then panels, then tiles of NB rows.
+static void gemm_part(const float* xt, const float* w, int64_t M, int64_t K, int64_t N, const float* bias,
+                      float* y, int64_t n0, int64_t n1, int64_t p0, int64_t p1) {
+  alignas(64) float t[GEMM_NB * GEMM_P];
+  const int64_t nk = (K + GEMM_KC - 1) / GEMM_KC, kcb = (K + nk - 1) / nk;
+  for (int64_t k0 = 0; k0 < K; k0 += kcb) {
+    const int64_t kc = std::min(kcb, K - k0);
+    const int64_t slice = std::max<int64_t>(GEMM_NB, GEMM_WSLICE / (4 * kc) / GEMM_NB * GEMM_NB);
+    for (int64_t s0 = n0; s0 < n1; s0 += slice)
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t m0 = p * GEMM_P, mr = std::min(GEMM_P, M - m0);
+        const float* xp = xt + p * K * GEMM_P + k0 * GEMM_P;
+        for (int64_t n = s0; n < std::min(s0 + slice, n1); n += GEMM_NB) {
+          const int nb = (int)std::min<int64_t>(GEMM_NB, n1 - n);
+          gemm_tile_any(mr, nb, xp, w + n * K + k0, K, kc, t);
+          gemm_store(t, mr, nb, bias ? bias + n : nullptr, k0 == 0, y + m0 * N + n, N);
+        }
+      }
+  }
+}
+
+// y[M, N] = x[M, K] . w[N, K]^T (+ bias), any M, K, N >= 1. One parallel region: each task transposes the
+// panels of x it uses itself (with the split by N, every thread all of them: M x K, against its 2 M K N / T
+// flops), so there is one fork/join per call.
+static void f32_gemm(const float* x, const float* w, int64_t M, int64_t K, int64_t N, const float* bias, float* y) {
+  const int64_t panels = (M + GEMM_P - 1) / GEMM_P, groups = (N + GEMM_NB - 1) / GEMM_NB;
+  const int64_t nt = at::get_num_threads(), gn = std::min(nt, groups);
+  const int64_t gm = std::max<int64_t>(1, std::min(nt / gn, panels));
+  at::parallel_for(0, gn * gm, 1, [&](int64_t a, int64_t b) {
+    for (int64_t task = a; task < b; ++task) {
+      const int64_t gi = task % gn, mi = task / gn, p0 = panels * mi / gm, p1 = panels * (mi + 1) / gm;
+      const int64_t n0 = std::min(N, groups * gi / gn * GEMM_NB), n1 = std::min(N, groups * (gi + 1) / gn * GEMM_NB);
+      std::unique_ptr<float[]> xt(new float[(p1 - p0) * K * GEMM_P]);  // panels [p0, p1) of x, transposed
+      gemm_pack_x(x + p0 * GEMM_P * K, M - p0 * GEMM_P, K, xt.get(), 0, p1 - p0);
+      gemm_part(xt.get(), w, M - p0 * GEMM_P, K, N, bias, y + p0 * GEMM_P * N, n0, n1, 0, p1 - p0);
+    }
+  });
+}
