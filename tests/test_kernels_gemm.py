@@ -77,3 +77,41 @@ def test_fast_linear_many_rows(bias, isa):
         y, ref = layer(x), F.linear(x, w, b)
     assert y.shape == ref.shape
     assert ((y - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def _formats(w: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """(name, stored weight, block scales, the fp32 weight it decodes to) for gemm's widened formats."""
+    out = [(f, w.to(t), None, w.to(t).float()) for f, t in (("bf16", torch.bfloat16), ("f16", torch.float16))]
+    if w.shape[1] % L.QK == 0:
+        q, d = L.quantize_q8_0(w)
+        deq = (q.float().view(w.shape[0], -1, L.QK) * d.float()[..., None]).reshape(w.shape)
+        out.append(("q8_0", q, d, deq))
+        q, d = L.quantize_q4_0(w)
+        deq = (q.float().view(w.shape[0], -1, L.QK) * d.float()[..., None]).reshape(w.shape)
+        out.append(("q4_0", L.pack_q4_0(q), d, deq))
+    return out
+
+
+@pytest.mark.parametrize("M", [1, 17, 33, 100])
+def test_gemm_widened_formats(M, isa):
+    """gemm: bf16 / fp16 / Q8_0 / Q4_0 weights widened slice by slice equal x . (decoded W)^T."""
+    g = torch.Generator().manual_seed(70 + M)
+    for K, N in [(7, 13), (899, 37), (2112, 29), (896, 1000)]:  # 2112 = 66 blocks of 32: three K blocks
+        x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+        for _, stored, d, deq in _formats(w):
+            _check(K_.gemm(x, stored, d, b), x, deq, b)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "f16", "q8_0", "q4_0"])
+def test_layers_many_rows_use_gemm(fmt, isa):
+    """Above CHUNKED_ROWS rows the 16-bit and block layers' exact path (kernels.gemm) equals the product
+    with their dequantized weight; describe_linear names it."""
+    g = torch.Generator().manual_seed(80)
+    w, b = torch.randn(70, 96, generator=g) * 0.05, torch.randn(70, generator=g)
+    layer = L.make_linear(w, b, fmt)
+    x = torch.randn(L.CHUNKED_ROWS + 9, 96, generator=g)
+    with torch.inference_mode(), L.block_activations("fp32"):
+        y = layer(x)
+        assert f"else gemm[{isa}]" in L.describe_linear(layer)
+    _check(y, x, layer.dequantized(), layer.bias)
+    assert f"else f32_gemm[{isa}]" in L.describe_linear(L.FastLinear(w, b))

@@ -166,7 +166,8 @@ def chunked_mm(k, x: torch.Tensor, w: torch.Tensor, d: torch.Tensor | None, bias
 class Half16Linear(nn.Module):
     """16-bit weights (bf16 or fp16) [out, in], fp32 activations and accumulation: y = x W^T + b. Up to
     CHUNKED_ROWS rows on CPU: the SIMD kernel widens each weight to fp32 in registers (`kernels.mm`, 16
-    rows a call; exact, bf16 by a shift, fp16 by F16C); more: x against the weight widened to fp32, `F.linear`."""
+    rows a call; exact, bf16 by a shift, fp16 by F16C); more: the GEMM (`kernels.gemm`), which widens the
+    weight one slice at a time into a small fp32 buffer; no kernels: `F.linear` on the widened weight."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -187,8 +188,10 @@ class Half16Linear(nn.Module):
         x2 = _flat(x).float().contiguous()  # [M, in]
         M = x2.shape[0]
         k = kernels.get() if kernels.usable(x2[: kernels.MAX_ROWS], self.weight) else None
-        if k is None or M > CHUNKED_ROWS:  # many rows (prefill) or no kernels: BLAS on the widened weight
+        if k is None:  # no kernels: BLAS on the widened weight
             y = F.linear(x2, self.dequantized(), self.bias)
+        elif M > CHUNKED_ROWS:  # many rows (prefill): the GEMM, widening the weight slice by slice
+            y = k.gemm(x2, self.weight, None, self.bias)
         else:  # up to CHUNKED_ROWS: the kernel over 16-row chunks, no fp32 copy of the weight per call
             y = chunked_mm(k, x2, self.weight, None, self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -263,9 +266,9 @@ def unpack_q4_0(p: torch.Tensor) -> torch.Tensor:
     return (u.to(torch.int8) - 8).reshape(p.shape[0], -1)
 
 
-# block formats, exact (fp32-activation) path: up to this many rows run the few-row kernel in chunks of
-# kernels.MAX_ROWS (each chunk streams the blocks once) rather than dequantizing the whole weight to fp32
-# for one BLAS product per call
+# 16-bit and block formats, exact (fp32-activation) path: up to this many rows run the few-row kernel in
+# chunks of kernels.MAX_ROWS (each chunk streams the weight once); more, the GEMM (kernels.gemm, the
+# weight decoded slice by slice), which is faster there (scripts/bench_gemm.py --formats)
 CHUNKED_ROWS = 64
 
 # How the block formats (Q8_0, Q4_0) treat activations on the kernel path (CPU, fp32, kernels built):
@@ -275,8 +278,8 @@ CHUNKED_ROWS = 64
 #   from dequantize-then-run by the activations' rounding: per output at most
 #   sum_b d_x[b] / 2 * sum_(k in b) |w[k]| (see `q8_error_bound`), about the size of Q8_0's own weight error;
 # - "fp32": the exact path: fp32 activations against the weights decoded in registers (`kernels.mm`, up
-#   to CHUNKED_ROWS rows), else the dequantized weight through BLAS; equal to dequantize-then-run up to
-#   summation order.
+#   to CHUNKED_ROWS rows), else `kernels.gemm` (the blocks decoded to fp32 slice by slice); equal to
+#   dequantize-then-run up to summation order.
 # SEEKWEN_BLOCK_ACTIVATIONS=fp32 picks the exact one for a process, `block_activations("fp32")` for a block.
 ACTIVATIONS = os.environ.get("SEEKWEN_BLOCK_ACTIVATIONS", "q8")
 _ACTIVATION_MODES = ("q8", "fp32")
@@ -310,8 +313,9 @@ class _BlockLinear(nn.Module):
     """Shared by the GGUF block formats: codes (`self.codes`), fp16 block scales d [out, in // 32], bias.
     On CPU with the kernels: "q8" activations (ACTIVATIONS, the default): `kernels.qmm` against the blocks
     repacked once, at first use, in groups of 16 rows (`kernels.qpack`; kept beside the codes), any number
-    of rows; "fp32": few rows `kernels.mm` decodes each block to fp32 in registers (d applied per block)
-    against the fp32 activations, more (prefill) or no kernels: F.linear with the dequantized weight."""
+    of rows; "fp32": up to CHUNKED_ROWS rows `kernels.mm` decodes each block to fp32 in registers (d applied
+    per block) against the fp32 activations, more (prefill) the GEMM `kernels.gemm` (decoding one slice of
+    the weight at a time into a small fp32 buffer); no kernels: F.linear with the dequantized weight."""
 
     fmt = ""
 
@@ -360,8 +364,10 @@ class _BlockLinear(nn.Module):
         k = kernels.get() if kernels.usable(x2[: kernels.MAX_ROWS], self.d) else None
         if k is not None and ACTIVATIONS == "q8":  # int8 activations, integer dots: any number of rows
             y = k.qmm(x2, self.packed(k), self.out_features, self.bias)
-        elif k is None or M > CHUNKED_ROWS:  # exact path, many rows (long prefill) or no kernels: BLAS
+        elif k is None:  # no kernels: BLAS on the dequantized weight
             y = F.linear(x2, self.dequantized(), self.bias)
+        elif M > CHUNKED_ROWS:  # exact path, many rows (long prefill): the GEMM, decoding slice by slice
+            y = k.gemm(x2, self.stored_codes(keep=True), self.d, self.bias)
         else:  # exact path up to CHUNKED_ROWS: the kernel over 16-row chunks, no fp32 copy of the weight
             y = chunked_mm(k, x2, self.stored_codes(keep=True), self.d, self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -538,13 +544,16 @@ def describe_linear(layer: nn.Module) -> str:
     """Which implementation a linear layer of the fast path runs, e.g. "fp32 f32_mm[avx512] <= 16 rows, else
     f32_gemm[avx512]"."""
     fmt = weight_format(layer)
-    name = {Int8Linear: "int8_mm", Int4Linear: "int4_mm", Half16Linear: "mm", Q8_0Linear: "mm",
-            Q4_0Linear: "mm"}.get(type(layer), "f32_mm")
     plain = isinstance(layer, FastLinear)
     on_cpu = next(layer.parameters()).device.type == "cpu"
     if plain and layer.weight.dtype != torch.float32 or not on_cpu or kernels.get() is None:
         return f"{fmt} {'F.linear' if plain else 'dequantize + F.linear'}"
     if isinstance(layer, _BlockLinear) and ACTIVATIONS == "q8":
         return f"{fmt} qmm[{kernels.get().qisa()}] int8 activations, any rows"
-    prefill = f"f32_gemm[{isa_name()}]" if plain else "dequantize + BLAS"
-    return f"{fmt} {name}[{isa_name()}] <= {kernels.MAX_ROWS} rows, else {prefill}"
+    isa = isa_name()
+    if plain:
+        return f"{fmt} f32_mm[{isa}] <= {kernels.MAX_ROWS} rows, else f32_gemm[{isa}]"
+    if isinstance(layer, (Half16Linear, _BlockLinear)):
+        return f"{fmt} mm[{isa}] <= {CHUNKED_ROWS} rows ({kernels.MAX_ROWS} a call), else gemm[{isa}]"
+    name = "int8_mm" if isinstance(layer, Int8Linear) else "int4_mm"
+    return f"{fmt} {name}[{isa}] <= {kernels.MAX_ROWS} rows, else dequantize + BLAS"

@@ -4,6 +4,10 @@
 // Textually included by kernels.cpp once per instruction set, after that namespace's vector traits `V`
 // and loops.h (no include guard, no #includes), like loops.h.
 //
+// Other weight formats (bf16, fp16, Q8_0, Q4_0: loops.h's decoders) are widened to fp32 one
+// N slice x K block at a time into a per-thread scratch buffer (~GEMM_WSLICE bytes), which then serves
+// all panels of x as the fp32 weights would: no fp32 copy of the whole weight per call.
+//
 // Design: outer products with the vectors along M. x is transposed per call into panels of P = 2 V::L
 // rows (xt [panels][K][P], zero past M; cheap: M x K). A tile is P activation rows
 // x NB weight rows (NB = 12 with AVX-512, 6 with AVX2): 2 x NB accumulators, and per k two vector loads of
@@ -80,32 +84,68 @@ static inline void gemm_store(const float* t, int64_t mr, int nb, const float* b
   }
 }
 
-// One thread's share: weight rows [n0, n1) against panels [p0, p1) of xt; K blocks outermost, then N
-// slices of W, then panels, then tiles of NB rows.
-static void gemm_part(const float* xt, const float* w, int64_t M, int64_t K, int64_t N, const float* bias,
-                      float* y, int64_t n0, int64_t n1, int64_t p0, int64_t p1) {
-  alignas(64) float t[GEMM_NB * GEMM_P];
-  const int64_t nk = (K + GEMM_KC - 1) / GEMM_KC, kcb = (K + nk - 1) / nk;
-  for (int64_t k0 = 0; k0 < K; k0 += kcb) {
-    const int64_t kc = std::min(kcb, K - k0);
-    const int64_t slice = std::max<int64_t>(GEMM_NB, GEMM_WSLICE / (4 * kc) / GEMM_NB * GEMM_NB);
-    for (int64_t s0 = n0; s0 < n1; s0 += slice)
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t m0 = p * GEMM_P, mr = std::min(GEMM_P, M - m0);
-        const float* xp = xt + p * K * GEMM_P + k0 * GEMM_P;
-        for (int64_t n = s0; n < std::min(s0 + slice, n1); n += GEMM_NB) {
-          const int nb = (int)std::min<int64_t>(GEMM_NB, n1 - n);
-          gemm_tile_any(mr, nb, xp, w + n * K + k0, K, kc, t);
-          gemm_store(t, mr, nb, bias ? bias + n : nullptr, k0 == 0, y + m0 * N + n, N);
-        }
+// out[r][k] = weight k0 + k of row n0 + r, widened to fp32 by the decoder w (loops.h), r < rows, k < kc.
+// Block formats: k0 and kc multiples of their block size (K % 32 == 0, K blocks of a multiple of 32).
+template <class W>
+static void gemm_widen(const W& w, int64_t n0, int64_t rows, int64_t k0, int64_t kc, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out + r * kc;
+    int64_t k = 0;
+    for (; k + W::B <= kc; k += W::B) {
+      const auto s = w.block(n0 + r, k0 + k);
+      for (int64_t i = 0; i < W::B; i += V::L) V::store(o + k + i, w.load(s, n0 + r, k0 + k + i));
+    }
+    if constexpr (W::TAILS) {
+      if (k < kc) {
+        alignas(64) float t[V::L];
+        V::store(t, w.tail(n0 + r, k0 + k, kc - k));
+        std::memcpy(o + k, t, (kc - k) * sizeof(float));
       }
+    }
   }
 }
 
-// y[M, N] = x[M, K] . w[N, K]^T (+ bias), any M, K, N >= 1. One parallel region: each task transposes the
-// panels of x it uses itself (with the split by N, every thread all of them: M x K, against its 2 M K N / T
-// flops), so there is one fork/join per call.
-static void f32_gemm(const float* x, const float* w, int64_t M, int64_t K, int64_t N, const float* bias, float* y) {
+// One thread's share: weight rows [n0, n1) against panels [p0, p1) of xt; K blocks outermost, then N
+// slices of W, then panels, then tiles of NB rows. fp32 weights are read in place; any other format is
+// widened slice by slice (rows x K block, ~GEMM_WSLICE bytes of fp32) into a scratch buffer first.
+template <class W>
+static void gemm_part(const float* xt, const W& w, int64_t M, int64_t K, int64_t N, const float* bias,
+                      float* y, int64_t n0, int64_t n1, int64_t p0, int64_t p1) {
+  constexpr bool in_place = std::is_same_v<W, F32W>;
+  alignas(64) float t[GEMM_NB * GEMM_P];
+  const int64_t nk = (K + GEMM_KC - 1) / GEMM_KC, kcb = ((K + nk - 1) / nk + 31) / 32 * 32;
+  const int64_t slice = std::max<int64_t>(GEMM_NB, GEMM_WSLICE / (4 * std::min(kcb, K)) / GEMM_NB * GEMM_NB);
+  std::unique_ptr<float[]> wide(in_place ? nullptr : new float[slice * std::min(kcb, K)]);
+  for (int64_t k0 = 0; k0 < K; k0 += kcb) {
+    const int64_t kc = std::min(kcb, K - k0);
+    for (int64_t s0 = n0; s0 < n1; s0 += slice) {
+      const int64_t s1 = std::min(s0 + slice, n1);
+      const float* ws = nullptr;  // the slice's row s0, column k0, as fp32; rows ldw apart
+      int64_t ldw = K;
+      if constexpr (in_place) {
+        ws = w.w + s0 * K + k0;
+      } else {
+        gemm_widen(w, s0, s1 - s0, k0, kc, wide.get());
+        ws = wide.get(), ldw = kc;
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t m0 = p * GEMM_P, mr = std::min(GEMM_P, M - m0);
+        const float* xp = xt + p * K * GEMM_P + k0 * GEMM_P;
+        for (int64_t n = s0; n < s1; n += GEMM_NB) {
+          const int nb = (int)std::min<int64_t>(GEMM_NB, n1 - n);
+          gemm_tile_any(mr, nb, xp, ws + (n - s0) * ldw, ldw, kc, t);
+          gemm_store(t, mr, nb, bias ? bias + n : nullptr, k0 == 0, y + m0 * N + n, N);
+        }
+      }
+    }
+  }
+}
+
+// y[M, N] = x[M, K] . W^T (+ bias) for any decoder W (fp32: in place), any M, K, N >= 1. One parallel
+// region: each task transposes the panels of x it uses itself (with the split by N, every thread all of
+// them: M x K, against its 2 M K N / T flops), so there is one fork/join per call.
+template <class W>
+static void gemm_mm(const W& w, const float* x, int64_t M, int64_t K, int64_t N, const float* bias, float* y) {
   const int64_t panels = (M + GEMM_P - 1) / GEMM_P, groups = (N + GEMM_NB - 1) / GEMM_NB;
   const int64_t nt = at::get_num_threads(), gn = std::min(nt, groups);
   const int64_t gm = std::max<int64_t>(1, std::min(nt / gn, panels));
@@ -118,4 +158,13 @@ static void f32_gemm(const float* x, const float* w, int64_t M, int64_t K, int64
       gemm_part(xt.get(), w, M - p0 * GEMM_P, K, N, bias, y + p0 * GEMM_P * N, n0, n1, 0, p1 - p0);
     }
   });
+}
+
+static void f32_gemm(const float* x, const float* w, int64_t M, int64_t K, int64_t N, const float* bias, float* y) {
+  gemm_mm(F32W{w, K}, x, M, K, N, bias, y);
+}
+
+// gemm_mm for W [N, K] in the format r names (fp32, bf16, fp16, Q8_0, Q4_0, ...)
+static void gemm(const WRef& r, const float* x, int64_t M, int64_t N, const float* bias, float* y) {
+  with_decoder(r, [&](const auto& w) { gemm_mm(w, x, M, r.K, N, bias, y); });
 }

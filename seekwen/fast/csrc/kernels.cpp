@@ -230,6 +230,22 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> 
   return y;
 }
 
+// mm for many rows (prefill): gemm.h's GEMM, the weights widened to fp32 slice by slice
+torch::Tensor gemm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> d, c10::optional<torch::Tensor> bias) {
+  const WRef r = wref(w, d);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat && x.size(1) == r.K,
+              "gemm: x must be contiguous fp32 [M, K]");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->scalar_type() == torch::kFloat &&
+              bias->is_contiguous() && bias->numel() == w.size(0)), "gemm: bias fp32 [N]");
+  const int64_t M = x.size(0), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M > 0 && N > 0 && r.K > 0)
+    SEEKWEN_DISPATCH(gemm, r, x.data_ptr<float>(), M, N, opt_ptr(bias), y.data_ptr<float>());
+  else if (M > 0 && N > 0)
+    y.copy_(bias.has_value() && bias->defined() ? bias->expand({M, N}) : torch::zeros({M, N}, x.options()));
+  return y;
+}
+
 // Routed SwiGLU experts of one MoE layer: xs [R, D] holds the rows routed to each expert, grouped
 // (rows[g] rows for expert g, in order); w13[g] [2I, D] = gate and up stacked, w2[g] [D, I], in mm's
 // formats (one for all w13, one for all w2; d13, d2: their block scales for Q8_0 / Q4_0, else empty). Returns ys [R, D],
@@ -506,6 +522,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor packed, int64_t N, c10::optiona
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_mm", torch::wrap_pybind_function(f32_mm), "y = x . w^T (+ bias), fp32 weights [N, K]");
   m.def("f32_gemm", torch::wrap_pybind_function(f32_gemm), "y = x . w^T (+ bias), fp32, many rows (prefill)");
+  m.def("gemm", torch::wrap_pybind_function(gemm), "mm for many rows: fp32/bf16/fp16, Q8_0 or Q4_0 weights");
   m.def("mm", torch::wrap_pybind_function(mm), "y = x . W^T (+ bias): fp32/bf16/fp16, Q8_0 or Q4_0 weights");
   m.def("f32_bmm", torch::wrap_pybind_function(f32_bmm), "per-head y[h] = x[h] . w[h]^T");
   m.def("int8_mm", torch::wrap_pybind_function(int8_mm), "y = x . (q * s)^T (+ bias), int8 weights");
