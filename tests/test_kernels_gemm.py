@@ -66,13 +66,15 @@ def test_f32_gemm_threads(isa):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_fast_linear_many_rows(bias, isa):
-    """FastLinear at 40 rows (the GEMM) equals F.linear within 1e-5 relative."""
+@pytest.mark.parametrize("rows", [17, 20, 40])  # f32_mm below GEMM_ROWS, the GEMM from there
+def test_fast_linear_many_rows(bias, rows, isa):
+    """FastLinear above MAX_ROWS rows (f32_mm below GEMM_ROWS, then the GEMM) equals F.linear within 1e-5
+    relative."""
     g = torch.Generator().manual_seed(40)
     w = torch.randn(300, 896, generator=g) * 0.05
     b = torch.randn(300, generator=g) if bias else None
     layer = L.FastLinear(w, b)
-    x = torch.randn(2, 20, 896, generator=g)
+    x = torch.randn(2, rows // 2, 896, generator=g) if rows % 2 == 0 else torch.randn(rows, 896, generator=g)
     with torch.inference_mode():
         y, ref = layer(x), F.linear(x, w, b)
     assert y.shape == ref.shape

@@ -3,12 +3,13 @@
 The plain model uses `nn.Linear` (weight [out, in], `F.linear`), the reference. Batch-1/batch-8 decode
 on this kind of CPU is bound by streaming weights, and the BLAS serves few-row products poorly (see
 /work/shared/cpu-measurements.md), so up to `kernels.MAX_ROWS` rows on CPU every layer uses an AVX2 or
-AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill): fp32
-weights run our GEMM (`kernels.f32_gemm`, faster than the BLAS here), the other formats the BLAS (the
-quantized formats dequantize first; Q8_0 / Q4_0 with int8 activations run `kernels.qmm` for any
-number of rows, faster than BLAS even at 512). One class per weight format (`make_linear(w, b, fmt)`):
+AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) run our
+GEMM, faster than the BLAS here (`kernels.f32_gemm` for fp32 from GEMM_ROWS rows; `kernels.gemm`, which
+decodes the weight slice by slice, for bf16 / fp16 and the block formats' exact path above CHUNKED_ROWS),
+int8 / int4 the BLAS on the dequantized weight (Q8_0 / Q4_0 with int8 activations run `kernels.qmm` for
+any number of rows, faster than BLAS even at 512). One class per weight format (`make_linear(w, b, fmt)`):
 
-- `FastLinear`: fp32 weight [out, in] as loaded; `kernels.f32_mm` (few rows), `kernels.f32_gemm` (more).
+- `FastLinear`: fp32 weight [out, in] as loaded; `kernels.f32_mm` (< GEMM_ROWS rows), `kernels.f32_gemm`.
 - `Half16Linear`: bf16 or fp16 weight [out, in] (`--quantize bf16|f16`), widened to fp32 in registers.
 - `Q8_0Linear`, `Q4_0Linear`: GGUF's block formats, 32 input channels per block with one fp16 scale d:
   w = q * d with q int8 (Q8_0) or q in -8..7 stored as 4-bit codes q + 8 (Q4_0). `from_float` quantizes
@@ -42,11 +43,18 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])  # [..., in] -> [M, in]
 
 
+# FastLinear: from this many rows f32_gemm; fewer, f32_mm (any row count, 8 rows a pass with AVX-512). The
+# GEMM's tiles hold 16 or 32 rows, so at 17-19 rows it computes up to 15 padding rows: there f32_mm was
+# 4-29% faster, from 20 rows on they were even, and from 24 the GEMM pulled ahead (scripts/bench_gemm.py
+# --few, one thread, Zen 4)
+GEMM_ROWS = 20
+
+
 class FastLinear(nn.Module):
-    """y = x W^T + b with W stored [out, in] contiguous (the nn.Linear layout). fp32 on CPU: at most
-    `kernels.MAX_ROWS` rows (decode) the few-row SIMD kernel `kernels.f32_mm`, more rows (prefill) the
-    GEMM `kernels.f32_gemm` (faster than the BLAS on this CPU from 17 rows on); otherwise (bf16, GPU, no
-    compiler): F.linear."""
+    """y = x W^T + b with W stored [out, in] contiguous (the nn.Linear layout). fp32 on CPU: fewer than
+    GEMM_ROWS rows (decode) the few-row SIMD kernel `kernels.f32_mm`, more (prefill) the GEMM
+    `kernels.f32_gemm` (faster than the BLAS on this CPU: ~1.5-3x at 32 rows, ~1.1-1.6x at 512);
+    otherwise (bf16, GPU, no compiler): F.linear."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -63,7 +71,7 @@ class FastLinear(nn.Module):
                                                                                  self.weight) else None
         if k is None:
             return F.linear(x, self.weight, self.bias)
-        mm = k.f32_mm if x2.shape[0] <= kernels.MAX_ROWS else k.f32_gemm  # [M, out]
+        mm = k.f32_mm if x2.shape[0] < GEMM_ROWS else k.f32_gemm  # [M, out]
         return mm(x2.contiguous(), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -541,7 +549,7 @@ def weight_format(layer: nn.Module) -> str:
 
 
 def describe_linear(layer: nn.Module) -> str:
-    """Which implementation a linear layer of the fast path runs, e.g. "fp32 f32_mm[avx512] <= 16 rows, else
+    """Which implementation a linear layer of the fast path runs, e.g. "fp32 f32_mm[avx512] < 20 rows, else
     f32_gemm[avx512]"."""
     fmt = weight_format(layer)
     plain = isinstance(layer, FastLinear)
@@ -552,7 +560,7 @@ def describe_linear(layer: nn.Module) -> str:
         return f"{fmt} qmm[{kernels.get().qisa()}] int8 activations, any rows"
     isa = isa_name()
     if plain:
-        return f"{fmt} f32_mm[{isa}] <= {kernels.MAX_ROWS} rows, else f32_gemm[{isa}]"
+        return f"{fmt} f32_mm[{isa}] < {GEMM_ROWS} rows, else f32_gemm[{isa}]"
     if isinstance(layer, (Half16Linear, _BlockLinear)):
         return f"{fmt} mm[{isa}] <= {CHUNKED_ROWS} rows ({kernels.MAX_ROWS} a call), else gemm[{isa}]"
     name = "int8_mm" if isinstance(layer, Int8Linear) else "int4_mm"
