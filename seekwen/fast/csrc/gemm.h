@@ -8,8 +8,8 @@
 // N slice x K block at a time into a per-thread scratch buffer (~GEMM_WSLICE bytes), which then serves
 // all panels of x as the fp32 weights would: no fp32 copy of the whole weight per call.
 //
-// Design: outer products with the vectors along M. x is transposed per call into panels of P = 2 V::L
-// rows (xt [panels][K][P], zero past M; cheap: M x K). A tile is P activation rows
+// Design: outer products with the vectors along M. x is transposed per call, one K block at a time, into
+// panels of P = 2 V::L rows (xt [panels][K block][P], zero past M; cheap: M x K). A tile is P activation rows
 // x NB weight rows (NB = 12 with AVX-512, 6 with AVX2): 2 x NB accumulators, and per k two vector loads of
 // xt and NB scalar broadcasts straight from W's rows (each row streamed sequentially). So the weights need
 // neither packing nor K tails, and the accumulation over k is plain fp32 in order. The finished tile
@@ -25,16 +25,16 @@ constexpr int GEMM_NB = V::L == 16 ? 12 : 6;     // weight rows per tile: 2 x NB
 constexpr int64_t GEMM_KC = 1024;                // most K per block
 constexpr int64_t GEMM_WSLICE = 384 * 1024;      // bytes of W per N slice (L2-resident across panels)
 
-// xt[p - p0][k][i] = x[p P + i, k] for panels p in [p0, p1), 0 for rows past M.
-static void gemm_pack_x(const float* x, int64_t M, int64_t K, float* xt, int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p) {
-    float* o = xt + p * K * GEMM_P;
+// xt[p][k][i] = x[p P + i, k0 + k] for the panels p < np of x [M, K], k < kc; 0 for rows past M.
+static void gemm_pack_x(const float* x, int64_t M, int64_t K, int64_t k0, int64_t kc, int64_t np, float* xt) {
+  for (int64_t p = 0; p < np; ++p) {
+    float* o = xt + p * kc * GEMM_P;
     for (int64_t i = 0; i < GEMM_P; ++i) {
       const int64_t m = p * GEMM_P + i;
       if (m < M)
-        for (int64_t k = 0; k < K; ++k) o[k * GEMM_P + i] = x[m * K + k];
+        for (int64_t k = 0; k < kc; ++k) o[k * GEMM_P + i] = x[m * K + k0 + k];
       else
-        for (int64_t k = 0; k < K; ++k) o[k * GEMM_P + i] = 0.f;
+        for (int64_t k = 0; k < kc; ++k) o[k * GEMM_P + i] = 0.f;
     }
   }
 }
@@ -105,19 +105,22 @@ static void gemm_widen(const W& w, int64_t n0, int64_t rows, int64_t k0, int64_t
   }
 }
 
-// One thread's share: weight rows [n0, n1) against panels [p0, p1) of xt; K blocks outermost, then N
-// slices of W, then panels, then tiles of NB rows. fp32 weights are read in place; any other format is
-// widened slice by slice (rows x K block, ~GEMM_WSLICE bytes of fp32) into a scratch buffer first.
+// One thread's share: weight rows [n0, n1) against the np panels of x [M, K] (y [M, N] at the same rows);
+// K blocks outermost (each block of x transposed first), then N slices of W, then panels, then tiles of
+// NB rows. fp32 weights are read in place; any other format is widened slice by slice (rows x K block,
+// ~GEMM_WSLICE bytes of fp32) into a scratch buffer first.
 template <class W>
-static void gemm_part(const float* xt, const W& w, int64_t M, int64_t K, int64_t N, const float* bias,
-                      float* y, int64_t n0, int64_t n1, int64_t p0, int64_t p1) {
+static void gemm_part(const float* x, const W& w, int64_t M, int64_t K, int64_t N, const float* bias,
+                      float* y, int64_t n0, int64_t n1, int64_t np) {
   constexpr bool in_place = std::is_same_v<W, F32W>;
   alignas(64) float t[GEMM_NB * GEMM_P];
-  const int64_t nk = (K + GEMM_KC - 1) / GEMM_KC, kcb = ((K + nk - 1) / nk + 31) / 32 * 32;
-  const int64_t slice = std::max<int64_t>(GEMM_NB, GEMM_WSLICE / (4 * std::min(kcb, K)) / GEMM_NB * GEMM_NB);
-  std::unique_ptr<float[]> wide(in_place ? nullptr : new float[slice * std::min(kcb, K)]);
+  const int64_t nk = (K + GEMM_KC - 1) / GEMM_KC, kcb = std::min(K, ((K + nk - 1) / nk + 31) / 32 * 32);
+  const int64_t slice = std::max<int64_t>(GEMM_NB, GEMM_WSLICE / (4 * kcb) / GEMM_NB * GEMM_NB);
+  std::unique_ptr<float[]> xt(new float[np * kcb * GEMM_P]);  // one K block of the panels, transposed
+  std::unique_ptr<float[]> wide(in_place ? nullptr : new float[slice * kcb]);
   for (int64_t k0 = 0; k0 < K; k0 += kcb) {
     const int64_t kc = std::min(kcb, K - k0);
+    gemm_pack_x(x, M, K, k0, kc, np, xt.get());
     for (int64_t s0 = n0; s0 < n1; s0 += slice) {
       const int64_t s1 = std::min(s0 + slice, n1);
       const float* ws = nullptr;  // the slice's row s0, column k0, as fp32; rows ldw apart
@@ -128,12 +131,11 @@ static void gemm_part(const float* xt, const W& w, int64_t M, int64_t K, int64_t
         gemm_widen(w, s0, s1 - s0, k0, kc, wide.get());
         ws = wide.get(), ldw = kc;
       }
-      for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t p = 0; p < np; ++p) {
         const int64_t m0 = p * GEMM_P, mr = std::min(GEMM_P, M - m0);
-        const float* xp = xt + p * K * GEMM_P + k0 * GEMM_P;
         for (int64_t n = s0; n < s1; n += GEMM_NB) {
           const int nb = (int)std::min<int64_t>(GEMM_NB, n1 - n);
-          gemm_tile_any(mr, nb, xp, ws + (n - s0) * ldw, ldw, kc, t);
+          gemm_tile_any(mr, nb, xt.get() + p * kc * GEMM_P, ws + (n - s0) * ldw, ldw, kc, t);
           gemm_store(t, mr, nb, bias ? bias + n : nullptr, k0 == 0, y + m0 * N + n, N);
         }
       }
@@ -142,8 +144,9 @@ static void gemm_part(const float* xt, const W& w, int64_t M, int64_t K, int64_t
 }
 
 // y[M, N] = x[M, K] . W^T (+ bias) for any decoder W (fp32: in place), any M, K, N >= 1. One parallel
-// region: each task transposes the panels of x it uses itself (with the split by N, every thread all of
-// them: M x K, against its 2 M K N / T flops), so there is one fork/join per call.
+// region: each task transposes the panels of x it uses itself, one K block at a time (with the split by
+// N, every thread all of them: M x K, against its 2 M K N / T flops; scratch <= M x GEMM_KC floats), so
+// there is one fork/join per call.
 template <class W>
 static void gemm_mm(const W& w, const float* x, int64_t M, int64_t K, int64_t N, const float* bias, float* y) {
   const int64_t panels = (M + GEMM_P - 1) / GEMM_P, groups = (N + GEMM_NB - 1) / GEMM_NB;
@@ -153,9 +156,8 @@ static void gemm_mm(const W& w, const float* x, int64_t M, int64_t K, int64_t N,
     for (int64_t task = a; task < b; ++task) {
       const int64_t gi = task % gn, mi = task / gn, p0 = panels * mi / gm, p1 = panels * (mi + 1) / gm;
       const int64_t n0 = std::min(N, groups * gi / gn * GEMM_NB), n1 = std::min(N, groups * (gi + 1) / gn * GEMM_NB);
-      std::unique_ptr<float[]> xt(new float[(p1 - p0) * K * GEMM_P]);  // panels [p0, p1) of x, transposed
-      gemm_pack_x(x + p0 * GEMM_P * K, M - p0 * GEMM_P, K, xt.get(), 0, p1 - p0);
-      gemm_part(xt.get(), w, M - p0 * GEMM_P, K, N, bias, y + p0 * GEMM_P * N, n0, n1, 0, p1 - p0);
+      const int64_t m0 = p0 * GEMM_P;
+      gemm_part(x + m0 * K, w, std::min(M, p1 * GEMM_P) - m0, K, N, bias, y + m0 * N, n0, n1, p1 - p0);
     }
   });
 }
