@@ -4,20 +4,23 @@
 // Textually included by kernels.cpp once per instruction set, after that namespace's vector traits `V`
 // and loops.h (no include guard, no #includes), like loops.h.
 //
-// Other weight formats (bf16, fp16, Q8_0, Q4_0: loops.h's decoders) are widened to fp32 one
-// N slice x K block at a time into a per-thread scratch buffer (~GEMM_WSLICE bytes), which then serves
-// all panels of x as the fp32 weights would: no fp32 copy of the whole weight per call.
-//
 // Design: outer products with the vectors along M. x is transposed per call, one K block at a time, into
-// panels of P = 2 V::L rows (xt [panels][K block][P], zero past M; cheap: M x K). A tile is P activation rows
-// x NB weight rows (NB = 12 with AVX-512, 6 with AVX2): 2 x NB accumulators, and per k two vector loads of
-// xt and NB scalar broadcasts straight from W's rows (each row streamed sequentially). So the weights need
-// neither packing nor K tails, and the accumulation over k is plain fp32 in order. The finished tile
-// [NB][P] is written transposed into y (a few hundred scalar stores per K block; negligible against the
-// 2 P NB K flops). Cache blocking: K in blocks of <= GEMM_KC (an xt panel slice of <= 128 KB and the
-// W slice stay in L2), N in slices of ~GEMM_WSLICE bytes of weights reused across all panels of x.
-// Threads: the weight-row groups split evenly (every thread streams its own rows of W), and the panels
-// of x as well where there are fewer groups than threads.
+// panels of P = 2 V::L rows (xt [panels][K block][P], zero past M; cheap: M x K). A tile is P activation
+// rows x NB weight rows (NB = 12 with AVX-512, 6 with AVX2): 2 x NB accumulators, and per k two vector
+// loads of xt and NB scalar broadcasts straight from W's rows (each row streamed sequentially, the next
+// tile's rows prefetched). So the weights need neither packing (a BLIS-style transposed copy of W panels)
+// nor K tails, and the accumulation over k is plain fp32 in order. A last panel of <= V::L rows runs
+// with one vector (NB accumulators); rows are otherwise padded to P, which costs at 17-31 rows (see
+// linear.GEMM_ROWS). The finished tile [NB][P] is written transposed into y (a few hundred scalar stores
+// per K block; negligible against the 2 P NB K flops). Cache blocking: K in blocks of <= GEMM_KC (an xt
+// panel slice of <= 128 KB and the W slice stay in L2), N in slices of ~GEMM_WSLICE bytes of weights
+// reused across all panels of x. Threads: the weight-row groups split evenly (every thread streams its
+// own rows of W), and the panels of x as well where there are fewer groups than threads.
+// One core (Zen 4, AVX-512) reaches ~100 GFLOP/s of its ~106 peak on Qwen2.5-0.5B's shapes from 32 rows.
+//
+// Other weight formats (bf16, fp16, Q8_0, Q4_0: loops.h's decoders) are widened to fp32 one N slice x
+// K block at a time into a per-thread scratch buffer (~GEMM_WSLICE bytes), which then serves all panels
+// of x as the fp32 weights would: no fp32 copy of the whole weight per call.
 
 constexpr int GEMM_MV = 2;                       // vectors of activation rows per tile
 constexpr int64_t GEMM_P = GEMM_MV * V::L;       // activation rows per panel: 32 (AVX-512), 16 (AVX2)
@@ -105,22 +108,34 @@ static void gemm_widen(const W& w, int64_t n0, int64_t rows, int64_t k0, int64_t
   }
 }
 
-// One thread's share: weight rows [n0, n1) against the np panels of x [M, K] (y [M, N] at the same rows);
-// K blocks outermost (each block of x transposed first), then N slices of W, then panels, then tiles of
-// NB rows. fp32 weights are read in place; any other format is widened slice by slice (rows x K block,
-// ~GEMM_WSLICE bytes of fp32) into a scratch buffer first.
+// The K block size for K (a multiple of 32 unless K is smaller: the block formats' blocks) and the rows
+// of W per N slice (a multiple of NB, ~GEMM_WSLICE bytes of fp32 at that block size).
+static inline int64_t gemm_kblock(int64_t K) {
+  const int64_t nk = (K + GEMM_KC - 1) / GEMM_KC;
+  return std::min(K, ((K + nk - 1) / nk + 31) / 32 * 32);
+}
+static inline int64_t gemm_slice(int64_t kcb) {
+  return std::max<int64_t>(GEMM_NB, GEMM_WSLICE / (4 * kcb) / GEMM_NB * GEMM_NB);
+}
+
+// One share of the work: weight rows [n0, n1) against the np panels of x [M, K] (y [M, N] at the same
+// rows); K blocks outermost, then N slices of W, then panels, then tiles of NB rows. xfull: x already
+// transposed for all of K (xt [np][K][P]); else each K block of x is transposed here first. fp32 weights
+// are read in place; any other format is widened slice by slice (rows x K block, ~GEMM_WSLICE bytes of
+// fp32) into a scratch buffer first.
 template <class W>
-static void gemm_part(const float* x, const W& w, int64_t M, int64_t K, int64_t N, const float* bias,
-                      float* y, int64_t n0, int64_t n1, int64_t np) {
+static void gemm_part(const float* x, const float* xfull, const W& w, int64_t M, int64_t K, int64_t N,
+                      const float* bias, float* y, int64_t n0, int64_t n1, int64_t np) {
   constexpr bool in_place = std::is_same_v<W, F32W>;
   alignas(64) float t[GEMM_NB * GEMM_P];
-  const int64_t nk = (K + GEMM_KC - 1) / GEMM_KC, kcb = std::min(K, ((K + nk - 1) / nk + 31) / 32 * 32);
-  const int64_t slice = std::max<int64_t>(GEMM_NB, GEMM_WSLICE / (4 * kcb) / GEMM_NB * GEMM_NB);
-  std::unique_ptr<float[]> xt(new float[np * kcb * GEMM_P]);  // one K block of the panels, transposed
+  const int64_t kcb = gemm_kblock(K), slice = gemm_slice(kcb);
+  std::unique_ptr<float[]> xt(xfull ? nullptr : new float[np * kcb * GEMM_P]);  // one K block, transposed
   std::unique_ptr<float[]> wide(in_place ? nullptr : new float[slice * kcb]);
   for (int64_t k0 = 0; k0 < K; k0 += kcb) {
     const int64_t kc = std::min(kcb, K - k0);
-    gemm_pack_x(x, M, K, k0, kc, np, xt.get());
+    if (!xfull) gemm_pack_x(x, M, K, k0, kc, np, xt.get());
+    const float* xb = xfull ? xfull + k0 * GEMM_P : xt.get();  // panel p of this K block: xb + p * pstride
+    const int64_t pstride = (xfull ? K : kc) * GEMM_P;
     for (int64_t s0 = n0; s0 < n1; s0 += slice) {
       const int64_t s1 = std::min(s0 + slice, n1);
       const float* ws = nullptr;  // the slice's row s0, column k0, as fp32; rows ldw apart
@@ -135,7 +150,7 @@ static void gemm_part(const float* x, const W& w, int64_t M, int64_t K, int64_t 
         const int64_t m0 = p * GEMM_P, mr = std::min(GEMM_P, M - m0);
         for (int64_t n = s0; n < s1; n += GEMM_NB) {
           const int nb = (int)std::min<int64_t>(GEMM_NB, n1 - n);
-          gemm_tile_any(mr, nb, xt.get() + p * kc * GEMM_P, ws + (n - s0) * ldw, ldw, kc, t);
+          gemm_tile_any(mr, nb, xb + p * pstride, ws + (n - s0) * ldw, ldw, kc, t);
           gemm_store(t, mr, nb, bias ? bias + n : nullptr, k0 == 0, y + m0 * N + n, N);
         }
       }
@@ -143,23 +158,52 @@ static void gemm_part(const float* x, const W& w, int64_t M, int64_t K, int64_t 
   }
 }
 
-// y[M, N] = x[M, K] . W^T (+ bias) for any decoder W (fp32: in place), any M, K, N >= 1. One parallel
-// region: each task transposes the panels of x it uses itself, one K block at a time (with the split by
-// N, every thread all of them: M x K, against its 2 M K N / T flops; scratch <= M x GEMM_KC floats), so
-// there is one fork/join per call.
+// Static split: task (gi, mi) of gn x gm takes the gi-th share of the weight-row groups and the mi-th of
+// the panels, transposing its panels of x one K block at a time (scratch <= M x GEMM_KC floats).
 template <class W>
-static void gemm_mm(const W& w, const float* x, int64_t M, int64_t K, int64_t N, const float* bias, float* y) {
+static void gemm_static(const W& w, const float* x, int64_t M, int64_t K, int64_t N, const float* bias, float* y,
+                        int64_t nt) {
   const int64_t panels = (M + GEMM_P - 1) / GEMM_P, groups = (N + GEMM_NB - 1) / GEMM_NB;
-  const int64_t nt = at::get_num_threads(), gn = std::min(nt, groups);
-  const int64_t gm = std::max<int64_t>(1, std::min(nt / gn, panels));
+  const int64_t gn = std::min(nt, groups), gm = std::max<int64_t>(1, std::min(nt / gn, panels));
   at::parallel_for(0, gn * gm, 1, [&](int64_t a, int64_t b) {
     for (int64_t task = a; task < b; ++task) {
       const int64_t gi = task % gn, mi = task / gn, p0 = panels * mi / gm, p1 = panels * (mi + 1) / gm;
       const int64_t n0 = std::min(N, groups * gi / gn * GEMM_NB), n1 = std::min(N, groups * (gi + 1) / gn * GEMM_NB);
       const int64_t m0 = p0 * GEMM_P;
-      gemm_part(x + m0 * K, w, std::min(M, p1 * GEMM_P) - m0, K, N, bias, y + m0 * N, n0, n1, p1 - p0);
+      gemm_part(x + m0 * K, nullptr, w, std::min(M, p1 * GEMM_P) - m0, K, N, bias, y + m0 * N, n0, n1, p1 - p0);
     }
   });
+}
+
+// Dynamic split by N: each thread transposes all of x once (M x K floats), then claims chunks of weight
+// rows (>= 4 per thread, at most one N slice each) from a shared counter until none are left; so a
+// thread the OS deschedules on a busy host leaves its work to the others instead of holding up the join.
+template <class W>
+static void gemm_dynamic(const W& w, const float* x, int64_t M, int64_t K, int64_t N, const float* bias, float* y,
+                         int64_t nt) {
+  const int64_t panels = (M + GEMM_P - 1) / GEMM_P;
+  const int64_t want = ((N + 4 * nt - 1) / (4 * nt) + GEMM_NB - 1) / GEMM_NB * GEMM_NB;
+  const int64_t chunk = std::min(gemm_slice(gemm_kblock(K)), want), chunks = (N + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {  // one call per thread (or one in all, if serial)
+    std::unique_ptr<float[]> xt(new float[panels * K * GEMM_P]);
+    gemm_pack_x(x, M, K, 0, K, panels, xt.get());
+    for (int64_t c = next++; c < chunks; c = next++)
+      gemm_part(x, xt.get(), w, M, K, N, bias, y, c * chunk, std::min(N, (c + 1) * chunk), panels);
+  });
+}
+
+// y[M, N] = x[M, K] . W^T (+ bias) for any decoder W (fp32: in place), any M, K, N >= 1, in one parallel
+// region: split dynamically by N where there are enough weight rows (>= 4 tiles per thread) and x's
+// transposed copy is small (<= GEMM_XFULL floats per thread), else statically (by N, and by M too where
+// N has fewer tiles than there are threads).
+constexpr int64_t GEMM_XFULL = 4 << 20;
+template <class W>
+static void gemm_mm(const W& w, const float* x, int64_t M, int64_t K, int64_t N, const float* bias, float* y) {
+  const int64_t nt = at::get_num_threads(), groups = (N + GEMM_NB - 1) / GEMM_NB;
+  const int64_t xfull = (M + GEMM_P - 1) / GEMM_P * GEMM_P * K;
+  if (nt > 1 && groups >= 4 * nt && xfull <= GEMM_XFULL) gemm_dynamic(w, x, M, K, N, bias, y, nt);
+  else gemm_static(w, x, M, K, N, bias, y, nt);
 }
 
 static void f32_gemm(const float* x, const float* w, int64_t M, int64_t K, int64_t N, const float* bias, float* y) {

@@ -23,6 +23,9 @@
 // MBMAX activation rows: the tile is run again for the next ones; its weights then come from L1/L2.
 // K tails use masked loads (the block formats need K % 32 == 0).
 //
+// f32_gemm / gemm (many rows: prefill) are gemm.h's GEMM, compiled per instruction set like loops.h: outer
+// products of x transposed into panels of 32 (16) rows against 12 (6) weight rows broadcast from W in place.
+//
 // qmm (Q8_0 / Q4_0 with int8 activations, llama.cpp's scheme) is separate: q8dot.h, compiled once per
 // integer instruction set (namespaces i512, i256vnni, i256 with vec_int.h's traits; chosen at run time by
 // qisa_now, or forced by set_qisa), against weights regrouped by qpack; its scalar twin is below.
@@ -31,6 +34,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
