@@ -195,9 +195,10 @@ static void gemm_dynamic(const W& w, const float* x, int64_t M, int64_t K, int64
 
 // y[M, N] = x[M, K] . W^T (+ bias) for any decoder W (fp32: in place), any M, K, N >= 1, in one parallel
 // region: split dynamically by N where there are enough weight rows (>= 4 tiles per thread) and x's
-// transposed copy is small (<= GEMM_XFULL floats per thread), else statically (by N, and by M too where
-// N has fewer tiles than there are threads).
-constexpr int64_t GEMM_XFULL = 4 << 20;
+// transposed copy is small (<= GEMM_XFULL floats, 4 MB, per thread: the copies stay in L3 beside W; a
+// larger x is better transposed one K block at a time), else statically (by N, and by M too where N has
+// fewer tiles than there are threads).
+constexpr int64_t GEMM_XFULL = 1 << 20;
 template <class W>
 static void gemm_mm(const W& w, const float* x, int64_t M, int64_t K, int64_t N, const float* bias, float* y) {
   const int64_t nt = at::get_num_threads(), groups = (N + GEMM_NB - 1) / GEMM_NB;
