@@ -136,7 +136,7 @@ def test_describe_names_the_isa_or_why_not(monkeypatch):
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17])  # kernel up to 16 rows, BLAS beyond
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17])  # few-row kernels up to 16 rows; beyond: f32_gemm, BLAS
 def test_layers_use_kernel_and_match_reference(rows):
     torch.manual_seed(rows)
     w, b = torch.randn(40, 52), torch.randn(40)

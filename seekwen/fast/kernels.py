@@ -1,4 +1,4 @@
-"""Small C++ CPU kernels for few-row products y[M, N] = x[M, K] . W[N, K]^T (M <= 16: decode).
+"""Small C++ CPU kernels for y[M, N] = x[M, K] . W[N, K]^T: few rows (M <= 16: decode); fp32 prefill.
 
 Batch-1/batch-8 decode on this CPU is bound by streaming weights. The BLAS in torch 2.13 reaches only
 ~60% of the read bandwidth for one row and serves 8-row products poorly (~35 GFLOP/s), and PyTorch's
@@ -12,6 +12,12 @@ cached under ~/.cache/torch_extensions):
   Q8_0), uint8 [N, K / 2] packed 4-bit codes with d (GGUF's Q4_0, `linear.pack_q4_0`'s order);
   activations and accumulation fp32;
 - `f32_mm(x, w, bias)`: fp32 weights [N, K] (the usual nn.Linear layout);
+- `f32_gemm(x, w, bias)`: the same product for many rows (prefill; any M is correct), fp32 accumulation,
+  W read in place: outer-product tiles of 32 (AVX-512; 16 AVX2) rows of x transposed per call times 12
+  (6) weight rows broadcast from W, K and N blocked for L2 (csrc/gemm.h). The BLAS (MKL) in torch is
+  slow for these shapes on AMD CPUs: ~2x slower at 32 rows, ~1.3x at 512 (scripts/bench_gemm.py);
+- `gemm(x, w, d, bias)`: the same for mm's 16-bit and block formats, the weights widened to fp32 one
+  slice (~384 KB of fp32) at a time into a per-thread buffer (no fp32 copy of the whole weight);
 - `f32_bmm(x, w)`: per-head products x [H, M, K] . w[H, N, K]^T (MLA's absorbed decode);
 - `moe_experts(xs, w13s, w2s, rows, d13s, d2s)`: the routed SwiGLU experts of one MoE layer in any of
   mm's formats, all experts' gate/up products in one threaded pass, SiLU * up, all down products in a
@@ -59,13 +65,13 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, vec_avx2.h and vec_avx512.h
+SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, gemm.h, vec_avx2.h and vec_avx512.h
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: else at::parallel_for runs serially
 LDFLAGS = ["-fopenmp"]
-FUNCTIONS = ("f32_mm", "mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa", "qpack",
-             "qmm", "qmm_grouped", "qmm_experts", "quantize_act", "qisa", "set_qisa")
+FUNCTIONS = ("f32_mm", "f32_gemm", "mm", "gemm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa",
+             "set_isa", "qpack", "qmm", "qmm_grouped", "qmm_experts", "quantize_act", "qisa", "set_qisa")
 
-MAX_ROWS = 16  # the kernels serve up to this many activation rows (decode, small batches); more: BLAS
+MAX_ROWS = 16  # the few-row kernels serve up to this many activation rows (decode); more: f32_gemm (fp32) or BLAS
 
 _module = None
 _tried = False

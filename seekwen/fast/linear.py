@@ -3,11 +3,13 @@
 The plain model uses `nn.Linear` (weight [out, in], `F.linear`), the reference. Batch-1/batch-8 decode
 on this kind of CPU is bound by streaming weights, and the BLAS serves few-row products poorly (see
 /work/shared/cpu-measurements.md), so up to `kernels.MAX_ROWS` rows on CPU every layer uses an AVX2 or
-AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) use the
-BLAS (the quantized formats dequantize first; Q8_0 / Q4_0 with int8 activations run `kernels.qmm` for any
-number of rows, faster than BLAS even at 512). One class per weight format (`make_linear(w, b, fmt)`):
+AVX-512 kernel (`kernels.py`) that streams each [out, in] weight row once; more rows (prefill) run our
+GEMM, faster than the BLAS here (`kernels.f32_gemm` for fp32 from GEMM_ROWS rows; `kernels.gemm`, which
+decodes the weight slice by slice, for bf16 / fp16 and the block formats' exact path above CHUNKED_ROWS),
+int8 / int4 the BLAS on the dequantized weight (Q8_0 / Q4_0 with int8 activations run `kernels.qmm` for
+any number of rows, faster than BLAS even at 512). One class per weight format (`make_linear(w, b, fmt)`):
 
-- `FastLinear`: fp32 weight [out, in] as loaded; `kernels.f32_mm` (few rows) or `F.linear`.
+- `FastLinear`: fp32 weight [out, in] as loaded; `kernels.f32_mm` (< GEMM_ROWS rows), `kernels.f32_gemm`.
 - `Half16Linear`: bf16 or fp16 weight [out, in] (`--quantize bf16|f16`), widened to fp32 in registers.
 - `Q8_0Linear`, `Q4_0Linear`: GGUF's block formats, 32 input channels per block with one fp16 scale d:
   w = q * d with q int8 (Q8_0) or q in -8..7 stored as 4-bit codes q + 8 (Q4_0). `from_float` quantizes
@@ -41,9 +43,18 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])  # [..., in] -> [M, in]
 
 
+# FastLinear: from this many rows f32_gemm; fewer, f32_mm (any row count, 8 rows a pass with AVX-512). The
+# GEMM's tiles hold 16 or 32 rows, so at 17-19 rows it computes up to 15 padding rows: there f32_mm was
+# 4-29% faster, from 20 rows on they were even, and from 24 the GEMM pulled ahead (scripts/bench_gemm.py
+# --few, one thread, Zen 4)
+GEMM_ROWS = 20
+
+
 class FastLinear(nn.Module):
-    """y = x W^T + b with W stored [out, in] contiguous (the nn.Linear layout). fp32 on CPU with at most
-    `kernels.MAX_ROWS` rows (decode): the SIMD kernel; otherwise (prefill, bf16, no compiler): F.linear."""
+    """y = x W^T + b with W stored [out, in] contiguous (the nn.Linear layout). fp32 on CPU: fewer than
+    GEMM_ROWS rows (decode) the few-row SIMD kernel `kernels.f32_mm`, more (prefill) the GEMM
+    `kernels.f32_gemm` (faster than the BLAS on this CPU: ~1.5-3x at 32 rows, ~1.1-1.6x at 512);
+    otherwise (bf16, GPU, no compiler): F.linear."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -56,10 +67,12 @@ class FastLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x)  # [M, in]
-        k = kernels.get() if self.weight.dtype == torch.float32 and kernels.usable(x2, self.weight) else None
+        k = kernels.get() if self.weight.dtype == torch.float32 and kernels.usable(x2[: kernels.MAX_ROWS],
+                                                                                 self.weight) else None
         if k is None:
             return F.linear(x, self.weight, self.bias)
-        return k.f32_mm(x2.contiguous(), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        mm = k.f32_mm if x2.shape[0] < GEMM_ROWS else k.f32_gemm  # [M, out]
+        return mm(x2.contiguous(), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
@@ -161,7 +174,8 @@ def chunked_mm(k, x: torch.Tensor, w: torch.Tensor, d: torch.Tensor | None, bias
 class Half16Linear(nn.Module):
     """16-bit weights (bf16 or fp16) [out, in], fp32 activations and accumulation: y = x W^T + b. Up to
     CHUNKED_ROWS rows on CPU: the SIMD kernel widens each weight to fp32 in registers (`kernels.mm`, 16
-    rows a call; exact, bf16 by a shift, fp16 by F16C); more: x against the weight widened to fp32, `F.linear`."""
+    rows a call; exact, bf16 by a shift, fp16 by F16C); more: the GEMM (`kernels.gemm`), which widens the
+    weight one slice at a time into a small fp32 buffer; no kernels: `F.linear` on the widened weight."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -182,8 +196,10 @@ class Half16Linear(nn.Module):
         x2 = _flat(x).float().contiguous()  # [M, in]
         M = x2.shape[0]
         k = kernels.get() if kernels.usable(x2[: kernels.MAX_ROWS], self.weight) else None
-        if k is None or M > CHUNKED_ROWS:  # many rows (prefill) or no kernels: BLAS on the widened weight
+        if k is None:  # no kernels: BLAS on the widened weight
             y = F.linear(x2, self.dequantized(), self.bias)
+        elif M > CHUNKED_ROWS:  # many rows (prefill): the GEMM, widening the weight slice by slice
+            y = k.gemm(x2, self.weight, None, self.bias)
         else:  # up to CHUNKED_ROWS: the kernel over 16-row chunks, no fp32 copy of the weight per call
             y = chunked_mm(k, x2, self.weight, None, self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -258,9 +274,9 @@ def unpack_q4_0(p: torch.Tensor) -> torch.Tensor:
     return (u.to(torch.int8) - 8).reshape(p.shape[0], -1)
 
 
-# block formats, exact (fp32-activation) path: up to this many rows run the few-row kernel in chunks of
-# kernels.MAX_ROWS (each chunk streams the blocks once) rather than dequantizing the whole weight to fp32
-# for one BLAS product per call
+# 16-bit and block formats, exact (fp32-activation) path: up to this many rows run the few-row kernel in
+# chunks of kernels.MAX_ROWS (each chunk streams the weight once); more, the GEMM (kernels.gemm, the
+# weight decoded slice by slice), which is faster there (scripts/bench_gemm.py --formats)
 CHUNKED_ROWS = 64
 
 # How the block formats (Q8_0, Q4_0) treat activations on the kernel path (CPU, fp32, kernels built):
@@ -270,8 +286,8 @@ CHUNKED_ROWS = 64
 #   from dequantize-then-run by the activations' rounding: per output at most
 #   sum_b d_x[b] / 2 * sum_(k in b) |w[k]| (see `q8_error_bound`), about the size of Q8_0's own weight error;
 # - "fp32": the exact path: fp32 activations against the weights decoded in registers (`kernels.mm`, up
-#   to CHUNKED_ROWS rows), else the dequantized weight through BLAS; equal to dequantize-then-run up to
-#   summation order.
+#   to CHUNKED_ROWS rows), else `kernels.gemm` (the blocks decoded to fp32 slice by slice); equal to
+#   dequantize-then-run up to summation order.
 # SEEKWEN_BLOCK_ACTIVATIONS=fp32 picks the exact one for a process, `block_activations("fp32")` for a block.
 ACTIVATIONS = os.environ.get("SEEKWEN_BLOCK_ACTIVATIONS", "q8")
 _ACTIVATION_MODES = ("q8", "fp32")
@@ -305,8 +321,9 @@ class _BlockLinear(nn.Module):
     """Shared by the GGUF block formats: codes (`self.codes`), fp16 block scales d [out, in // 32], bias.
     On CPU with the kernels: "q8" activations (ACTIVATIONS, the default): `kernels.qmm` against the blocks
     repacked once, at first use, in groups of 16 rows (`kernels.qpack`; kept beside the codes), any number
-    of rows; "fp32": few rows `kernels.mm` decodes each block to fp32 in registers (d applied per block)
-    against the fp32 activations, more (prefill) or no kernels: F.linear with the dequantized weight."""
+    of rows; "fp32": up to CHUNKED_ROWS rows `kernels.mm` decodes each block to fp32 in registers (d applied
+    per block) against the fp32 activations, more (prefill) the GEMM `kernels.gemm` (decoding one slice of
+    the weight at a time into a small fp32 buffer); no kernels: F.linear with the dequantized weight."""
 
     fmt = ""
 
@@ -355,8 +372,10 @@ class _BlockLinear(nn.Module):
         k = kernels.get() if kernels.usable(x2[: kernels.MAX_ROWS], self.d) else None
         if k is not None and ACTIVATIONS == "q8":  # int8 activations, integer dots: any number of rows
             y = k.qmm(x2, self.packed(k), self.out_features, self.bias)
-        elif k is None or M > CHUNKED_ROWS:  # exact path, many rows (long prefill) or no kernels: BLAS
+        elif k is None:  # no kernels: BLAS on the dequantized weight
             y = F.linear(x2, self.dequantized(), self.bias)
+        elif M > CHUNKED_ROWS:  # exact path, many rows (long prefill): the GEMM, decoding slice by slice
+            y = k.gemm(x2, self.stored_codes(keep=True), self.d, self.bias)
         else:  # exact path up to CHUNKED_ROWS: the kernel over 16-row chunks, no fp32 copy of the weight
             y = chunked_mm(k, x2, self.stored_codes(keep=True), self.d, self.bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -533,15 +552,19 @@ def weight_format(layer: nn.Module) -> str:
 
 
 def describe_linear(layer: nn.Module) -> str:
-    """Which implementation a linear layer of the fast path runs, e.g. "fp32 f32_mm[avx512] <= 16 rows, else BLAS"."""
+    """Which implementation a linear layer of the fast path runs, e.g. "fp32 f32_mm[avx512] < 20 rows, else
+    f32_gemm[avx512]"."""
     fmt = weight_format(layer)
-    name = {Int8Linear: "int8_mm", Int4Linear: "int4_mm", Half16Linear: "mm", Q8_0Linear: "mm",
-            Q4_0Linear: "mm"}.get(type(layer), "f32_mm")
     plain = isinstance(layer, FastLinear)
     on_cpu = next(layer.parameters()).device.type == "cpu"
     if plain and layer.weight.dtype != torch.float32 or not on_cpu or kernels.get() is None:
         return f"{fmt} {'F.linear' if plain else 'dequantize + F.linear'}"
     if isinstance(layer, _BlockLinear) and ACTIVATIONS == "q8":
         return f"{fmt} qmm[{kernels.get().qisa()}] int8 activations, any rows"
-    prefill = "BLAS" if plain else "dequantize + BLAS"
-    return f"{fmt} {name}[{isa_name()}] <= {kernels.MAX_ROWS} rows, else {prefill}"
+    isa = isa_name()
+    if plain:
+        return f"{fmt} f32_mm[{isa}] < {GEMM_ROWS} rows, else f32_gemm[{isa}]"
+    if isinstance(layer, (Half16Linear, _BlockLinear)):
+        return f"{fmt} mm[{isa}] <= {CHUNKED_ROWS} rows ({kernels.MAX_ROWS} a call), else gemm[{isa}]"
+    name = "int8_mm" if isinstance(layer, Int8Linear) else "int4_mm"
+    return f"{fmt} {name}[{isa}] <= {kernels.MAX_ROWS} rows, else dequantize + BLAS"

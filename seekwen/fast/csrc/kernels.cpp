@@ -23,6 +23,9 @@
 // MBMAX activation rows: the tile is run again for the next ones; its weights then come from L1/L2.
 // K tails use masked loads (the block formats need K % 32 == 0).
 //
+// f32_gemm / gemm (many rows: prefill) are gemm.h's GEMM, compiled per instruction set like loops.h: outer
+// products of x transposed into panels of 32 (16) rows against 12 (6) weight rows broadcast from W in place.
+//
 // qmm (Q8_0 / Q4_0 with int8 activations, llama.cpp's scheme) is separate: q8dot.h, compiled once per
 // integer instruction set (namespaces i512, i256vnni, i256 with vec_int.h's traits; chosen at run time by
 // qisa_now, or forced by set_qisa), against weights regrouped by qpack; its scalar twin is below.
@@ -31,8 +34,10 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -65,6 +70,7 @@ struct QPacked {
 namespace avx2 {
 #include "vec_avx2.h"
 #include "loops.h"
+#include "gemm.h"
 }  // namespace avx2
 
 namespace i256 {  // AVX2: vpmaddubsw + vpmaddwd (the whole file is built with -mavx2)
@@ -81,6 +87,7 @@ namespace i256 {  // AVX2: vpmaddubsw + vpmaddwd (the whole file is built with -
 namespace avx512 {
 #include "vec_avx512.h"
 #include "loops.h"
+#include "gemm.h"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -155,6 +162,21 @@ torch::Tensor f32_mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tens
   return y;
 }
 
+// y[M, N] = x[M, K] . w[N, K]^T (+ bias), fp32, any number of rows: gemm.h's prefill GEMM
+torch::Tensor f32_gemm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check(x, w, 1);
+  TORCH_CHECK(w.scalar_type() == torch::kFloat, "f32_gemm: fp32 weights");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->scalar_type() == torch::kFloat &&
+              bias->is_contiguous() && bias->numel() == w.size(0)), "f32_gemm: bias fp32 [N]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M > 0 && N > 0 && K > 0)
+    SEEKWEN_DISPATCH(f32_gemm, x.data_ptr<float>(), w.data_ptr<float>(), M, K, N, opt_ptr(bias), y.data_ptr<float>());
+  else if (M > 0 && N > 0)
+    y.copy_(bias.has_value() && bias->defined() ? bias->expand({M, N}) : torch::zeros({M, N}, x.options()));
+  return y;
+}
+
 // y[h] = x[h] . w[h]^T for x [H, M, K], w [H, N, K] (per-head products, e.g. MLA's absorbed decode)
 torch::Tensor f32_bmm(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && x.is_contiguous() && w.is_contiguous(), "f32_bmm: 3-d contiguous");
@@ -209,6 +231,22 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> 
   const int64_t M = x.size(0), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
   SEEKWEN_DISPATCH(linear, r, x.data_ptr<float>(), M, N, nullptr, opt_ptr(bias), y.data_ptr<float>());
+  return y;
+}
+
+// mm for many rows (prefill): gemm.h's GEMM, the weights widened to fp32 slice by slice
+torch::Tensor gemm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> d, c10::optional<torch::Tensor> bias) {
+  const WRef r = wref(w, d);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat && x.size(1) == r.K,
+              "gemm: x must be contiguous fp32 [M, K]");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->scalar_type() == torch::kFloat &&
+              bias->is_contiguous() && bias->numel() == w.size(0)), "gemm: bias fp32 [N]");
+  const int64_t M = x.size(0), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M > 0 && N > 0 && r.K > 0)
+    SEEKWEN_DISPATCH(gemm, r, x.data_ptr<float>(), M, N, opt_ptr(bias), y.data_ptr<float>());
+  else if (M > 0 && N > 0)
+    y.copy_(bias.has_value() && bias->defined() ? bias->expand({M, N}) : torch::zeros({M, N}, x.options()));
   return y;
 }
 
@@ -569,6 +607,8 @@ torch::Tensor qmm_experts(torch::Tensor xs, std::vector<torch::Tensor> p13, std:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_mm", torch::wrap_pybind_function(f32_mm), "y = x . w^T (+ bias), fp32 weights [N, K]");
+  m.def("f32_gemm", torch::wrap_pybind_function(f32_gemm), "y = x . w^T (+ bias), fp32, many rows (prefill)");
+  m.def("gemm", torch::wrap_pybind_function(gemm), "mm for many rows: fp32/bf16/fp16, Q8_0 or Q4_0 weights");
   m.def("mm", torch::wrap_pybind_function(mm), "y = x . W^T (+ bias): fp32/bf16/fp16, Q8_0 or Q4_0 weights");
   m.def("f32_bmm", torch::wrap_pybind_function(f32_bmm), "per-head y[h] = x[h] . w[h]^T");
   m.def("int8_mm", torch::wrap_pybind_function(int8_mm), "y = x . (q * s)^T (+ bias), int8 weights");
