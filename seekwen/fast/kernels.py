@@ -58,7 +58,7 @@ SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, vec_avx2.h and vec_avx
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: else at::parallel_for runs serially
 LDFLAGS = ["-fopenmp"]
 FUNCTIONS = ("f32_mm", "mm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa", "set_isa", "qpack",
-             "qmm", "quantize_act", "qisa", "set_qisa")
+             "qmm", "quantize_act", "qisa", "set_qisa", "bf16_mm", "round_bf16", "has_bf16_mm")
 
 MAX_ROWS = 16  # the kernels serve up to this many activation rows (decode, small batches); more: BLAS
 
