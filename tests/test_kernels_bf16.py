@@ -89,6 +89,14 @@ def test_nan_and_inf_propagate():
 
 
 @needs_bf16
+def test_empty_k_gives_the_bias():
+    for M in (2, 20):
+        x, w, b = torch.randn(M, 0), torch.randn(3, 0).bfloat16(), torch.randn(3)
+        assert torch.equal(K_.bf16_mm(x, w, b), b.expand(M, 3))
+        assert torch.equal(K_.bf16_mm(x, w, None), torch.zeros(M, 3))
+
+
+@needs_bf16
 def test_bf16_mm_rejects_bad_operands():
     x, w = torch.randn(2, 16), torch.randn(3, 16).bfloat16()
     with pytest.raises(RuntimeError, match="bf16 w"):

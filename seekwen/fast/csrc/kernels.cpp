@@ -23,6 +23,10 @@
 // MBMAX activation rows: the tile is run again for the next ones; its weights then come from L1/L2.
 // K tails use masked loads (the block formats need K % 32 == 0).
 //
+// bf16_mm (bf16 weights with bf16-rounded activations, AVX512-BF16 vdpbf16ps, llama.cpp's arithmetic for
+// BF16) is separate too: bf16dot.h, compiled once in namespace b512 with avx512bf16 enabled for it alone,
+// run only where the CPU has it (has_bf16_mm).
+//
 // qmm (Q8_0 / Q4_0 with int8 activations, llama.cpp's scheme) is separate: q8dot.h, compiled once per
 // integer instruction set (namespaces i512, i256vnni, i256 with vec_int.h's traits; chosen at run time by
 // qisa_now, or forced by set_qisa), against weights regrouped by qpack; its scalar twin is below.
@@ -344,6 +348,7 @@ torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Ten
               bias->numel() == w.size(0) && bias->is_contiguous()), "bf16_mm: bias fp32 [N]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
+  if (K == 0) return bias.has_value() && bias->defined() ? bias->expand({M, N}).contiguous() : y.zero_();
 #ifdef SEEKWEN_BF16
   if (M > 0 && N > 0)
     b512::bf16_mm(x.data_ptr<float>(), (const uint16_t*)w.data_ptr(), M, K, N, opt_ptr(bias), y.data_ptr<float>());
