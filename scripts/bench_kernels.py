@@ -10,10 +10,15 @@ as `x.sum()` over 1 GiB of fp32 (2 threads, the best of 5). Each figure is the m
 passes over all copies. `--isa avx2` forces the AVX2 code. Also the older BLAS baseline (F.linear) for fp32.
 q8_0 / q4_0 run as the layers do by default: int8 activations through `kernels.qmm` (the integer code
 `--qisa` forces: avx512vnni, avxvnni, avx2, scalar); `--activations fp32,q8` measures both their exact path
-(`kernels.mm` with fp32 activations) and that, one row per path.
+(`kernels.mm` with fp32 activations) and that, one row per path. bf16 runs both of its paths unless
+`--activations` names one: "bf16/bf16" its default on AVX512-BF16 CPUs (activations rounded to bf16,
+`kernels.bf16_mm`, vdpbf16ps), "bf16/fp32" the exact one (`kernels.mm` up to 64 rows, then BLAS on the
+widened weight). Rows above 16 also get G MAC/s (M x out x in multiply-adds per second): prefill is
+compute-bound there.
 
     python scripts/bench_kernels.py [--formats fp32,q4_0] [--shapes up,head] [--rows 1,8,16] [--isa avx2]
     python scripts/bench_kernels.py --formats q8_0,q4_0 --activations fp32,q8 [--rows 1,8,16,64,512]
+    python scripts/bench_kernels.py --formats bf16 --rows 1,8,16,32,512 --shapes qo,kv,up,down
 
 `--decode` instead times whole-model decode on `seekwen bench`'s Qwen2.5-0.5B-shaped checkpoint (random
 weights, built once under ~/.cache/seekwen/bench): the fp32 model prepared in each format, batch 1 and
@@ -132,6 +137,33 @@ def bench_decode(formats: list[str], batches: list[int], steps: int, repeats: in
               f"({100 * (1 / best[f, batches[0]]) / roof:3.0f}% of it)" if batches[0] == 1 else f"{f:<5} {cells}")
 
 
+def activations(fmt: str, asked: str | None) -> list[str]:
+    """The activation modes (linear.block_activations) to measure a format with."""
+    if fmt not in ("q8_0", "q4_0", "bf16"):
+        return ["fp32"]
+    if asked:
+        return asked.split(",")
+    return ["q8", "fp32"] if fmt == "bf16" else ["q8"]
+
+
+def label(fmt: str, act: str) -> str:
+    if fmt == "bf16":
+        return f"bf16/{'bf16' if act == 'q8' and kernels.get().has_bf16_mm() else 'fp32'}"
+    return f"{fmt}/{act}" if fmt in ("q8_0", "q4_0") else fmt
+
+
+def cells(res: dict, rows: list[int], bw: float, fmt: str, out_f: int, in_f: int) -> str:
+    """GB/s median [best] (% of the read bandwidth) per row count; above 16 rows also G MAC/s (median)."""
+    nbytes = weight_bytes(make(fmt, torch.zeros(out_f, in_f)))
+    out = []
+    for M in rows:
+        c = f"{res[M][0]:5.1f} [{res[M][1]:5.1f}] ({100 * res[M][0] / bw:3.0f}%)"
+        if M > 16:
+            c += f" {res[M][0] * M * out_f * in_f / nbytes:5.1f} GMAC/s"
+        out.append(c)
+    return "  ".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--formats", default=",".join(FORMATS))
@@ -140,7 +172,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--isa", default=None, help="force avx2 or avx512")
     p.add_argument("--qisa", default=None, help="q8_0 / q4_0: force qmm's integer code (avx512vnni, avxvnni, ...)")
-    p.add_argument("--activations", default="q8", help="q8_0 / q4_0: fp32 (exact path), q8 (default), or both")
+    p.add_argument("--activations", default=None,
+                   help="q8_0 / q4_0 / bf16: fp32 (exact path), q8 (rounded: int8 blocks, bf16 for bf16), or both; "
+                        "default q8 for q8_0 / q4_0, both for bf16")
     p.add_argument("--blas", action="store_true", help="also F.linear with fp32 weights")
     p.add_argument("--decode", action="store_true", help="whole-model decode per format instead (see above)")
     p.add_argument("--batches", default="1,8")
@@ -165,12 +199,11 @@ def main() -> None:
     for fmt in a.formats.split(","):
         for name in a.shapes.split(","):
             out_f, in_f = SHAPES[name]
-            for act in a.activations.split(",") if fmt in ("q8_0", "q4_0") else ["fp32"]:
+            for act in activations(fmt, a.activations):
                 with L.block_activations(act):
                     res = bench_shape(fmt, out_f, in_f, rows, a.repeats)
-                cells = "  ".join(f"{res[M][0]:5.1f} [{res[M][1]:5.1f}] ({100 * res[M][0] / bw:3.0f}%)" for M in rows)
-                label = f"{fmt}/{act}" if fmt in ("q8_0", "q4_0") else fmt
-                print(f"{label:<9} {name:<4} {out_f:>6}x{in_f:<5} {cells}", flush=True)
+                print(f"{label(fmt, act):<9} {name:<4} {out_f:>6}x{in_f:<5} {cells(res, rows, bw, fmt, out_f, in_f)}",
+                      flush=True)
     if a.blas:
         for name in a.shapes.split(","):
             res = bench_blas(*SHAPES[name], rows, a.repeats)

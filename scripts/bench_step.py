@@ -111,7 +111,7 @@ def bench_prefill(args) -> dict:
     from seekwen.runtime.decoder import Decoder
     from seekwen.tools.bench.checkpoints import build_checkpoint
 
-    model = seekwen.load(build_checkpoint("dense", args.cache_dir), dtype=torch.float32)
+    model = seekwen.load(build_checkpoint("dense", args.cache_dir), dtype=torch.float32, quantize=args.quantize)
     S = args.prefill_len
     ids = torch.randint(0, model.cfg.vocab_size, (1, S), generator=torch.Generator().manual_seed(0))
     dec = Decoder(model, 1, S + 1)
@@ -161,6 +161,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prefill-len", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quantize", default=None, help="prefill: the dense model's weight format (e.g. bf16)")
     p.add_argument("--cache-dir", default="~/.cache/seekwen/bench")
     p.add_argument("--compare", default=None, help="another checkout: run both, alternating, --rounds times")
     p.add_argument("--rounds", type=int, default=3)

@@ -11,6 +11,11 @@ cached under ~/.cache/torch_extensions):
   widened to fp32 in registers, exactly), int8 [N, K] with fp16 block scales d [N, K / 32] (GGUF's
   Q8_0), uint8 [N, K / 2] packed 4-bit codes with d (GGUF's Q4_0, `linear.pack_q4_0`'s order);
   activations and accumulation fp32;
+- `bf16_mm(x, w, bias)`: bf16 weights [N, K] as stored with bf16 activations, llama.cpp's arithmetic for
+  BF16 (ggml_vec_dot_bf16): x rounded once per call to bf16 (nearest even, `round_bf16(x)`, as
+  x.bfloat16()), products by AVX512-BF16's vdpbf16ps, fp32 accumulation and fp32 output, any number of
+  rows (few: register-blocked dots streaming each weight row once; many: a tiled kernel with 16 activation
+  rows per vector, csrc/bf16dot.h). Only where `has_bf16_mm()` (an AVX512-BF16 CPU, isa() avx512);
 - `f32_mm(x, w, bias)`: fp32 weights [N, K] (the usual nn.Linear layout);
 - `f32_gemm(x, w, bias)`: the same product for many rows (prefill; any M is correct), fp32 accumulation,
   W read in place: outer-product tiles of 32 (AVX-512; 16 AVX2) rows of x transposed per call times 12
@@ -46,7 +51,9 @@ the shared loop templates `csrc/loops.h` twice, once with AVX2 vectors (`vec_avx
 AVX-512 vectors (`vec_avx512.h`); every format is a small "decoder" there that hands the one loop fp32
 lanes of weights; kernels.cpp's header comment describes the loop structure. `csrc/q8dot.h` (qmm) is
 compiled three times, with the integer vector traits of `csrc/vec_int.h` for AVX512-VNNI, AVX-VNNI and
-AVX2; its scalar twin is in kernels.cpp. Which instruction set runs
+AVX2; its scalar twin is in kernels.cpp. `csrc/bf16dot.h` (bf16_mm) is compiled once, with AVX512-BF16
+enabled for it alone (`#pragma GCC target`), so the module still builds and loads on other CPUs. Which
+instruction set runs
 is chosen at run time (AVX-512 where the CPU has it), or forced with SEEKWEN_KERNELS=avx2 (`set_isa`);
 `describe()` says which one is active. If no compiler is available (or the CPU lacks AVX2), `get()`
 returns None and the layers fall back to `F.linear` / dequantize + `torch.mm` (same results up to
@@ -69,7 +76,8 @@ SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, gemm.h, vec_avx2.h and
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: else at::parallel_for runs serially
 LDFLAGS = ["-fopenmp"]
 FUNCTIONS = ("f32_mm", "f32_gemm", "mm", "gemm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa",
-             "set_isa", "qpack", "qmm", "qmm_grouped", "qmm_experts", "quantize_act", "qisa", "set_qisa")
+             "set_isa", "qpack", "qmm", "qmm_grouped", "qmm_experts", "quantize_act", "qisa", "set_qisa", "bf16_mm",
+             "round_bf16", "has_bf16_mm")
 
 MAX_ROWS = 16  # the few-row kernels serve up to this many activation rows (decode); more: f32_gemm (fp32) or BLAS
 

@@ -10,7 +10,8 @@ int8 / int4 the BLAS on the dequantized weight (Q8_0 / Q4_0 with int8 activation
 any number of rows, faster than BLAS even at 512). One class per weight format (`make_linear(w, b, fmt)`):
 
 - `FastLinear`: fp32 weight [out, in] as loaded; `kernels.f32_mm` (< GEMM_ROWS rows), `kernels.f32_gemm`.
-- `Half16Linear`: bf16 or fp16 weight [out, in] (`--quantize bf16|f16`), widened to fp32 in registers.
+- `Half16Linear`: bf16 or fp16 weight [out, in] (`--quantize bf16|f16`), widened to fp32 in registers;
+  bf16 on a CPU with AVX512-BF16 by default against bf16-rounded activations (`kernels.bf16_mm`).
 - `Q8_0Linear`, `Q4_0Linear`: GGUF's block formats, 32 input channels per block with one fp16 scale d:
   w = q * d with q int8 (Q8_0) or q in -8..7 stored as 4-bit codes q + 8 (Q4_0). `from_float` quantizes
   exactly as ggml does; `from_blocks(q, d)` takes GGUF's blocks (the GGUF loader's entry point).
@@ -19,7 +20,8 @@ any number of rows, faster than BLAS even at 512). One class per weight format (
 - `Int4Linear`: 4-bit weight in groups of `group_size` input channels, asymmetric (scale and zero per
   group and output channel), two codes per byte.
 All are weight-only with fp32 activations, except that Q8_0 / Q4_0 on the kernel path quantize the
-activations to int8 blocks by default, as llama.cpp does for them (`ACTIVATIONS`, `block_activations`);
+activations to int8 blocks by default, and bf16 weights (on CPUs with AVX512-BF16) round them to bf16, as
+llama.cpp does for these types (`ACTIVATIONS`, `block_activations`);
 see `kernels.py` for why not PyTorch's int8/int4 ops.
 
 Every class also has `dequantized()` -> the fp32 [out, in] weight it computes with, the exact reference
@@ -172,10 +174,13 @@ def chunked_mm(k, x: torch.Tensor, w: torch.Tensor, d: torch.Tensor | None, bias
 
 
 class Half16Linear(nn.Module):
-    """16-bit weights (bf16 or fp16) [out, in], fp32 activations and accumulation: y = x W^T + b. Up to
-    CHUNKED_ROWS rows on CPU: the SIMD kernel widens each weight to fp32 in registers (`kernels.mm`, 16
-    rows a call; exact, bf16 by a shift, fp16 by F16C); more: the GEMM (`kernels.gemm`), which widens the
-    weight one slice at a time into a small fp32 buffer; no kernels: `F.linear` on the widened weight."""
+    """16-bit weights (bf16 or fp16) [out, in], y = x W^T + b with fp32 accumulation. bf16 weights on a CPU
+    with AVX512-BF16 and ACTIVATIONS "q8" (the default, llama.cpp's arithmetic for BF16): x rounded to bf16
+    once per call, products by vdpbf16ps, fp32 output (`kernels.bf16_mm`), any number of rows. Otherwise
+    (fp16 weights, "fp32" activations, no AVX512-BF16) the exact path, fp32 activations: up to
+    CHUNKED_ROWS rows on CPU the SIMD kernel widens each weight to fp32 in registers (`kernels.mm`, 16 rows
+    a call; bf16 by a shift, fp16 by F16C); more: the GEMM (`kernels.gemm`), which widens the weight one
+    slice at a time into a small fp32 buffer; no kernels: `F.linear` on the widened weight."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -192,11 +197,20 @@ class Half16Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight.float()  # [out, in]
 
+    def bf16_activations(self, k=None) -> bool:
+        """Whether this layer rounds its activations to bf16 (`kernels.bf16_mm`) on CPU: bf16 weights, the
+        kernels built (k, default kernels.get()) with AVX512-BF16 usable, ACTIVATIONS not "fp32"."""
+        k = kernels.get() if k is None else k
+        return (self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and ACTIVATIONS != "fp32"
+                and k is not None and k.has_bf16_mm())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _flat(x).float().contiguous()  # [M, in]
         M = x2.shape[0]
         k = kernels.get() if kernels.usable(x2[: kernels.MAX_ROWS], self.weight) else None
-        if k is None:  # no kernels: BLAS on the widened weight
+        if k is not None and self.bf16_activations(k):  # bf16 x bf16 -> fp32 (vdpbf16ps), any number of rows
+            y = k.bf16_mm(x2, self.weight, self.bias)
+        elif k is None:  # no kernels: BLAS on the widened weight
             y = F.linear(x2, self.dequantized(), self.bias)
         elif M > CHUNKED_ROWS:  # many rows (prefill): the GEMM, widening the weight slice by slice
             y = k.gemm(x2, self.weight, None, self.bias)
@@ -279,24 +293,32 @@ def unpack_q4_0(p: torch.Tensor) -> torch.Tensor:
 # weight decoded slice by slice), which is faster there (scripts/bench_gemm.py --formats)
 CHUNKED_ROWS = 64
 
-# How the block formats (Q8_0, Q4_0) treat activations on the kernel path (CPU, fp32, kernels built):
-# - "q8" (the default; llama.cpp's scheme for these types): each activation row is quantized once per call
-#   to int8 blocks of 32 with one fp32 scale each (ggml's quantize_row_q8_0), then integer dot products
-#   against the weight blocks (`kernels.qmm`, AVX512-VNNI / AVX-VNNI), any number of rows. Results differ
-#   from dequantize-then-run by the activations' rounding: per output at most
-#   sum_b d_x[b] / 2 * sum_(k in b) |w[k]| (see `q8_error_bound`), about the size of Q8_0's own weight error;
+# How the block formats (Q8_0, Q4_0) and bf16 weights treat activations on the kernel path (CPU, fp32,
+# kernels built), llama.cpp's arithmetic for these types or the exact one:
+# - "q8" (the default): rounded activations, as llama.cpp does.
+#   Q8_0 / Q4_0: each activation row is quantized once per call to int8 blocks of 32 with one fp32 scale
+#   each (ggml's quantize_row_q8_0), then integer dot products against the weight blocks (`kernels.qmm`,
+#   AVX512-VNNI / AVX-VNNI), any number of rows. Results differ from dequantize-then-run by the
+#   activations' rounding: per output at most sum_b d_x[b] / 2 * sum_(k in b) |w[k]| (see
+#   `q8_error_bound`), about the size of Q8_0's own weight error.
+#   bf16 weights (`Half16Linear`, CPUs with AVX512-BF16 only; elsewhere the exact path): each activation
+#   row is rounded once per call to bf16 (nearest even), products by vdpbf16ps, fp32 accumulation and
+#   output (`kernels.bf16_mm`), any number of rows. Differs from the exact result by at most
+#   sum_k |x - bf16(x)| |w| (`bf16_error_bound`; |x - bf16(x)| <= 2^-9 |x|). fp16 weights: always exact;
 # - "fp32": the exact path: fp32 activations against the weights decoded in registers (`kernels.mm`, up
 #   to CHUNKED_ROWS rows), else `kernels.gemm` (the blocks decoded to fp32 slice by slice); equal to
 #   dequantize-then-run up to summation order.
-# SEEKWEN_BLOCK_ACTIVATIONS=fp32 picks the exact one for a process, `block_activations("fp32")` for a block.
+# SEEKWEN_BLOCK_ACTIVATIONS=fp32 picks the exact one for a process, `block_activations("fp32")` for a block
+# (both for the block formats and bf16 weights).
 ACTIVATIONS = os.environ.get("SEEKWEN_BLOCK_ACTIVATIONS", "q8")
 _ACTIVATION_MODES = ("q8", "fp32")
 
 
 @contextlib.contextmanager
 def block_activations(mode: str):
-    """Run the block formats with "q8" (int8 activations, kernels.qmm) or "fp32" (exact) activations
-    inside the with-block; see ACTIVATIONS."""
+    """Run the block formats and bf16 weights with "q8" (rounded activations: int8 blocks for Q8_0 / Q4_0,
+    kernels.qmm; bf16 for bf16 weights, kernels.bf16_mm) or "fp32" (exact) activations inside the
+    with-block; see ACTIVATIONS."""
     global ACTIVATIONS
     if mode not in _ACTIVATION_MODES:
         raise ValueError(f"block activations: one of {_ACTIVATION_MODES}, got {mode!r}")
@@ -315,6 +337,13 @@ def q8_error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     dx = x.float().reshape(M, -1, QK).abs().amax(-1) / 127.0  # [M, K/32]
     wabs = w.float().abs().reshape(w.shape[0], -1, QK).sum(-1)  # [N, K/32]
     return (dx / 2) @ wabs.T
+
+
+def bf16_error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[M, N] bound on |x w^T - bf16(x) w^T| from rounding x [M, K] to bf16 (bf16 weights' default
+    activations): sum_k |x[m, k] - bf16(x[m, k])| |w[n, k]|. w: the weight [N, K]."""
+    x = x.float()
+    return ((x - x.bfloat16().float()).abs().double() @ w.double().abs().T).float()
 
 
 class _BlockLinear(nn.Module):
@@ -561,6 +590,8 @@ def describe_linear(layer: nn.Module) -> str:
         return f"{fmt} {'F.linear' if plain else 'dequantize + F.linear'}"
     if isinstance(layer, _BlockLinear) and ACTIVATIONS == "q8":
         return f"{fmt} qmm[{kernels.get().qisa()}] int8 activations, any rows"
+    if isinstance(layer, Half16Linear) and layer.bf16_activations():
+        return f"{fmt} bf16_mm[avx512bf16] bf16 x bf16 -> fp32 (vdpbf16ps), any rows"
     isa = isa_name()
     if plain:
         return f"{fmt} f32_mm[{isa}] < {GEMM_ROWS} rows, else f32_gemm[{isa}]"

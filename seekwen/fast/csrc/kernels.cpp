@@ -25,6 +25,9 @@
 //
 // f32_gemm / gemm (many rows: prefill) are gemm.h's GEMM, compiled per instruction set like loops.h: outer
 // products of x transposed into panels of 32 (16) rows against 12 (6) weight rows broadcast from W in place.
+// bf16_mm (bf16 weights with bf16-rounded activations, AVX512-BF16 vdpbf16ps, llama.cpp's arithmetic for
+// BF16) is separate too: bf16dot.h, compiled once in namespace b512 with avx512bf16 enabled for it alone,
+// run only where the CPU has it (has_bf16_mm).
 //
 // qmm (Q8_0 / Q4_0 with int8 activations, llama.cpp's scheme) is separate: q8dot.h, compiled once per
 // integer instruction set (namespaces i512, i256vnni, i256 with vec_int.h's traits; chosen at run time by
@@ -110,6 +113,16 @@ namespace i512 {  // AVX512-VNNI
 #undef SEEKWEN_IV512
 }  // namespace i512
 #pragma GCC pop_options
+
+#if __GNUC__ >= 10
+#define SEEKWEN_BF16 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+namespace b512 {  // AVX512-BF16: bf16 weights with bf16 activations (vdpbf16ps)
+#include "bf16dot.h"
+}  // namespace b512
+#pragma GCC pop_options
+#endif
 #endif
 
 // ---- torch-facing functions: checks, output allocation, and the choice of instruction set ----------
@@ -334,6 +347,49 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor p, torch::Tensor scale, tor
   }
 #endif
   avx2::linear(r, x.data_ptr<float>(), M, N, nullptr, opt_ptr(bias), y.data_ptr<float>());
+  return y;
+}
+
+// ---- bf16 weights with bf16 activations (bf16dot.h) --------------------------------------------------
+
+#ifdef SEEKWEN_BF16
+static bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+#else
+static bool cpu_has_avx512bf16() { return false; }
+#endif
+
+// Whether bf16_mm runs here: a CPU with AVX512-BF16, a build with it, and isa() == "avx512".
+bool has_bf16_mm() { return use_avx512 && cpu_has_avx512bf16(); }
+
+static void check_bf16_x(const torch::Tensor& x) {
+  TORCH_CHECK(has_bf16_mm(), "bf16_mm: needs AVX512-BF16 (and isa() avx512)");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat, "bf16_mm: contiguous fp32 x [M, K]");
+}
+
+// x [M, K] fp32 -> bf16 [M, K] as bf16_mm rounds it (for tests): round to nearest even, NaN -> 0x7FC0
+torch::Tensor round_bf16(torch::Tensor x) {
+  check_bf16_x(x);
+  auto out = torch::empty(x.sizes(), x.options().dtype(torch::kBFloat16));
+#ifdef SEEKWEN_BF16
+  b512::round_rows(x.data_ptr<float>(), x.size(0), x.size(1), (uint16_t*)out.data_ptr());
+#endif
+  return out;
+}
+
+// y[M, N] = bf16(x)[M, K] . w[N, K]^T (+ bias) in fp32, w bf16 [N, K] as stored: vdpbf16ps, any M
+torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check_bf16_x(x);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kBFloat16 && w.size(1) == x.size(1),
+              "bf16_mm: contiguous bf16 w [N, K]");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || (bias->scalar_type() == torch::kFloat &&
+              bias->numel() == w.size(0) && bias->is_contiguous()), "bf16_mm: bias fp32 [N]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (K == 0) return bias.has_value() && bias->defined() ? bias->expand({M, N}).contiguous() : y.zero_();
+#ifdef SEEKWEN_BF16
+  if (M > 0 && N > 0)
+    b512::bf16_mm(x.data_ptr<float>(), (const uint16_t*)w.data_ptr(), M, K, N, opt_ptr(bias), y.data_ptr<float>());
+#endif
   return y;
 }
 
@@ -624,4 +680,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_act", torch::wrap_pybind_function(quantize_act), "x -> int8 blocks (q, d, sums) as qmm's");
   m.def("qisa", torch::wrap_pybind_function(qisa), "qmm's integer code: avx512vnni, avxvnni, avx2, scalar");
   m.def("set_qisa", torch::wrap_pybind_function(set_qisa), "force qmm's integer code (or auto)");
+  m.def("bf16_mm", torch::wrap_pybind_function(bf16_mm), "y = bf16(x) . W^T (+ bias), bf16 W, vdpbf16ps, fp32 out");
+  m.def("round_bf16", torch::wrap_pybind_function(round_bf16), "x -> bf16 as bf16_mm rounds it (nearest even)");
+  m.def("has_bf16_mm", torch::wrap_pybind_function(has_bf16_mm), "whether bf16_mm runs here (AVX512-BF16)");
 }
