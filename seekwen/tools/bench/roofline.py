@@ -14,8 +14,19 @@ def decode_bytes(model) -> int:
         if name.startswith("embed.") and id(p) not in head:
             continue
         frac = cfg.moe.top_k / cfg.moe.n_routed_experts if ".experts." in name else 1.0
-        total += int(p.numel() * p.element_size() * frac)
+        total += int(stored_bytes(model, name, p) * frac)
     return total
+
+
+def stored_bytes(model, name: str, p) -> int:
+    """A parameter's bytes as a step reads them: a Q8_0 / Q4_0 layer's codes released after packing
+    (`fast.linear._BlockLinear.packed`) count as their packed groups (which hold the scales too: its d
+    then counts once, here)."""
+    if name.endswith("codes") and p.numel() == 0:
+        packed = getattr(model.get_submodule(name.rpartition(".")[0]), "_qpacked", None)
+        if packed is not None:
+            return packed[1].numel() - model.get_parameter(name.rpartition(".")[0] + ".d").numel() * 2
+    return p.numel() * p.element_size()
 
 
 def matmul_params_per_token(model) -> int:
