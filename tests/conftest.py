@@ -42,3 +42,18 @@ def models(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request):
+    """Run the test with the kernels' instruction set forced (skipped where it is missing), then restore
+    the default."""
+    from seekwen.fast import kernels
+
+    k = kernels.get()
+    if k is None or request.param not in kernels.isas():
+        pytest.skip(f"{request.param} not available on this CPU / compiler")
+    before = k.isa()
+    k.set_isa(request.param)
+    yield request.param
+    k.set_isa(before)

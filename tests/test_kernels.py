@@ -19,17 +19,6 @@ SHAPES = [(896, 37), (13, 5), (7, 3), (100, 9), (1, 4), (64, 130), (8, 1), (1100
 ISAS = ["avx2", "avx512"]
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Run the test with this instruction set forced, then restore the default."""
-    if request.param not in kernels.isas():
-        pytest.skip(f"{request.param} not available on this CPU / compiler")
-    before = K_.isa()
-    K_.set_isa(request.param)
-    yield request.param
-    K_.set_isa(before)
-
-
 def _ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     y = x.double() @ w.double().T
     return y if b is None else y + b.double()

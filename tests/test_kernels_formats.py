@@ -28,16 +28,6 @@ ODD = [(896, 37), (13, 5), (7, 3), (100, 9), (1, 4), (8, 1), (33, 24)]  # (K, N)
 BLOCKED = [(896, 37), (32, 5), (64, 13), (96, 1), (4864, 12), (160, 25)]  # K % 32 == 0
 
 
-@pytest.fixture(params=["avx2", "avx512"])
-def isa(request):
-    if request.param not in kernels.isas():
-        pytest.skip(f"{request.param} not available on this CPU / compiler")
-    before = K_.isa()
-    K_.set_isa(request.param)
-    yield request.param
-    K_.set_isa(before)
-
-
 def _layer(fmt: str, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
     return L.make_linear(w, b, fmt)
 

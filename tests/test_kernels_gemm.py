@@ -18,17 +18,6 @@ ROWS = [1, 17, 31, 32, 33, 64, 100, 512, 1000]
 SHAPES = [(7, 13), (200, 1), (899, 1000), (896, 37), (2100, 13)]  # (K, N); 2100: three K blocks
 
 
-@pytest.fixture(params=["avx2", "avx512"])
-def isa(request):
-    """Run the test with this instruction set forced, then restore the default."""
-    if request.param not in kernels.isas():
-        pytest.skip(f"{request.param} not available on this CPU / compiler")
-    before = K_.isa()
-    K_.set_isa(request.param)
-    yield request.param
-    K_.set_isa(before)
-
-
 def _check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
     """y within fp32 summation error of x . w^T + b: 1e-5 of sum_k |x||w| (+ |b|) per output."""
     ref = x.double() @ w.double().T
