@@ -72,12 +72,12 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, gemm.h, vec_avx2.h and vec_avx512.h
+SOURCES = [CSRC / "kernels.cpp"]  # it #includes loops.h, gemm.h, vec_avx2.h, vec_avx512.h, paged.h and step.h
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: else at::parallel_for runs serially
 LDFLAGS = ["-fopenmp"]
 FUNCTIONS = ("f32_mm", "f32_gemm", "mm", "gemm", "f32_bmm", "int8_mm", "int4_mm", "moe_experts", "mla_decode", "isa",
              "set_isa", "qpack", "qmm", "qmm_grouped", "qmm_experts", "quantize_act", "qisa", "set_qisa", "bf16_mm",
-             "round_bf16", "has_bf16_mm")
+             "round_bf16", "has_bf16_mm", "paged_attention", "rms_norm", "StepLinear", "DecodeStep")
 
 MAX_ROWS = 16  # the few-row kernels serve up to this many activation rows (decode); more: f32_gemm (fp32) or BLAS
 
@@ -123,23 +123,6 @@ def _build():
             lines = str(e).strip().splitlines()
             _unavailable = f"build failed ({lines[0][:200] if lines else type(e).__name__})"
         warnings.warn(f"seekwen: CPU kernels unavailable, using F.linear / dequantize + mm ({e})", stacklevel=3)
-        return None
-
-
-def build_extension(prefix: str, sources: list[Path], instead: str):
-    """A small C++ extension of the fast path (`csrc/...`), compiled at first use with this module's flags
-    under a name per source folder (see `_extension_name`); None, with a warning saying what runs
-    `instead`, where it cannot be built or run (the conditions of `_why_not`, no compiler, an error)."""
-    if _why_not():
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        name = prefix + hashlib.sha1(str(sources[0].parent.resolve()).encode()).hexdigest()[:8]
-        return load(name, sources=[str(s) for s in sources], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                    verbose=False)
-    except Exception as e:  # no compiler, no headers, a compile error: fall back
-        warnings.warn(f"seekwen: {prefix.rstrip('_')} unavailable, {instead} ({e})", stacklevel=3)
         return None
 
 

@@ -1,31 +1,25 @@
-"""Paged decode attention for the CPU fast path: `csrc/paged.cpp`, compiled at first use.
+"""Paged decode attention for the CPU fast path: `csrc/paged.h`, part of the kernels extension (`kernels.get()`).
 
 `paged_attention(q1, q2, k1, k2, v, table, start, count, scale)` attends each row's query position
 (one new token) to its keys [start, count), read in place from the KV block pools through the block
 table (`runtime.paged`): GQA (k/v pools, query heads grouped per KV head) and absorbed MLA (the latent
 pool is both the key's first part and the value, the rotated-key pool the second part) alike.
 Consecutive rows with the same table (one sequence's tokens of a call: the paged runner's one-token
-rows for a prefill chunk or speculative tokens) are read together, each row masked to its own range. Built with
-`torch.utils.cpp_extension.load` (-O3 -mavx2 -mfma -fopenmp, cached under ~/.cache/torch_extensions);
-where that fails (no compiler, no AVX2, SEEKWEN_NO_KERNELS=1) `get()` is None and the layers read the
+rows for a prefill chunk or speculative tokens) are read together, each row masked to its own range. Where the
+kernels cannot be built (no compiler, no AVX2, SEEKWEN_NO_KERNELS=1) `get()` is None and the layers read the
 cache through the gathering path instead. `reference` is the same math in torch (the tests' oracle).
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
 
 
-@functools.cache
 def get():
     """The compiled extension (`paged_attention`), or None where it cannot be built."""
-    from .kernels import build_extension
+    from . import kernels
 
-    return build_extension("seekwen_paged_", [Path(__file__).parent / "csrc" / "paged.cpp"],
-                           "gathering the cache instead")
+    return kernels.get()
 
 
 def decode_kernel(x: torch.Tensor, batch, layer: int):

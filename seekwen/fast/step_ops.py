@@ -1,5 +1,5 @@
-"""Fused CPU ops for the per-step host work of decode (C++ in `csrc_step/step.cpp`, compiled at first use
-like `kernels.py`, cached under ~/.cache/torch_extensions):
+"""Fused CPU ops for the per-step host work of decode (C++ in `csrc/step.h`, part of the kernels
+extension, `kernels.get()`):
 
 - `rms_norm(x, w, eps)`: RMSNorm over the last dimension in one pass per row (fp32); `F.rms_norm` costs
   ~10 us per call on CPU in torch 2.13 for a few hundred numbers, and a decode step has 2-3 per layer.
@@ -10,18 +10,13 @@ x86): callers then use `F.rms_norm` (the same math up to summation order).
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
 
-CSRC = Path(__file__).parent / "csrc_step"
-@functools.cache
 def get():
-    """The compiled ops, or None (see the module docstring)."""
-    from .kernels import build_extension
+    """The compiled ops (part of the kernels extension), or None (see the module docstring)."""
+    from . import kernels
 
-    return build_extension("seekwen_step_", [CSRC / "step.cpp"], "using F.rms_norm")
+    return kernels.get()
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:

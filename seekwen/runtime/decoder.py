@@ -11,7 +11,9 @@ describes every call to the model as a `ForwardBatch` (model/batch.py):
     dec.move_row(src, dst); dec.rewind(row_lens)
 
 `generate`, the batching `Engine` and `seekwen bench` all run through it. On a CUDA device the decode
-steps are replayed from CUDA graphs (`runtime.graphs.GraphRunner`), over the same cache and lengths.
+steps are replayed from CUDA graphs (`runtime.graphs.GraphRunner`), over the same cache and lengths; on
+CPU, for a model the compiled step serves (`fast.compiled_step`: the fast path in fp32, up to 16 rows),
+each decode step is one C++ call over every layer, writing the same cache.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..model.transformer import ntk_alphas
+from ..fast import compiled_step, linear
 from .cache import KVCache
 from .graphs import GraphRunner, graph_blocker
 
@@ -32,10 +35,13 @@ class Decoder:
         graphs: bool | None = None,
         compile: bool = False,
         ring: bool = True,
+        compiled_step: bool | None = None,
     ):
         """graphs: replay decode steps from CUDA graphs; None: when the model allows it (`graph_blocker`),
         True: graphed or a ValueError saying why not, False: eager. compile: torch.compile each graphed
-        step first. ring: keep sliding-window layers in ring buffers of their window."""
+        step first. ring: keep sliding-window layers in ring buffers of their window. compiled_step: run CPU
+        decode steps as one C++ call (`fast.compiled_step`); None: where it serves the model (and
+        SEEKWEN_COMPILED_STEP is not 0), True: that or a ValueError saying why not, False: never."""
         self.model, self.max_batch, self.max_len = model, max_batch, max_len
         dev = model.device
         self.cache = KVCache(model.cfg, max_batch, max_len, dtype=model.dtype, device=dev, ring=ring)
@@ -48,6 +54,9 @@ class Decoder:
         if graphs and why is not None:
             raise ValueError(f"CUDA graphs are not available for this model: {why}")
         self.runner = GraphRunner(self, compile=compile) if graphs is not False and why is None else None
+        self.compiled, self.compiled_why = None, "off"
+        if compiled_step is not False and self.runner is None:
+            self._build_compiled(compiled_step)
 
     # ---- the calls ----------------------------------------------------------------------------------
 
@@ -110,20 +119,37 @@ class Decoder:
         n = tokens.shape[0]
         if self.runner is not None:
             logits = self.runner.decode(tokens, n)
+        elif self.compiled is not None and self.compiled.serves(n):
+            if self.compiled.mode != linear.ACTIVATIONS:  # the block-activation mode changed: rebuild for it
+                self._build_compiled(None)
+            logits = self.compiled.run(tokens, self.lens[:n]) if self.compiled is not None else self.model_step(tokens)
         else:
-            counts = (self.lens[:n] + 1).tolist()  # keys each row sees: the one host sync of a step
-            n_keys = max(counts)
-            self.cache.check(n_keys)
-            batch = self.model.batch(
-                self.lens[:n, None],
-                kv=self.rows(0, n),
-                n_keys=n_keys,
-                key_counts=counts,
-                ntk_alpha=None if self.ntk_alpha is None else self.ntk_alpha[:n],
-            )
-            logits = self.model(tokens[:, None], batch=batch)[:, 0]
+            logits = self.model_step(tokens)
         self.lens[:n] += 1
         return logits
+
+    def model_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A decode step through the model's forward (the Python layers); `step` without the bookkeeping."""
+        n = tokens.shape[0]
+        counts = (self.lens[:n] + 1).tolist()  # keys each row sees: the one host sync of a step
+        n_keys = max(counts)
+        self.cache.check(n_keys)
+        batch = self.model.batch(
+            self.lens[:n, None],
+            kv=self.rows(0, n),
+            n_keys=n_keys,
+            key_counts=counts,
+            ntk_alpha=None if self.ntk_alpha is None else self.ntk_alpha[:n],
+        )
+        return self.model(tokens[:, None], batch=batch)[:, 0]
+
+    def _build_compiled(self, want: bool | None) -> None:
+        try:
+            self.compiled, self.compiled_why = compiled_step.build(self.model, self.cache), ""
+        except compiled_step.Unserved as e:
+            self.compiled, self.compiled_why = None, str(e)
+            if want:
+                raise ValueError(f"the compiled step does not serve this model: {e}") from None
 
     def rows(self, start: int, stop: int) -> KVCache:
         """The cache's view of rows [start, stop). Decode steps run on rows [0, n): those views are made once

@@ -43,7 +43,11 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <functional>
+#include <limits>
 #include <vector>
+
+#include <pybind11/stl.h>
 
 // A weight matrix [N, K] as the loops see it, instruction-set neutral: its format and its pointers
 // (loops.h's with_decoder turns it into that namespace's decoder).
@@ -661,7 +665,11 @@ torch::Tensor qmm_experts(torch::Tensor xs, std::vector<torch::Tensor> p13, std:
   return ys;
 }
 
+#include "paged.h"  // paged_attention
+#include "step.h"   // rms_norm, the compiled decode step (DecodeStep)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  bind_step(m);
   m.def("f32_mm", torch::wrap_pybind_function(f32_mm), "y = x . w^T (+ bias), fp32 weights [N, K]");
   m.def("f32_gemm", torch::wrap_pybind_function(f32_gemm), "y = x . w^T (+ bias), fp32, many rows (prefill)");
   m.def("gemm", torch::wrap_pybind_function(gemm), "mm for many rows: fp32/bf16/fp16, Q8_0 or Q4_0 weights");

@@ -1,4 +1,4 @@
-// Paged attention on CPU: each row is one new query position of a sequence, its keys read in place from
+// Paged attention on CPU (included by kernels.cpp; bound as kernels.paged_attention): each row is one new query position of a sequence, its keys read in place from
 // fixed-size KV blocks through the sequence's block table (no gather of the cache per step).
 //
 // One kernel serves GQA and MLA. Per row b and KV head g there are Q queries (GQA: the query heads
@@ -28,7 +28,7 @@
 #include <limits>
 #include <vector>
 
-namespace {
+namespace paged {
 
 constexpr int64_t TILE = 16;    // keys scored at once
 constexpr int64_t CHUNK = 256;  // keys per task (a multiple of TILE)
@@ -171,7 +171,7 @@ std::vector<Group> group_rows(const int32_t* tab, int64_t B, int64_t nb, const s
   return groups;
 }
 
-}  // namespace
+}  // namespace paged
 
 // q1 [B, G, Q, d1], q2 [B, G, Q, d2] (d2 may be 0), pools k1 [N, bs, G, d1], k2 [N, bs, G, d2],
 // v [N, bs, G, dv] (contiguous), table [B, nb] int32, start/count [B]: keys [start, count) of each
@@ -179,6 +179,7 @@ std::vector<Group> group_rows(const int32_t* tab, int64_t B, int64_t nb, const s
 torch::Tensor paged_attention(torch::Tensor q1, torch::Tensor q2, torch::Tensor k1, torch::Tensor k2,
                               torch::Tensor v, torch::Tensor table, std::vector<int64_t> start,
                               std::vector<int64_t> count, double scale) {
+  using namespace paged;
   for (const auto* t : {&q1, &q2, &k1, &k2, &v})
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->dim() == 4,
                 "paged_attention: fp32 contiguous 4-d tensors");
@@ -307,8 +308,4 @@ torch::Tensor paged_attention(torch::Tensor q1, torch::Tensor q2, torch::Tensor 
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "paged attention (GQA / MLA), keys read through block tables");
 }
