@@ -84,7 +84,7 @@ def _models(name: str, hub_checkpoint, tmp_path):
 
 def _decode(model, ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
     """Prefill n_prompt tokens, then one decode step per remaining token: logits [B, S - n_prompt + 1, V]."""
-    dec = Decoder(model, ids.shape[0], ids.shape[1])
+    dec = Decoder(model, ids.shape[0], ids.shape[1], compiled_step=False)  # the Python layers' step
     logits = [dec.prefill(ids[:, :n_prompt])[:, None]]
     for t in range(n_prompt, ids.shape[1]):
         logits.append(dec.step(ids[:, t])[:, None])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+
 def get():
     """The compiled ops (part of the kernels extension), or None (see the module docstring)."""
     from . import kernels

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model.transformer import ntk_alphas
 from ..fast import compiled_step, linear
+from ..model.transformer import ntk_alphas
 from .cache import KVCache
 from .graphs import GraphRunner, graph_blocker
 
@@ -194,11 +194,19 @@ class Decoder:
 
     def describe(self) -> list[tuple[str, str]]:
         """The runtime's rows of the implementation plan (see `fast.plan` for the model's)."""
-        return runtime_plan(self.model, graphs=self.runner is not None and self.runner.graphed, cache=self.cache)
+        graphs = self.runner is not None and self.runner.graphed
+        if self.compiled is not None:
+            step = ("one C++ call per step over every layer (fast.compiled_step; up to 16 rows, more: the "
+                    "layers from Python)")
+        else:
+            step = None if graphs else f"eager, one forward per step (compiled step: {self.compiled_why})"
+        return runtime_plan(self.model, graphs=graphs, cache=self.cache, step=step)
 
 
-def runtime_plan(model, graphs: bool | None = None, cache: KVCache | None = None) -> list[tuple[str, str]]:
-    """How the runtime will run `model`: the KV cache layout and the decode steps. graphs: as for `Decoder`."""
+def runtime_plan(model, graphs: bool | None = None, cache: KVCache | None = None,
+                 step: str | None = None) -> list[tuple[str, str]]:
+    """How the runtime will run `model`: the KV cache layout and the decode steps. graphs: as for `Decoder`;
+    step: what runs the decode steps, where the caller (a Decoder) knows."""
     cfg = model.cfg
     kind = "MLA latent (c_kv + k_pe)" if cfg.mla is not None else "k and v per KV head"
     windows = sorted({w for w in cfg.sliding_window or [] if w})
@@ -207,7 +215,9 @@ def runtime_plan(model, graphs: bool | None = None, cache: KVCache | None = None
     why = graph_blocker(model)
     if graphs is None:
         graphs = why is None
-    if graphs:
+    if step is not None:
+        rows.append(("decode steps", step))
+    elif graphs:
         rows.append(("decode steps", "CUDA graphs, one per batch bucket (static step over all cache slots)"))
     else:
         rows.append(("decode steps", f"eager, one forward per step ({why or 'graphs off'})"))
