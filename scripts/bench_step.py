@@ -7,9 +7,11 @@ time goes (C++ kernels vs everything else: Python, small ATen ops, allocation).
 
 Sections:
 - decode: the bundled model (fp32, fast path), an 8-token prompt, then --steps `Decoder.step` calls with a
-  greedy pick per step; tokens/s and ms/step as medians over --repeats runs, plus `model.generate` end to
-  end; then one cProfile'd run split into time inside the C++ kernels (`seekwen_kernels_*` calls) and the
-  rest (cProfile inflates the rest: read the split as proportions);
+  greedy pick per step; tokens/s and ms/step as medians over --repeats runs of the compiled step
+  (`fast.compiled_step`, one C++ call per step) and of the Python step (the layers from Python), the two
+  alternated run by run, plus `model.generate` end to end; then one cProfile'd run of the Python step split
+  into time inside the C++ kernels (`seekwen_kernels_*` calls) and the rest (cProfile inflates the rest:
+  read the split as proportions);
 - prefill: `Decoder.prefill` of a --prefill-len-token prompt on `seekwen bench`'s Qwen2.5-0.5B-shaped
   checkpoint (random weights, built once under ~/.cache/seekwen/bench), tokens/s.
 `--compare DIR` runs this script from both checkouts in alternation (subprocesses, one at a time), so
@@ -36,13 +38,13 @@ def med(xs: list[float]) -> str:
     return f"{statistics.median(xs):.4g} (range {min(xs):.4g}-{max(xs):.4g}, n={len(xs)})"
 
 
-def decode_runs(model, steps: int, repeats: int, cpu: list[float] | None = None) -> list[float]:
+def decode_runs(model, steps: int, repeats: int, cpu: list[float] | None = None, compiled: bool = False) -> list[float]:
     """Wall seconds per step of `repeats` runs of `steps` greedy decode steps after an 8-token prompt;
     `cpu` receives this process's CPU seconds per step (on a shared host, time spent descheduled is not
-    in it: with one torch thread it is the step's own work)."""
+    in it: with one torch thread it is the step's own work). compiled: the compiled step, else the Python one."""
     from seekwen.runtime.decoder import Decoder
 
-    dec = Decoder(model, 1, 8 + steps + 1)
+    dec = Decoder(model, 1, 8 + steps + 1, compiled_step=compiled)
     ids = torch.arange(3, 11)[None]
     out = []
     for r in range(repeats + 1):
@@ -66,13 +68,15 @@ def kernel_split(model, steps: int) -> dict:
     prof.disable()
     stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
     n = 2 * steps  # decode_runs ran 2 x steps (warm-up + 1), plus two prefills (counted in, negligible)
-    kern = [v for (_, _, name), v in stats.items() if "seekwen_kernels" in name or "seekwen_step" in name]
-    ops = OpCounter()
+    kern = [v for (_, _, name), v in stats.items() if "seekwen_kernels" in name]
+    ops, compiled_ops = OpCounter(), OpCounter()
     with ops:
         decode_runs(model, steps, 1)
+    with compiled_ops:  # the ATen calls the compiled step makes from C++ (its outputs, views)
+        decode_runs(model, steps, 1, compiled=True)
     return {"profiled_step_ms": per_step * 1e3, "kernel_ms": sum(v[2] for v in kern) / n * 1e3,
             "kernel_calls": sum(v[1] for v in kern) / n, "python_calls": sum(v[1] for v in stats.values()) / n,
-            "aten_ops": ops.n / n}
+            "aten_ops": ops.n / n, "compiled_aten_ops": compiled_ops.n / n}
 
 
 class OpCounter(TorchDispatchMode):
@@ -91,8 +95,10 @@ def bench_decode(args) -> dict:
     from seekwen.runtime.load import bundled_model_path
 
     model = seekwen.load(bundled_model_path(), dtype=torch.float32)
-    cpu: list[float] = []
-    runs = decode_runs(model, args.steps, args.repeats, cpu)
+    runs, cpu, py_runs, py_cpu = [], [], [], []
+    for _ in range(args.repeats):  # the two steps alternated, so both see the same minutes of the host
+        runs += decode_runs(model, args.steps, 1, cpu, compiled=True)
+        py_runs += decode_runs(model, args.steps, 1, py_cpu, compiled=False)
     ids = torch.arange(3, 11)[None]
     gen = []
     for r in range(args.repeats + 1):
@@ -102,7 +108,8 @@ def bench_decode(args) -> dict:
             gen.append(n / (time.perf_counter() - t))
     return {"step_ms": [s * 1e3 for s in runs], "tok_s": [1 / s for s in runs], "generate_tok_s": gen,
             "cpu_step_ms": [s * 1e3 for s in cpu], "cpu_tok_s": [1 / s for s in cpu],
-            **kernel_split(model, args.steps)}
+            "py_step_ms": [s * 1e3 for s in py_runs], "py_tok_s": [1 / s for s in py_runs],
+            "py_cpu_tok_s": [1 / s for s in py_cpu], **kernel_split(model, args.steps)}
 
 
 @torch.inference_mode()
@@ -141,13 +148,19 @@ def measure(args) -> dict:
 def report(label: str, res: dict) -> None:
     print(f"[{label}] seekwen from {res['seekwen']}, torch threads {res['threads']}")
     if "tok_s" in res:
-        print(f"  bundled b1 decode   {med(res['tok_s'])} tok/s   ms/step {med(res['step_ms'])}")
+        print(f"  bundled b1 decode   {med(res['tok_s'])} tok/s   ms/step {med(res['step_ms'])} (compiled step)")
         print(f"  by CPU time         {med(res['cpu_tok_s'])} tok/s   ms/step {med(res['cpu_step_ms'])}")
+        if "py_tok_s" in res:
+            ratio = statistics.median(res["tok_s"]) / statistics.median(res["py_tok_s"])
+            print(f"  Python step         {med(res['py_tok_s'])} tok/s   ms/step {med(res['py_step_ms'])} "
+                  f"(compiled / Python {ratio:.2f}x)")
+            print(f"  by CPU time         {med(res['py_cpu_tok_s'])} tok/s")
         print(f"  bundled generate    {med(res['generate_tok_s'])} tok/s (prefill + steps + sampling)")
         k, p = res["kernel_ms"], res["profiled_step_ms"]
-        print(f"  under cProfile      {p:.3f} ms/step, {k:.3f} in C++ kernels ({100 * k / p:.0f}%), rest host work")
+        print(f"  Python step profiled {p:.3f} ms/step, {k:.3f} in C++ kernels ({100 * k / p:.0f}%), rest host work")
         print(f"  per step            {res['aten_ops']:.0f} ATen ops, {res['kernel_calls']:.0f} C++ kernel calls, "
-              f"{res['python_calls']:.0f} Python calls")
+              f"{res['python_calls']:.0f} Python calls; compiled step: {res['compiled_aten_ops']:.0f} ATen ops "
+              "(from C++), one Python call")
     if "prefill_tok_s" in res:
         print(f"  dense prefill       {med(res['prefill_tok_s'])} tok/s of a {res['prefill_len']}-token prompt")
         print(f"  by CPU time         {med(res['prefill_cpu_tok_s'])} tok/s (x threads: what the host's idle "

@@ -45,6 +45,8 @@ cached under ~/.cache/torch_extensions):
 - `qmm_experts(xs, p13s, p2s, rows, I)`: `moe_experts` for Q8_0 / Q4_0 experts with int8 activations:
   xs quantized once, every chosen expert's gate/up against its qpack'ed blocks in one threaded pass,
   silu(gate) * up quantized once, every down product in a second pass; each expert's rows equal `qmm`'s.
+- `paged_attention(...)` (`csrc/paged.h`, see `paged_kernels`), `rms_norm(x, w, eps)` (see `step_ops`) and
+  `DecodeStep` / `StepLinear` (`csrc/step.h`, see `compiled_step`): a whole decode step in one call.
 
 The sources: `csrc/kernels.cpp` (the torch-facing functions and the instruction-set dispatch) compiles
 the shared loop templates `csrc/loops.h` twice, once with AVX2 vectors (`vec_avx2.h`) and once with
