@@ -24,7 +24,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
 pytestmark = pytest.mark.skipif(kernels.get() is None, reason="no C++ kernels here")
 
 
-def _decode(model, ids: torch.Tensor, lens: torch.Tensor, steps: int, compiled: bool):
+def decode_steps(model, ids: torch.Tensor, lens: torch.Tensor, steps: int, compiled: bool):
     """Prefill each row's first lens[b] tokens (right-padded), then `steps` greedy decode steps; returns
     (logits [steps + 1, B, V], the decoder). Rows hold different lengths, so their positions differ."""
     B = ids.shape[0]
@@ -63,10 +63,10 @@ def test_compiled_step_equals_python_step_and_reference(name, batch, hub_checkpo
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(3, plain.cfg.vocab_size, (batch, 7), generator=gen)
     lens = torch.tensor([7, 4, 6][:batch])
-    want, _ = _decode(plain, ids, lens, 8, compiled=False)
-    python, _ = _decode(fast, ids, lens, 8, compiled=False)
+    want, _ = decode_steps(plain, ids, lens, 8, compiled=False)
+    python, _ = decode_steps(fast, ids, lens, 8, compiled=False)
     calls = _count_python_steps(monkeypatch)
-    got, dec = _decode(fast, ids, lens, 8, compiled=True)
+    got, dec = decode_steps(fast, ids, lens, 8, compiled=True)
     assert dec.compiled is not None and calls["python"] == 0  # every step ran in C++
     assert (got - python).abs().max() <= TOL
     assert (got - want).abs().max() <= TOL
@@ -91,9 +91,9 @@ def test_compiled_step_equals_python_step_quantized(name, quantize, mode, hub_ch
     ids = torch.randint(3, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
     lens = torch.tensor([6, 3])
     with linear.block_activations(mode):
-        python, _ = _decode(model, ids, lens, 6, compiled=False)
+        python, _ = decode_steps(model, ids, lens, 6, compiled=False)
         calls = _count_python_steps(monkeypatch)
-        got, dec = _decode(model, ids, lens, 6, compiled=True)
+        got, dec = decode_steps(model, ids, lens, 6, compiled=True)
     assert dec.compiled is not None and calls["python"] == 0
     exact = mode == "fp32" or quantize in ("f16", "int8", "int4")
     scale = python.abs().max().item()
@@ -109,9 +109,9 @@ def test_compiled_step_runs_gguf_blocks(fmt, monkeypatch):
     model = seekwen.load(FIXTURES / "deepseek_v3" / f"deepseek_v3-{fmt}.gguf", dtype=torch.float32)
     ids = torch.randint(3, model.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
     lens = torch.tensor([5, 2])
-    python, _ = _decode(model, ids, lens, 6, compiled=False)
+    python, _ = decode_steps(model, ids, lens, 6, compiled=False)
     calls = _count_python_steps(monkeypatch)
-    got, dec = _decode(model, ids, lens, 6, compiled=True)
+    got, dec = decode_steps(model, ids, lens, 6, compiled=True)
     assert dec.compiled is not None and calls["python"] == 0
     assert (got - python).abs().max() <= 2e-3 * max(1.0, python.abs().max().item())
 
@@ -124,8 +124,8 @@ def test_bundled_model_compiled_step_and_plan():
 
     model = seekwen.load(bundled_model_path(), dtype=torch.float32)
     ids = torch.arange(3, 11)[None]
-    want, _ = _decode(model, ids, torch.tensor([8]), 24, compiled=False)
-    got, dec = _decode(model, ids, torch.tensor([8]), 24, compiled=True)
+    want, _ = decode_steps(model, ids, torch.tensor([8]), 24, compiled=False)
+    got, dec = decode_steps(model, ids, torch.tensor([8]), 24, compiled=True)
     assert (got - want).abs().max() <= TOL
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     plan = dict(dec.describe())
@@ -195,7 +195,7 @@ def test_compiled_step_follows_the_block_activation_mode(hub_checkpoint):
     model = seekwen.load(folder, dtype=torch.float32, quantize="q8_0")
     ids = torch.randint(3, model.cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
     with linear.block_activations("fp32"):
-        want, _ = _decode(model, ids, torch.tensor([5]), 3, compiled=False)
+        want, _ = decode_steps(model, ids, torch.tensor([5]), 3, compiled=False)
     dec = Decoder(model, 1, 16, compiled_step=True)
     assert dec.compiled.mode == linear.ACTIVATIONS == "q8"
     with linear.block_activations("fp32"):

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 import numpy as np  # noqa: E402
 from gguf_writer import tokenizer_keys, write_gguf  # noqa: E402
 from hf_models import _YARN, SPECS, make_checkpoint  # noqa: E402
+from test_compiled_step import decode_steps  # noqa: E402
 
 import seekwen  # noqa: E402
 from seekwen.fast.linear import block_activations  # noqa: E402
@@ -195,6 +196,11 @@ def test_fast_mla_runs_the_files_k_b_v_b_blocks(kind, gguf_file):
         with block_activations("fp32"):
             assert (fast(ids) - plain(ids)).abs().max() <= 1e-4
         _within_q8_activation_rounding(fast(ids), plain(ids), moe=True)
+        # the compiled decode step runs the same per-head blocks (qmm_grouped, called from C++)
+        lens = torch.full((ids.shape[0],), ids.shape[1])
+        python, _ = decode_steps(fast, ids, lens, 4, compiled=False)
+        got, dec = decode_steps(fast, ids, lens, 4, compiled=True)
+        assert dec.compiled is not None and (got - python).abs().max() <= 2e-3 * max(1.0, python.abs().max().item())
         a = plain.generate(ids[:1], max_new_tokens=6, temperature=0.0)
         b = fast.generate(ids[:1], max_new_tokens=6, temperature=0.0)
         assert a.shape == b.shape

@@ -70,6 +70,24 @@ def test_fast_linear_many_rows(bias, rows, isa):
     assert ((y - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("blas_rows", [None, 128])
+def test_fast_linear_blas_rows(blas_rows, monkeypatch):
+    """From BLAS_ROWS rows (an Intel CPU's MKL) FastLinear is F.linear itself; without it the GEMM, within
+    1e-5 relative of it."""
+    monkeypatch.setattr(L, "BLAS_ROWS", blas_rows)
+    g = torch.Generator().manual_seed(41)
+    w, b = torch.randn(300, 896, generator=g) * 0.05, torch.randn(300, generator=g)
+    layer = L.FastLinear(w, b)
+    x = torch.randn(200, 896, generator=g)
+    with torch.inference_mode():
+        y, ref = layer(x), F.linear(x, w, b)
+    if blas_rows is None:
+        assert ((y - ref).abs().max() / ref.abs().max()) < 1e-5
+    else:
+        assert torch.equal(y, ref)
+    assert ("MKL" in L.describe_linear(layer)) == (blas_rows is not None) or kernels.get() is None
+
+
 def _formats(w: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """(name, stored weight, block scales, the fp32 weight it decodes to) for gemm's widened formats."""
     out = [(f, w.to(t), None, w.to(t).float()) for f, t in (("bf16", torch.bfloat16), ("f16", torch.float16))]

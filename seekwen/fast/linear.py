@@ -52,9 +52,25 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 GEMM_ROWS = 20
 
 
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
+
+
+# FastLinear on an Intel CPU: from this many rows the BLAS (F.linear: MKL, tuned for Intel's cores) instead of
+# f32_gemm. Measured on a 2-core Sapphire-Rapids-class guest (scripts/bench_gemm.py --threads 2, 0.5B shapes):
+# MKL 1.3-1.5x f32_gemm from 128 rows, even or behind below (f32_gemm 1.45-1.53x on the wide gate/up at
+# 32-64 rows). On the AMD Zen 4 host MKL was 2x slower at 32 rows and 1.1-1.6x at 512: f32_gemm at every size.
+BLAS_ROWS = 128 if _intel_cpu() else None
+
+
 class FastLinear(nn.Module):
     """y = x W^T + b with W stored [out, in] contiguous (the nn.Linear layout). fp32 on CPU: fewer than
-    GEMM_ROWS rows (decode) the few-row SIMD kernel `kernels.f32_mm`, more (prefill) the GEMM
+    GEMM_ROWS rows (decode) the few-row SIMD kernel `kernels.f32_mm`, more (prefill; on an Intel CPU up to
+    BLAS_ROWS rows, beyond them MKL's `F.linear`) the GEMM
     `kernels.f32_gemm` (faster than the BLAS on this CPU: ~1.5-3x at 32 rows, ~1.1-1.6x at 512);
     otherwise (bf16, GPU, no compiler): F.linear."""
 
@@ -73,7 +89,10 @@ class FastLinear(nn.Module):
                                                                                  self.weight) else None
         if k is None:
             return F.linear(x, self.weight, self.bias)
-        mm = k.f32_mm if x2.shape[0] < GEMM_ROWS else k.f32_gemm  # [M, out]
+        M = x2.shape[0]
+        if BLAS_ROWS is not None and M >= BLAS_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        mm = k.f32_mm if M < GEMM_ROWS else k.f32_gemm  # [M, out]
         return mm(x2.contiguous(), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -594,7 +613,8 @@ def describe_linear(layer: nn.Module) -> str:
         return f"{fmt} bf16_mm[avx512bf16] bf16 x bf16 -> fp32 (vdpbf16ps), any rows"
     isa = isa_name()
     if plain:
-        return f"{fmt} f32_mm[{isa}] < {GEMM_ROWS} rows, else f32_gemm[{isa}]"
+        blas = "" if BLAS_ROWS is None else f" < {BLAS_ROWS} rows, else F.linear (MKL: an Intel CPU)"
+        return f"{fmt} f32_mm[{isa}] < {GEMM_ROWS} rows, else f32_gemm[{isa}]{blas}"
     if isinstance(layer, (Half16Linear, _BlockLinear)):
         return f"{fmt} mm[{isa}] <= {CHUNKED_ROWS} rows ({kernels.MAX_ROWS} a call), else gemm[{isa}]"
     name = "int8_mm" if isinstance(layer, Int8Linear) else "int4_mm"

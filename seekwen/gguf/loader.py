@@ -29,7 +29,7 @@ from ..model.moe import Experts
 from ..model.transformer import Transformer
 from .config import model_config
 from .names import IGNORED, PERMUTED_QK, composites, gguf_name, our_name, qk_heads, unpermute_qk
-from .quant import BLOCKS, check_type, linear_from_blocks, to_torch
+from .quant import BLOCKS, check_type, dequantize_blocks, linear_from_blocks, to_torch
 from .reader import GGUFError, GGUFFile
 from .tokenizer import gguf_tokenizer
 
@@ -196,31 +196,42 @@ def _load_one(model: Transformer, f: GGUFFile, name: str, param: str, params: di
             q, d = unpermute_qk(q, heads), unpermute_qk(d, heads)
         blocks[param] = (t.type, q, d)
         return
-    w = to_torch(t, str(f.path))
+    # an experts tensor's blocks are decoded once, for its dequantized parameter and the blocks it keeps
+    decoded = BLOCKS[t.type](t.data) if t.type in BLOCKS and _experts_of(model, param) is not None else None
+    w = to_torch(t, str(f.path)) if decoded is None else dequantize_blocks(*decoded).reshape(t.shape)
     if heads and tuple(w.shape) == tuple(params[param].shape):
         w = unpermute_qk(w, heads)
     _copy(f, params, param, w, name)
     keep_half(_linear_of(model, param), t.type, w, params[param])
-    keep_expert_blocks(model, param, t, w)
+    keep_expert_blocks(model, param, t, w, decoded)
 
 
-def keep_expert_blocks(model: nn.Module, param: str, t, w: torch.Tensor) -> None:
+def _experts_of(model: nn.Module, param: str) -> Experts | None:
+    """The stacked routed experts whose w1 / w2 / w3 `param` is, if it is one."""
+    path, _, leaf = param.rpartition(".")
+    module = model.get_submodule(path) if leaf in ("w1", "w2", "w3") else None
+    return module if isinstance(module, Experts) else None
+
+
+def keep_expert_blocks(model: nn.Module, param: str, t, w: torch.Tensor,
+                       decoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Stacked routed experts (`ffn.experts.w1` / `w3` / `w2` [E, N, K]) stored as Q8_0 / Q4_0 blocks, or
     as F16 / BF16 in an fp32 model: the Experts module also keeps them as the file has them,
     `gguf_blocks[w*] = (kind, q [E, N, K], d [E, N, K // 32] or None)`, so the fast path's experts run as
-    stored (like a linear layer's `gguf_blocks`); the parameter holds the dequantized values for the rest."""
-    path, _, leaf = param.rpartition(".")
-    if leaf not in ("w1", "w2", "w3") or not isinstance(model.get_submodule(path), Experts):
+    stored (like a linear layer's `gguf_blocks`); the parameter holds the dequantized values for the rest.
+    `decoded`: the tensor's blocks (q, d) where the caller has decoded them already."""
+    experts = _experts_of(model, param)
+    if experts is None:
         return
+    leaf = param.rpartition(".")[2]
     E = w.shape[0]
     if t.type in BLOCKS:
-        q, d = BLOCKS[t.type](t.data)  # [E * N, K], [E * N, K // 32]
+        q, d = BLOCKS[t.type](t.data) if decoded is None else decoded  # [E * N, K], [E * N, K // 32]
         blocks = (t.type, q.view(E, -1, q.shape[-1]), d.view(E, -1, d.shape[-1]))
     elif t.type in ("F16", "BF16") and model.get_parameter(param).dtype == torch.float32:
         blocks = (t.type, w.contiguous(), None)
     else:
         return
-    experts = model.get_submodule(path)
     experts.gguf_blocks = {**getattr(experts, "gguf_blocks", {}), leaf: blocks}
 
 
