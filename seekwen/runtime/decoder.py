@@ -195,18 +195,26 @@ class Decoder:
     def describe(self) -> list[tuple[str, str]]:
         """The runtime's rows of the implementation plan (see `fast.plan` for the model's)."""
         graphs = self.runner is not None and self.runner.graphed
-        if self.compiled is not None:
-            step = ("one C++ call per step over every layer (fast.compiled_step; up to 16 rows, more: the "
-                    "layers from Python)")
-        else:
-            step = None if graphs else f"eager, one forward per step (compiled step: {self.compiled_why})"
-        return runtime_plan(self.model, graphs=graphs, cache=self.cache, step=step)
+        return runtime_plan(self.model, graphs=graphs, cache=self.cache, compiled=self.compiled_why)
+
+
+COMPILED_STEP = ("one C++ call per step over every layer (fast.compiled_step; up to 16 rows, more: the layers "
+                 "from Python)")
+
+
+def compiled_why(model, cache: KVCache | None = None) -> str:
+    """Why the compiled step would not serve `model` over `cache` (default: a one-row cache); "" if it would."""
+    try:
+        compiled_step.build(model, cache or KVCache(model.cfg, 1, 8, dtype=model.dtype, device=model.device))
+        return ""
+    except compiled_step.Unserved as e:
+        return str(e)
 
 
 def runtime_plan(model, graphs: bool | None = None, cache: KVCache | None = None,
-                 step: str | None = None) -> list[tuple[str, str]]:
+                 compiled: str | None = None) -> list[tuple[str, str]]:
     """How the runtime will run `model`: the KV cache layout and the decode steps. graphs: as for `Decoder`;
-    step: what runs the decode steps, where the caller (a Decoder) knows."""
+    compiled: why the compiled step does not serve it ("": it does; None: find out, `compiled_why`)."""
     cfg = model.cfg
     kind = "MLA latent (c_kv + k_pe)" if cfg.mla is not None else "k and v per KV head"
     windows = sorted({w for w in cfg.sliding_window or [] if w})
@@ -215,10 +223,12 @@ def runtime_plan(model, graphs: bool | None = None, cache: KVCache | None = None
     why = graph_blocker(model)
     if graphs is None:
         graphs = why is None
-    if step is not None:
-        rows.append(("decode steps", step))
-    elif graphs:
+    if graphs:
         rows.append(("decode steps", "CUDA graphs, one per batch bucket (static step over all cache slots)"))
+        return rows
+    compiled = compiled_why(model, cache) if compiled is None else compiled
+    if not compiled:
+        rows.append(("decode steps", COMPILED_STEP))
     else:
-        rows.append(("decode steps", f"eager, one forward per step ({why or 'graphs off'})"))
+        rows.append(("decode steps", f"eager, one forward per step ({why or 'graphs off'}; compiled step: {compiled})"))
     return rows
