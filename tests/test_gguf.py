@@ -372,9 +372,9 @@ def test_q8_0_linear_layers_are_built_from_blocks(gguf_file, monkeypatch):
 
     seen = []
 
-    def spy(kind, q, d, bias=None):
+    def spy(kind, q, d, bias=None, dequantize=True):
         seen.append((kind, tuple(q.shape), bias is not None))
-        return linear_from_blocks(kind, q, d, bias)
+        return linear_from_blocks(kind, q, d, bias, dequantize)
 
     monkeypatch.setattr(loader, "linear_from_blocks", spy)
     model = seekwen.load(gguf_file("qwen2", "Q8_0"), fast=False)
@@ -743,3 +743,40 @@ def test_bench_vs_llamacpp(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "llama-bench failed on" in err and "key not found in model: deepseek2.attention.q_lora_rank" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("name,kind", [("qwen2_moe", "Q4_0"), ("deepseek_v3", "Q8_0"), ("qwen2", "F16"),
+                                       ("qwen3_moe", "BF16")])
+def test_lean_load_fills_no_reference_copy_of_what_runs_as_stored(name, kind, gguf_file, monkeypatch):
+    """The fast path's load (lean) copies nothing into the reference weights of layers and experts that run
+    the file's blocks / 16-bit weights (those parameters stay untouched allocations, so a big quantized
+    MoE file loads in about its own size), and computes what the plain load of the same file computes."""
+    import seekwen.gguf.loader as loader
+
+    copied = []
+    copy = loader._copy
+    monkeypatch.setattr(loader, "_copy", lambda f, params, param, t, src: (copied.append(param), copy(f, params, param,
+                                                                                                     t, src)))
+    path = gguf_file(name, kind)
+    fast = seekwen.load(path, dtype="float32")
+    big = [p for p in copied if ".experts." in p or p.endswith(("wq.weight", "wo.weight", "w1.weight", "w2.weight"))]
+    assert not big, big
+    assert not any(getattr(m, "weight_unloaded", False) or getattr(m, "unloaded", None) for m in fast.modules())
+    copied.clear()
+    plain = seekwen.load(path, dtype="float32", fast=False)
+    assert any(".experts." in p for p in copied) or plain.cfg.moe is None  # the plain load fills them
+    ids = ids_for()
+    with torch.no_grad(), block_activations("fp32"):
+        assert (fast(ids) - plain(ids)).abs().max() <= 1e-4
+
+
+def test_weight_of_an_unloaded_layer_dequantizes_its_blocks():
+    from seekwen.fast.linear import weight_of
+
+    g = torch.Generator().manual_seed(5)
+    q, d = torch.randint(-8, 8, (6, 64), generator=g, dtype=torch.int8), torch.rand(6, 2, generator=g)
+    layer = linear_from_blocks("Q4_0", q, d, dequantize=False)
+    assert layer.weight_unloaded and torch.equal(weight_of(layer), dequantize_blocks(q, d))
+    half = torch.nn.Linear(64, 6, bias=False)
+    half.gguf_blocks, half.weight_unloaded = ("BF16", torch.randn(6, 64).bfloat16(), None), True
+    assert torch.equal(weight_of(half), half.gguf_blocks[1].float())

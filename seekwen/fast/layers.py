@@ -38,6 +38,7 @@ from .linear import (
     kernel_operands,
     make_linear,
     weight_format,
+    weight_of,
 )
 
 
@@ -66,7 +67,7 @@ def fast_linear(layer: nn.Module, quantize: str | None, group_size: int) -> nn.M
     blocks = getattr(layer, "gguf_blocks", None)  # Q8_0 / Q4_0 blocks, F16 / BF16 from a GGUF file: as stored
     if blocks is not None and quantize is None:
         return block_linear(*blocks, bias)
-    return make_linear(layer.weight.detach(), bias, quantize, group_size)
+    return make_linear(weight_of(layer).detach(), bias, quantize, group_size)
 
 
 class FastAttention(FromReference, Attention):
@@ -134,7 +135,8 @@ class FastMLA(FromReference, MLA):
         nn.Module.__init__(self)
         self.setup(ref.cfg, ref.layer)
         self.mode = ref.mode
-        w = ref.wkv_b.weight.detach().view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        wkv_b = weight_of(ref.wkv_b).detach()  # [H * (nope + v), r]
+        w = wkv_b.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         self.w_uk = w[:, : self.nope].contiguous()  # [H, d_nope, r]
         self.w_uv = w[:, self.nope :].transpose(1, 2).contiguous()  # W_UV^T [H, r, d_v]
         # decided once, here: the C++ kernels serve fp32 weights on CPU (kept as a flag, so the module copies)
@@ -148,7 +150,7 @@ class FastMLA(FromReference, MLA):
             self.q_norm = ref.q_norm
             self.wq_b = fast_linear(ref.wq_b, quantize, group_size)
         self.kv_norm = ref.kv_norm
-        self.wkv_b = FastLinear(ref.wkv_b.weight.detach())  # prefill (naive) path; kept unquantized: it is small
+        self.wkv_b = FastLinear(wkv_b)  # prefill (naive) path; kept unquantized: it is small
         # a GGUF file's k_b / v_b blocks (loader.keep_mla_head_blocks): W_UK^T [r, nope] and W_UV^T [d_v, r]
         # per head as stored, for the absorbed products on int8 activations (read 4-8x fewer bytes per token)
         heads = getattr(ref.wkv_b, "gguf_heads", None) if quantize is None and self.use_kernels else None
@@ -313,6 +315,7 @@ def expert_projection(experts: Experts, name: str, e: int) -> nn.Module:
     if blocks is not None:
         kind, q, d = blocks
         layer.gguf_blocks = (kind, q[e], None if d is None else d[e])
+        layer.weight_unloaded = name in getattr(experts, "unloaded", ())  # a lean GGUF load: w is unfilled
     return layer
 
 

@@ -499,8 +499,16 @@ def unpack_qpacked(p: torch.Tensor, shape: tuple[int, int], fmt: str) -> torch.T
 
 
 def weight_of(layer: nn.Module) -> torch.Tensor:
-    """The [out, in] weight of an nn.Linear or a FastLinear."""
-    return layer.weight
+    """The [out, in] weight of an nn.Linear or a FastLinear. A lean GGUF load leaves a layer that runs its
+    file's form unfilled (`weight_unloaded`, seekwen.gguf.loader.load_tensors): its weight is then
+    dequantized from the blocks (or 16-bit weight) it carries, `gguf_blocks`."""
+    if not getattr(layer, "weight_unloaded", False):
+        return layer.weight
+    _, q, d = layer.gguf_blocks
+    if d is None:  # F16 / BF16 as stored
+        return q.float()
+    N, K = q.shape  # Q8_0 / Q4_0: q int8 [N, K], d [N, K // 32]
+    return (q.view(N, K // 32, 32).float() * d.float()[..., None]).reshape(N, K)
 
 
 def bias_of(layer: nn.Module) -> torch.Tensor | None:

@@ -76,7 +76,8 @@ def load(
     f = GGUFFile(gguf_file(path))
     cfg = read_config(f, config_overrides)
     model = build(cfg, parse_dtype(dtype), device)
-    load_tensors(model, f)
+    lean = fast and quantize is None  # the fast path runs the file's blocks / 16-bit weights as stored
+    load_tensors(model, f, lean=lean)
     model.eval()
     model.path = f.path
     model.gguf_types = tensor_types(f)
@@ -85,6 +86,8 @@ def load(
         from ..fast import prepare
 
         prepare(model, quantize=quantize)
+    if lean:
+        materialize_unloaded(model)
     return model
 
 
@@ -115,8 +118,15 @@ def tensor_types(f: GGUFFile) -> dict[str, int]:
 
 
 @torch.no_grad()
-def load_tensors(model: Transformer, f: GGUFFile) -> None:
-    """Fill every parameter of `model` from the file; error on anything missing, unexpected or misshapen."""
+def load_tensors(model: Transformer, f: GGUFFile, lean: bool = False) -> None:
+    """Fill every parameter of `model` from the file; error on anything missing, unexpected or misshapen.
+
+    lean (the fast path will run, weights as stored): a weight the fast path takes from the file's form
+    (a linear layer's or the stacked experts' Q8_0 / Q4_0 blocks, F16 / BF16 weights of an fp32 model) is
+    not also dequantized into its reference parameter: the parameter stays an untouched allocation (no
+    memory pages), the module is marked `weight_unloaded` (experts: `unloaded`, the names), and
+    `fast.linear.weight_of` dequantizes from the blocks wherever a reference weight is still read. A
+    Q4_0 DeepSeek-V2-Lite-shaped file then loads in about its own size instead of its fp32 size."""
     params = dict(model.named_parameters(remove_duplicate=False))
     filled, consumed = _load_composites(model, f, params)
     blocks: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # param -> (kind, q, d)
@@ -128,7 +138,7 @@ def load_tensors(model: Transformer, f: GGUFFile) -> None:
         if param is None or param not in params:
             unexpected.append(name)
             continue
-        _load_one(model, f, name, param, params, blocks)
+        _load_one(model, f, name, param, params, blocks, lean)
         filled.add(param)
     if unexpected:
         raise GGUFError(f"{f.path}: unexpected tensor(s) for {model.cfg.model_type}: {_more(unexpected)}")
@@ -137,7 +147,7 @@ def load_tensors(model: Transformer, f: GGUFFile) -> None:
     if missing:
         raise GGUFError(f"{f.path}: missing tensor(s): {_more(missing)}")
     for param, (kind, q, d) in blocks.items():
-        _swap_linear(model, param, kind, q, d)
+        _swap_linear(model, param, kind, q, d, lean)
     embd = f.tensors.get("token_embd.weight")
     if tied and embd is not None and embd.type in BLOCKS:  # the tied head runs from the file's blocks
         q, d = BLOCKS[embd.type](embd.data)  # (on the fast path; the lookup reads the dequantized rows)
@@ -183,9 +193,11 @@ def keep_mla_head_blocks(model: Transformer, f: GGUFFile, sources: tuple[str, ..
     model.get_submodule(params[0].removesuffix(".weight")).gguf_heads = heads
 
 
-def _load_one(model: Transformer, f: GGUFFile, name: str, param: str, params: dict, blocks: dict) -> None:
+def _load_one(model: Transformer, f: GGUFFile, name: str, param: str, params: dict, blocks: dict,
+              lean: bool = False) -> None:
     """GGUF tensor `name` into `param`: a linear layer's Q8_0/Q4_0 weight kept as blocks (in `blocks`, the
-    layer swapped once all is read), anything else copied (dequantized) into the parameter."""
+    layer swapped once all is read), anything else copied (dequantized) into the parameter (lean: not
+    where the module keeps the file's form, see `load_tensors`)."""
     t = f.tensors[name]
     check_type(t, str(f.path))
     heads = qk_heads(model.cfg, name) if f.arch in PERMUTED_QK else None
@@ -197,13 +209,25 @@ def _load_one(model: Transformer, f: GGUFFile, name: str, param: str, params: di
         blocks[param] = (t.type, q, d)
         return
     # an experts tensor's blocks are decoded once, for its dequantized parameter and the blocks it keeps
-    decoded = BLOCKS[t.type](t.data) if t.type in BLOCKS and _experts_of(model, param) is not None else None
-    w = to_torch(t, str(f.path)) if decoded is None else dequantize_blocks(*decoded).reshape(t.shape)
+    experts = _experts_of(model, param)
+    decoded = BLOCKS[t.type](t.data) if t.type in BLOCKS and experts is not None else None
+    if decoded is None:
+        w = to_torch(t, str(f.path))
+    else:
+        w = dequantize_blocks(*decoded).reshape(t.shape) if not lean else torch.empty(t.shape, device="meta")
     if heads and tuple(w.shape) == tuple(params[param].shape):
         w = unpermute_qk(w, heads)
+    linear = _linear_of(model, param)
+    half = keep_half(linear, t.type, w, params[param])
+    kept = keep_expert_blocks(model, param, t, w, decoded)
+    if lean and (half or kept):  # the module runs the file's form: the fp32 copy would never be read
+        _check_shape(f, name, tuple(w.shape), params[param], param)
+        if half:
+            linear.weight_unloaded = True
+        else:
+            experts.unloaded = {*getattr(experts, "unloaded", ()), param.rpartition(".")[2]}
+        return
     _copy(f, params, param, w, name)
-    keep_half(_linear_of(model, param), t.type, w, params[param])
-    keep_expert_blocks(model, param, t, w, decoded)
 
 
 def _experts_of(model: nn.Module, param: str) -> Experts | None:
@@ -214,15 +238,16 @@ def _experts_of(model: nn.Module, param: str) -> Experts | None:
 
 
 def keep_expert_blocks(model: nn.Module, param: str, t, w: torch.Tensor,
-                       decoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                       decoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
     """Stacked routed experts (`ffn.experts.w1` / `w3` / `w2` [E, N, K]) stored as Q8_0 / Q4_0 blocks, or
     as F16 / BF16 in an fp32 model: the Experts module also keeps them as the file has them,
     `gguf_blocks[w*] = (kind, q [E, N, K], d [E, N, K // 32] or None)`, so the fast path's experts run as
     stored (like a linear layer's `gguf_blocks`); the parameter holds the dequantized values for the rest.
-    `decoded`: the tensor's blocks (q, d) where the caller has decoded them already."""
+    `decoded`: the tensor's blocks (q, d) where the caller has decoded them already. Returns whether it kept
+    them."""
     experts = _experts_of(model, param)
     if experts is None:
-        return
+        return False
     leaf = param.rpartition(".")[2]
     E = w.shape[0]
     if t.type in BLOCKS:
@@ -231,16 +256,37 @@ def keep_expert_blocks(model: nn.Module, param: str, t, w: torch.Tensor,
     elif t.type in ("F16", "BF16") and model.get_parameter(param).dtype == torch.float32:
         blocks = (t.type, w.contiguous(), None)
     else:
-        return
+        return False
     experts.gguf_blocks = {**getattr(experts, "gguf_blocks", {}), leaf: blocks}
+    return True
 
 
-def keep_half(layer: nn.Linear | None, kind: str, w: torch.Tensor, param: torch.Tensor) -> None:
+def materialize_unloaded(model: nn.Module) -> None:
+    """After `prepare` on a lean load: a reference module the fast path did not replace (none today, but
+    a sibling class may keep one) gets its weight dequantized from the file's form, so no module of the
+    model computes from an unfilled parameter."""
+    from ..fast.linear import weight_of
+
+    for module in model.modules():
+        if getattr(module, "weight_unloaded", False):
+            module.weight = nn.Parameter(weight_of(module), requires_grad=False)
+            module.weight_unloaded = False
+        for leaf in getattr(module, "unloaded", ()):
+            kind, q, d = module.gguf_blocks[leaf]
+            w = dequantize_blocks(q.flatten(0, 1), d.flatten(0, 1)).view(q.shape) if d is not None else q.float()
+            setattr(module, leaf, nn.Parameter(w, requires_grad=False))
+        if getattr(module, "unloaded", None):
+            module.unloaded = set()
+
+
+def keep_half(layer: nn.Linear | None, kind: str, w: torch.Tensor, param: torch.Tensor) -> bool:
     """A linear layer's F16 / BF16 weight loaded into an fp32 model: the layer also keeps the file's
     16-bit weight as `gguf_blocks` = (kind, w, None), so the fast path runs it as it is stored (16-bit
     weights, fp32 activations: half the bytes of fp32, the same values) instead of its fp32 copy."""
     if layer is not None and kind in ("F16", "BF16") and param.dtype == torch.float32:
         layer.gguf_blocks = (kind, w.contiguous(), None)
+        return True
+    return False
 
 
 def _linear_of(model: nn.Module, param: str) -> nn.Linear | None:
@@ -251,11 +297,13 @@ def _linear_of(model: nn.Module, param: str) -> nn.Linear | None:
     return module if isinstance(module, nn.Linear) else None
 
 
-def _swap_linear(model: Transformer, param: str, kind: str, q: torch.Tensor, d: torch.Tensor) -> None:
-    """Replace the linear layer owning `param` by the one built from its blocks (same bias, device)."""
+def _swap_linear(model: Transformer, param: str, kind: str, q: torch.Tensor, d: torch.Tensor,
+                 lean: bool = False) -> None:
+    """Replace the linear layer owning `param` by the one built from its blocks (same bias, device); lean:
+    its weight not dequantized (`weight_unloaded`)."""
     path = param.removesuffix(".weight")
     old = model.get_submodule(path)
-    layer = linear_from_blocks(kind, q, d, None if old.bias is None else old.bias.detach())
+    layer = linear_from_blocks(kind, q, d, None if old.bias is None else old.bias.detach(), dequantize=not lean)
     if isinstance(layer, nn.Linear) and old.weight.dtype != torch.float32:
         layer = layer.to(old.weight.dtype)  # the plain stand-in computes in the model's dtype
     layer = layer.to(old.weight.device)

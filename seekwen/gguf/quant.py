@@ -65,7 +65,8 @@ def dequantize_blocks(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return (q.view(n, k // QK, QK).float() * d[..., None]).reshape(n, k)
 
 
-def linear_from_blocks(kind: str, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+def linear_from_blocks(kind: str, q: torch.Tensor, d: torch.Tensor, bias: torch.Tensor | None = None,
+                       dequantize: bool = True) -> nn.Module:
     """The linear layer for a Q8_0 / Q4_0 weight given as blocks: q int8 [N, K] (Q4_0: -8..7), d float32
     [N, K // 32], bias [N] or None; computes y = x (q * d)^T + bias.
 
@@ -76,9 +77,12 @@ def linear_from_blocks(kind: str, q: torch.Tensor, d: torch.Tensor, bias: torch.
     the weights run quantized, never requantized."""
     if kind not in BLOCKS:
         raise ValueError(f"linear_from_blocks: unknown block format {kind!r} (Q8_0 or Q4_0)")
-    w = dequantize_blocks(q, d)  # [N, K]
+    # dequantize=False (a lean GGUF load, the fast path runs the blocks): the weight is an untouched
+    # allocation, the layer marked `weight_unloaded` (fast.linear.weight_of dequantizes on demand)
+    w = dequantize_blocks(q, d) if dequantize else torch.empty(q.shape[0], q.shape[1])  # [N, K]
     layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
     layer.weight = nn.Parameter(w, requires_grad=False)
+    layer.weight_unloaded = not dequantize
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
     layer.gguf_blocks = (kind, q, d)
