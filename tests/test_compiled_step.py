@@ -117,6 +117,20 @@ def test_compiled_step_runs_gguf_blocks(fmt, monkeypatch):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen2"])
+def test_compiled_step_under_each_instruction_set(name, isa, hub_checkpoint):
+    """The kernels the compiled step calls dispatch on the instruction set like the layers' own calls:
+    forced to AVX2 or AVX-512, the two steps still agree."""
+    _, folder = hub_checkpoint(SPECS[name].name)
+    model = seekwen.load(folder, dtype=torch.float32)
+    ids = torch.randint(3, model.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    lens = torch.tensor([5, 3])
+    python, _ = decode_steps(model, ids, lens, 5, compiled=False)
+    got, dec = decode_steps(model, ids, lens, 5, compiled=True)
+    assert dec.compiled is not None and (got - python).abs().max() <= TOL
+
+
+@torch.inference_mode()
 def test_bundled_model_compiled_step_and_plan():
     """The bundled model (MLA, sigmoid noaux_tc MoE, one dense layer) decodes the same greedy tokens with
     and without the compiled step, and the runtime's plan says which step runs."""

@@ -140,12 +140,15 @@ def run_vs_llamacpp(args: argparse.Namespace, bw: float) -> int:
     import seekwen
 
     from ...gguf import gguf_file
+    from ...gguf.loader import tensor_types
+    from ...gguf.reader import GGUFFile
 
     path = gguf_file(args.vs_llamacpp)
     print(f"\n== {path}: seekwen vs llama.cpp, {torch.get_num_threads()} threads")
-    model = seekwen.load(path, dtype=args.dtype or "float32", device="cpu", quantize=args.quantize)
-    types = ", ".join(f"{k} x{v}" for k, v in sorted(model.gguf_types.items()))
-    print(f"  {model.cfg.model_type}, tensors: {types}")
+    f = GGUFFile(path)
+    types = ", ".join(f"{k} x{v}" for k, v in sorted(tensor_types(f).items()))
+    print(f"  {f.arch}, tensors: {types}")
+    del f
     ll = find_llamacpp()
     if ll is None:
         print("  llama.cpp not found (set LLAMA_CPP_BIN to the folder holding llama-bench, or put it on PATH): "
@@ -159,6 +162,8 @@ def run_vs_llamacpp(args: argparse.Namespace, bw: float) -> int:
             theirs.update(llama_batched(ll, path, threads, args.decode_tokens))
         else:
             print("  (no llama-batched-bench beside llama-bench: batch-8 decode is seekwen only)")
+    # loaded after llama.cpp's runs, so a big file's llama.cpp figures never share memory with our copy
+    model = seekwen.load(path, dtype=args.dtype or "float32", device="cpu", quantize=args.quantize)
     with torch.inference_mode():
         mine = ours(model, args, torch.Generator().manual_seed(0))
     for key in ("prefill 32", "prefill 512", "decode b1", "decode b1 (after 32)", "decode b8 (after 32)"):
