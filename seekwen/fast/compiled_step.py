@@ -91,16 +91,16 @@ class CompiledStep:
 def build(model: nn.Module, cache) -> CompiledStep:
     """The compiled step of `model` over `cache` (runtime.cache.KVCache, which it writes in place), or
     `Unserved` saying why not."""
-    k = kernels.get()
     if not enabled():
         raise Unserved("off (SEEKWEN_COMPILED_STEP=0)")
-    if k is None:
-        raise Unserved(f"no kernels ({kernels.describe()})")
     if type(model) is not Transformer or not getattr(model, "prepared", None):
         raise Unserved("not a prepared single-process model (fast path off, or tensor-parallel)")
     cfg = model.cfg
     if model.device.type != "cpu" or model.dtype != torch.float32:
         raise Unserved(f"{model.dtype} on {model.device} (fp32 on CPU only)")
+    k = kernels.get()  # (after the device check: a GPU model never compiles the CPU kernels for this)
+    if k is None:
+        raise Unserved(f"no kernels ({kernels.describe()})")
     if cache.windows:
         raise Unserved("ring-buffer window layers")
     if cfg.logn_attn or not model.rope.static:
