@@ -14,7 +14,8 @@ MLA's absorbed per-head products (fp32 or the file's k_b / v_b blocks), the expe
 (`moe_experts` or `qmm_experts`) and the router's rules (model/moe.py's `Gate`).
 
 What it serves (`build` says why not otherwise, and the Decoder then steps in Python as before): the
-fast path on CPU in fp32 activations, one new token for 1..16 rows of the Decoder's row cache, GQA / MHA
+fast path on CPU in fp32 activations, one new token for 1..16 rows of the Decoder's row cache or the
+paged engine's block pools (its one-token-row calls: decode rows, small prefill chunks), GQA / MHA
 (QKV bias, Qwen3's q/k norms) and MLA (with or without q_lora) over full-length layers, dense MLPs and
 MoE (every router variant, shared experts, Qwen2-MoE's shared gate), static rotary rules (default,
 linear, YaRN, llama3). Not: ring-buffer window layers, LogN / Qwen v1's dynamic NTK, partial rotary,
@@ -85,12 +86,20 @@ class CompiledStep:
         return 0 < n <= MAX_ROWS and not any(g.record or g.keep_scores for g in self.gates)
 
     def run(self, tokens: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """The row cache: rows [0, n), lens[b] tokens held before this one."""
         return self.step.run(tokens if tokens.dtype == torch.long else tokens.long(), lens)
 
+    def run_paged(self, tokens: torch.Tensor, positions: torch.Tensor, tables: list[torch.Tensor],
+                  keep: torch.Tensor) -> torch.Tensor:
+        """The paged cache: one token per row at positions [n], tables[g] [n, nb] int32 per cache group,
+        logits [m, vocab] of the rows `keep` [m]."""
+        return self.step.run_paged(tokens, positions, tables, keep)
 
-def build(model: nn.Module, cache) -> CompiledStep:
-    """The compiled step of `model` over `cache` (runtime.cache.KVCache, which it writes in place), or
-    `Unserved` saying why not."""
+
+def build(model: nn.Module, cache, max_len: int | None = None) -> CompiledStep:
+    """The compiled step of `model` over `cache`, which it writes in place: the Decoder's row cache
+    (runtime.cache.KVCache; `run`) or the paged engine's block pools (runtime.paged.PagedKVCache;
+    `run_paged`, positions below max_len); or `Unserved` saying why not."""
     if not enabled():
         raise Unserved("off (SEEKWEN_COMPILED_STEP=0)")
     if type(model) is not Transformer or not getattr(model, "prepared", None):
@@ -101,25 +110,28 @@ def build(model: nn.Module, cache) -> CompiledStep:
     k = kernels.get()  # (after the device check: a GPU model never compiles the CPU kernels for this)
     if k is None:
         raise Unserved(f"no kernels ({kernels.describe()})")
-    if cache.windows:
+    paged = hasattr(cache, "block_size")
+    if not paged and cache.windows:
         raise Unserved("ring-buffer window layers")
+    block_size, rows = (cache.block_size, max_len) if paged else (cache.max_len, cache.max_len)
+    groups = cache.group_of if paged else [0] * cfg.num_layers
     if cfg.logn_attn or not model.rope.static:
         raise Unserved(f"LogN scaling or a length-dependent rotary rule ({cfg.rope.type})")
     embed = model.embed.weight if isinstance(model.embed, (nn.Embedding, TiedEmbedding)) else None
     if embed is None or embed.dtype != torch.float32:
         raise Unserved("embedding not an fp32 table")
-    model.rope(torch.zeros(1, 1, dtype=torch.long), bound=cache.max_len)  # the tables cover every slot
+    model.rope(torch.zeros(1, 1, dtype=torch.long), bound=rows)  # the tables cover every position
     cos, sin = model.rope.cos_table, model.rope.sin_table
     step = k.DecodeStep(embed.detach().contiguous(), *_norm(model.norm), linear_spec(k, model.head),
-                        cos.contiguous(), sin.contiguous(), cache.max_len)
+                        cos.contiguous(), sin.contiguous(), block_size)
     gates = []
     for i, block in enumerate(model.layers):
-        _add_attention(k, step, block, cache.layers[i])
+        _add_attention(k, step, block, cache.layers[i], groups[i])
         _add_ffn(k, step, block, gates)
     return CompiledStep(step, gates)
 
 
-def _add_attention(k, step, block: nn.Module, store: dict[str, torch.Tensor]) -> None:
+def _add_attention(k, step, block: nn.Module, store: dict[str, torch.Tensor], group: int) -> None:
     a = block.attn
     norm, eps = _norm(block.attn_norm)
     window = -1 if a.window is None else int(a.window)
@@ -131,7 +143,7 @@ def _add_attention(k, step, block: nn.Module, store: dict[str, torch.Tensor]) ->
         if a.q_norm is not None:
             (qn, qk_eps), (kn, _) = _norm(a.q_norm), _norm(a.k_norm)
         step.add_gqa(norm, eps, linear_spec(k, a.wqkv), linear_spec(k, a.wo), a.n_heads, a.n_kv_heads, a.head_dim,
-                     qn, kn, qk_eps, a.interleaved, float(a.scale), window, store["k"], store["v"])
+                     qn, kn, qk_eps, a.interleaved, float(a.scale), window, group, store["k"], store["v"])
     elif isinstance(a, FastMLA) and a.use_kernels:
         q_b, q_norm, q_eps = None, None, 0.0
         if a.q_lora_rank is not None:
@@ -143,7 +155,7 @@ def _add_attention(k, step, block: nn.Module, store: dict[str, torch.Tensor]) ->
         uv = [la.packed(k) for la in a.uv_heads] if int8_heads else []
         step.add_mla(norm, eps, linear_spec(k, a.wq_kv_a), linear_spec(k, a.wo), q_b, q_norm, q_eps, kv_norm, kv_eps,
                      a.n_heads, a.q_lora_rank or 0, a.nope, a.rope, a.kv_lora_rank, a.v_dim, a.w_uk_t, a.w_uv_t, uk,
-                     uv, a.interleaved, float(a.scale), window, store["kv"], store["pe"])
+                     uv, a.interleaved, float(a.scale), window, group, store["kv"], store["pe"])
     else:
         raise Unserved(f"attention {type(a).__name__} without the CPU kernels")
 

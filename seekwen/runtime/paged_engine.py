@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from ..fast import paged_kernels
+from ..fast import compiled_step, linear, paged_kernels
 from ..fast.layers import FastAttention, FastMLA
 from ..model.rope import qwen_ntk_alpha
 from .metrics import Metrics
@@ -52,7 +52,7 @@ FLAT_MAX_GATHER = 1 << 15  # without in-place attention: at most tokens x keys g
 class ModelRunner:
     """Runs scheduled rows of sequences through the model over a `PagedKVCache`."""
 
-    def __init__(self, model, cache: PagedKVCache):
+    def __init__(self, model, cache: PagedKVCache, max_len: int | None = None):
         self.model, self.cache = model, cache
         # the fast path's attention reads blocks in place (fast.paged_kernels) for one-token rows
         self.in_place = (all(isinstance(b.attn, FastAttention | FastMLA) for b in model.layers)
@@ -60,6 +60,16 @@ class ModelRunner:
                          and paged_kernels.get() is not None)
         self.qwen_ntk = model.cfg.rope.type == "qwen_dynamic"
         self.length_rope = not model.rope.static and not self.qwen_ntk  # HF dynamic, longrope
+        # one C++ call for a flat step of up to 16 one-token rows, where the compiled step serves the model
+        self.max_len, self.compiled, self.compiled_why = max_len, None, "no length bound given"
+        if max_len is not None:
+            self._build_compiled()
+
+    def _build_compiled(self) -> None:
+        try:
+            self.compiled, self.compiled_why = compiled_step.build(self.model, self.cache, self.max_len), ""
+        except compiled_step.Unserved as e:
+            self.compiled, self.compiled_why = None, str(e)
 
     def run(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
         """Compute every planned row; returns (sequence, logits [V]) for those whose tokens are now all
@@ -134,13 +144,6 @@ class ModelRunner:
         n_keys = max(pos) + 1
         index = torch.tensor(seq_of)
         tables = [t[index].to(dev) for t in self._tables(seqs, -(-n_keys // bs))]
-        alpha = self._ntk_alpha(seqs)
-        alpha = None if alpha is None else alpha[index]
-        batch = model.batch(positions.to(dev), kv=self.cache.view(tables), n_keys=n_keys,
-                            key_counts=[p + 1 for p in pos], ntk_alpha=alpha)
-        if self.length_rope:
-            lens = torch.tensor([s.prompt_len for s in seqs])[index]
-            self._length_rope(batch, positions.to(dev), lens.to(dev))
         keep, spans, end = [], [], 0  # rows whose logits are due: a sequence's last token, or all (verify)
         for s, n in plan:
             end += n
@@ -149,6 +152,19 @@ class ModelRunner:
                 spans.append((s, len(keep), end - first, bool(s.draft)))
                 keep += range(first, end)
         rows = torch.tensor(keep, dtype=torch.long, device=dev)
+        if self.compiled is not None and self.compiled.mode != linear.ACTIVATIONS:
+            self._build_compiled()  # the block-activation mode changed: rebuild for it
+        if self.compiled is not None and self.compiled.serves(len(pos)):
+            logits = self.compiled.run_paged(torch.tensor(ids), positions[:, 0],
+                                             [t.to(torch.int32).contiguous() for t in tables], rows)
+            return [(s, logits[a : a + m] if full else logits[a]) for s, a, m, full in spans]
+        alpha = self._ntk_alpha(seqs)
+        alpha = None if alpha is None else alpha[index]
+        batch = model.batch(positions.to(dev), kv=self.cache.view(tables), n_keys=n_keys,
+                            key_counts=[p + 1 for p in pos], ntk_alpha=alpha)
+        if self.length_rope:
+            lens = torch.tensor([s.prompt_len for s in seqs])[index]
+            self._length_rope(batch, positions.to(dev), lens.to(dev))
         logits = model(torch.tensor(ids, device=dev)[:, None], batch=batch, keep=(rows, torch.zeros_like(rows)))
         logits = logits[:, 0]  # [n, V]
         return [(s, logits[a : a + m] if full else logits[a]) for s, a, m, full in spans]
@@ -206,7 +222,7 @@ class PagedCore:
         self.metrics = Metrics()
         self.scheduler = Scheduler(self.cache.groups, block_size, engine.max_batch, max_num_batched_tokens,
                                    max_queue, prefix_caching, self.metrics)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, engine.max_len)
         self.seqs: dict[int, Sequence] = {}
 
     def add(self, req) -> None:

@@ -4,7 +4,8 @@
 // A decode step of a small model run from Python is a few hundred tiny ATen calls, ~55 nn.Module calls
 // and ~1,200 Python function calls: ~1.5 ms of host work on this CPU for the bundled 7.5M-parameter
 // model, where its kernels take ~0.5 ms. `DecodeStep` is the whole step (embedding, every layer, final
-// norm, LM head) for one new token per row, up to 16 rows of the Decoder's row cache, in one C++ call:
+// norm, LM head) for one new token per row, up to 16 rows, in one C++ call, over the Decoder's row cache
+// (`run`: row b is block b of max_len slots) or the paged engine's block pools (`run_paged`):
 // the same kernels the Python layers call (f32_mm / mm / bf16_mm / qmm, moe_experts / qmm_experts,
 // f32_bmm / qmm_grouped, paged_attention), with the glue between them (norms, rotary, residuals, the
 // router, SwiGLU, cache writes) as plain loops over a few hundred numbers.
@@ -122,7 +123,8 @@ struct StepAttention {
   bool interleaved = false;
   double scale = 1.0;
   int64_t window = -1;      // a sliding window kept at full length (no ring), or -1
-  torch::Tensor c1, c2;     // the cache: GQA k, v [B, T, Hkv, hd]; MLA latent [B, T, r], rotated key [B, T, dr]
+  int64_t group = 0;        // which of the call's block tables the layer's pools use (paged cache groups)
+  torch::Tensor c1, c2;     // the pools [N, bs, ...]: GQA k, v [N, bs, Hkv, hd]; MLA latent [N, bs, r], key [N, bs, dr]
 };
 
 struct StepFFN {
@@ -140,24 +142,24 @@ struct StepFFN {
 
 class DecodeStep {
  public:
+  // block_size: slots per block of the pools (the row cache: max_len, one block per row)
   DecodeStep(torch::Tensor embed, torch::Tensor norm, double eps, StepLinear head, torch::Tensor cos,
-             torch::Tensor sin, int64_t max_len)
-      : embed_(embed), norm_(norm), eps_((float)eps), head_(head), cos_(cos), sin_(sin), max_len_(max_len) {
+             torch::Tensor sin, int64_t block_size)
+      : embed_(embed), norm_(norm), eps_((float)eps), head_(head), cos_(cos), sin_(sin), bs_(block_size) {
     TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous() && embed.scalar_type() == torch::kFloat, "DecodeStep: embed");
-    TORCH_CHECK(cos.dim() == 2 && cos.is_contiguous() && sin.sizes() == cos.sizes() && cos.size(0) >= max_len,
-                "DecodeStep: rotary tables [>= max_len, d / 2]");
+    TORCH_CHECK(cos.dim() == 2 && cos.is_contiguous() && sin.sizes() == cos.sizes(), "DecodeStep: rotary tables");
   }
 
   void add_gqa(torch::Tensor norm, double eps, StepLinear qkv, StepLinear o, int64_t H, int64_t Hkv, int64_t hd,
                c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double qk_eps,
-               bool interleaved, double scale, int64_t window, torch::Tensor k, torch::Tensor v) {
+               bool interleaved, double scale, int64_t window, int64_t group, torch::Tensor k, torch::Tensor v) {
     TORCH_CHECK(H % Hkv == 0 && hd % 2 == 0 && 2 * cos_.size(1) == hd, "add_gqa: heads / rotary");
-    check_cache(k, {max_len_, Hkv, hd});
-    check_cache(v, {max_len_, Hkv, hd});
+    check_cache(k, {bs_, Hkv, hd});
+    check_cache(v, {bs_, Hkv, hd});
     StepAttention a;
     a.norm = norm, a.norm_eps = (float)eps, a.lin = {qkv, o}, a.H = H, a.Hkv = Hkv, a.hd = hd;
     a.q_norm = step::tensor_or(q_norm), a.k_norm = step::tensor_or(k_norm), a.qk_eps = (float)qk_eps;
-    a.interleaved = interleaved, a.scale = scale, a.window = window, a.c1 = k, a.c2 = v;
+    a.interleaved = interleaved, a.scale = scale, a.window = window, a.group = group, a.c1 = k, a.c2 = v;
     attn_.push_back(a);
   }
 
@@ -165,19 +167,19 @@ class DecodeStep {
                c10::optional<torch::Tensor> q_lora_norm, double q_lora_eps, torch::Tensor kv_norm, double kv_eps,
                int64_t H, int64_t q_lora, int64_t nope, int64_t rdim, int64_t r, int64_t dv, torch::Tensor w_uk_t,
                torch::Tensor w_uv_t, std::vector<torch::Tensor> uk_packed, std::vector<torch::Tensor> uv_packed,
-               bool interleaved, double scale, int64_t window, torch::Tensor kv, torch::Tensor pe) {
+               bool interleaved, double scale, int64_t window, int64_t group, torch::Tensor kv, torch::Tensor pe) {
     TORCH_CHECK(2 * cos_.size(1) == rdim && (q_lora == 0) == !q_b.has_value(), "add_mla: rotary / q_lora");
     TORCH_CHECK(uk_packed.empty() ? (w_uk_t.dim() == 3 && w_uv_t.dim() == 3) : (int64_t)uk_packed.size() == H &&
                 (int64_t)uv_packed.size() == H, "add_mla: W_UK / W_UV per head");
-    check_cache(kv, {max_len_, r});
-    check_cache(pe, {max_len_, rdim});
+    check_cache(kv, {bs_, r});
+    check_cache(pe, {bs_, rdim});
     StepAttention a;
     a.mla = true, a.norm = norm, a.norm_eps = (float)eps, a.lin = {q_kva, o};
     if (q_b.has_value()) a.lin.push_back(*q_b);
     a.q_lora_norm = step::tensor_or(q_lora_norm), a.q_lora_eps = (float)q_lora_eps;
     a.kv_norm = kv_norm, a.kv_eps = (float)kv_eps, a.H = H, a.q_lora = q_lora, a.nope = nope, a.rdim = rdim;
     a.r = r, a.dv = dv, a.w_uk_t = w_uk_t, a.w_uv_t = w_uv_t, a.uk_packed = uk_packed, a.uv_packed = uv_packed;
-    a.interleaved = interleaved, a.scale = scale, a.window = window, a.c1 = kv, a.c2 = pe;
+    a.interleaved = interleaved, a.scale = scale, a.window = window, a.group = group, a.c1 = kv, a.c2 = pe;
     attn_.push_back(a);
   }
 
@@ -210,49 +212,92 @@ class DecodeStep {
     ffn_.push_back(f);
   }
 
-  // tokens [n] int64, lens [n] int64 (tokens each row holds before this one) -> logits [n, vocab]. Writes
-  // the new token's cache entries of every layer at slot lens[b] of row b.
+  // The row cache: tokens [n] int64, lens [n] int64 (tokens row b holds before this one) -> logits [n, vocab].
+  // Row b is block b of max_len (= block_size) slots; the new token's entries go to slot lens[b] of row b.
   torch::Tensor run(torch::Tensor tokens, torch::Tensor lens) {
-    TORCH_CHECK(attn_.size() == ffn_.size() && !attn_.empty(), "DecodeStep: every layer needs attention and an FFN");
-    TORCH_CHECK(tokens.dim() == 1 && lens.dim() == 1 && tokens.size(0) == lens.size(0), "DecodeStep: tokens [n], lens [n]");
-    TORCH_CHECK(tokens.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong, "DecodeStep: int64 tokens, lens");
-    const int64_t n = tokens.size(0), D = embed_.size(1), V = embed_.size(0);
-    TORCH_CHECK(n > 0 && n <= 16 && n <= attn_[0].c1.size(0), "DecodeStep: 1..16 rows of the cache");
-    auto tok = tokens.contiguous(), len = lens.contiguous();
-    std::vector<int64_t> pos(n), count(n);
-    for (int64_t b = 0; b < n; ++b) {
-      pos[b] = len.data_ptr<int64_t>()[b], count[b] = pos[b] + 1;
-      if (count[b] > max_len_)
-        throw pybind11::value_error("KV cache is full: position " + std::to_string(pos[b]) + " does not fit in " +
-                                    std::to_string(max_len_) + " slots");
-      const int64_t t = tok.data_ptr<int64_t>()[b];
-      TORCH_CHECK(0 <= t && t < V, "DecodeStep: token id ", t, " out of range [0, ", V, ")");
-    }
-    auto opts = embed_.options();
-    auto h = torch::empty({n, D}, opts);  // the residual stream
-    float* hp = h.data_ptr<float>();
+    TORCH_CHECK(lens.dim() == 1 && lens.scalar_type() == torch::kLong, "DecodeStep: int64 lens [n]");
+    const int64_t n = lens.size(0);
+    TORCH_CHECK(n > 0 && n <= attn_.at(0).c1.size(0), "DecodeStep: more rows than the cache holds");
+    auto len = lens.contiguous();
     for (int64_t b = 0; b < n; ++b)
-      std::memcpy(hp + b * D, embed_.data_ptr<float>() + tok.data_ptr<int64_t>()[b] * D, D * sizeof(float));
-    auto table = torch::arange(n, torch::dtype(torch::kInt)).view({n, 1});  // the row cache: row b is block b
-    for (size_t i = 0; i < attn_.size(); ++i) {
-      const StepAttention& a = attn_[i];
-      add_into(h, a.mla ? mla(a, norm(h, a.norm, a.norm_eps), pos, count, table)
-                        : gqa(a, norm(h, a.norm, a.norm_eps), pos, count, table));
-      const StepFFN& f = ffn_[i];
-      auto x = norm(h, f.norm, f.norm_eps);
-      add_into(h, f.moe ? moe(f, x) : f.lin[1](step::swiglu(f.lin[0](x))));
-    }
-    return head_(norm(h, norm_, eps_));
+      if (len.data_ptr<int64_t>()[b] + 1 > bs_)
+        throw pybind11::value_error("KV cache is full: position " + std::to_string(len.data_ptr<int64_t>()[b]) +
+                                    " does not fit in " + std::to_string(bs_) + " slots");
+    auto table = torch::arange(n, torch::dtype(torch::kInt)).view({n, 1});
+    std::vector<torch::Tensor> tables(groups(), table);
+    return forward(tokens, len, tables, torch::Tensor());
+  }
+
+  // The paged cache: tokens [n], positions [n] int64, tables[g] [n, nb] int32 (row b's blocks for cache
+  // group g), keep [m] int64 (the rows whose logits are wanted) -> logits [m, vocab]. Rows with the same
+  // table are one sequence's tokens (written before any is read, each attending up to its own position).
+  torch::Tensor run_paged(torch::Tensor tokens, torch::Tensor positions, std::vector<torch::Tensor> tables,
+                          torch::Tensor keep) {
+    TORCH_CHECK((int64_t)tables.size() == groups(), "DecodeStep: one block table per cache group");
+    TORCH_CHECK(keep.dim() == 1 && keep.scalar_type() == torch::kLong, "DecodeStep: int64 keep [m]");
+    return forward(tokens, positions.contiguous(), tables, keep);
   }
 
  private:
   torch::Tensor embed_, norm_;
   float eps_;
   StepLinear head_;
-  torch::Tensor cos_, sin_;  // [>= max_len, d / 2] the model's rotary tables (attention factor included)
-  int64_t max_len_;
+  torch::Tensor cos_, sin_;  // [positions, d / 2] the model's rotary tables (attention factor included)
+  int64_t bs_;
   std::vector<StepAttention> attn_;
   std::vector<StepFFN> ffn_;
+
+  int64_t groups() const {
+    int64_t g = 0;
+    for (const auto& a : attn_) g = std::max(g, a.group + 1);
+    return g;
+  }
+
+  torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& pos_t, const std::vector<torch::Tensor>& tables,
+                        const torch::Tensor& keep) {
+    TORCH_CHECK(attn_.size() == ffn_.size() && !attn_.empty(), "DecodeStep: every layer needs attention and an FFN");
+    TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == torch::kLong && pos_t.dim() == 1 &&
+                pos_t.scalar_type() == torch::kLong && pos_t.size(0) == tokens.size(0),
+                "DecodeStep: int64 tokens [n], positions [n]");
+    const int64_t n = tokens.size(0), D = embed_.size(1), V = embed_.size(0);
+    TORCH_CHECK(n > 0 && n <= 16, "DecodeStep: 1..16 rows");
+    for (const auto& t : tables)
+      TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.scalar_type() == torch::kInt && t.is_contiguous(),
+                  "DecodeStep: block tables int32 [n, nb]");
+    auto tok = tokens.contiguous();
+    std::vector<int64_t> pos(n), count(n);
+    for (int64_t b = 0; b < n; ++b) {
+      pos[b] = pos_t.data_ptr<int64_t>()[b], count[b] = pos[b] + 1;
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < cos_.size(0), "DecodeStep: position ", pos[b], " past the rotary tables");
+      for (const auto& t : tables)
+        TORCH_CHECK(count[b] <= t.size(1) * bs_, "DecodeStep: position ", pos[b], " past row ", b, "'s block table");
+      const int64_t id = tok.data_ptr<int64_t>()[b];
+      TORCH_CHECK(0 <= id && id < V, "DecodeStep: token id ", id, " out of range [0, ", V, ")");
+    }
+    auto h = torch::empty({n, D}, embed_.options());  // the residual stream
+    float* hp = h.data_ptr<float>();
+    for (int64_t b = 0; b < n; ++b)
+      std::memcpy(hp + b * D, embed_.data_ptr<float>() + tok.data_ptr<int64_t>()[b] * D, D * sizeof(float));
+    for (size_t i = 0; i < attn_.size(); ++i) {
+      const StepAttention& a = attn_[i];
+      const torch::Tensor& table = tables[a.group];
+      add_into(h, a.mla ? mla(a, norm(h, a.norm, a.norm_eps), pos, count, table)
+                        : gqa(a, norm(h, a.norm, a.norm_eps), pos, count, table));
+      const StepFFN& f = ffn_[i];
+      auto x = norm(h, f.norm, f.norm_eps);
+      add_into(h, f.moe ? moe(f, x) : f.lin[1](step::swiglu(f.lin[0](x))));
+    }
+    if (keep.defined()) {
+      if (keep.numel() == 0) return torch::empty({0, V}, embed_.options());
+      h = h.index_select(0, keep.contiguous());
+    }
+    return head_(norm(h, norm_, eps_));
+  }
+
+  // The pool row of position p for a row whose block table is tab [nb]
+  int64_t slot(const torch::Tensor& table, int64_t b, int64_t p) const {
+    return (int64_t)table.data_ptr<int32_t>()[b * table.size(1) + p / bs_] * bs_ + p % bs_;
+  }
 
   void check_cache(const torch::Tensor& t, std::vector<int64_t> tail) const {
     TORCH_CHECK(t.is_contiguous() && t.scalar_type() == torch::kFloat && t.dim() == (int64_t)tail.size() + 1,
@@ -283,7 +328,7 @@ class DecodeStep {
   // GQA / MHA: fused qkv, optional per-head q/k norm, rotary, cache write, paged attention over the row.
   torch::Tensor gqa(const StepAttention& a, const torch::Tensor& x, const std::vector<int64_t>& pos,
                     const std::vector<int64_t>& count, const torch::Tensor& table) const {
-    const int64_t n = x.size(0), H = a.H, Hkv = a.Hkv, hd = a.hd, T = max_len_;
+    const int64_t n = x.size(0), H = a.H, Hkv = a.Hkv, hd = a.hd;
     auto qkv = a.lin[0](x);  // [n, (H + 2 Hkv) hd]
     auto q = torch::empty({n, H, hd}, x.options());
     std::vector<float> tmp(hd);
@@ -298,9 +343,9 @@ class DecodeStep {
         step::rope(src, c, s, hd, a.interleaved, dst);
       };
       for (int64_t j = 0; j < H; ++j) rotate(row + j * hd, qn, q.data_ptr<float>() + (b * H + j) * hd);
-      const int64_t slot = (b * T + pos[b]) * Hkv * hd;
-      for (int64_t g = 0; g < Hkv; ++g) rotate(row + (H + g) * hd, kn, Kc + slot + g * hd);
-      std::memcpy(Vc + slot, row + (H + Hkv) * hd, Hkv * hd * sizeof(float));
+      const int64_t at = slot(table, b, pos[b]) * Hkv * hd;
+      for (int64_t g = 0; g < Hkv; ++g) rotate(row + (H + g) * hd, kn, Kc + at + g * hd);
+      std::memcpy(Vc + at, row + (H + Hkv) * hd, Hkv * hd * sizeof(float));
     }
     auto none = torch::empty({0, 0, 0, 0}, x.options());
     auto out = paged_attention(q.view({n, Hkv, H / Hkv, hd}), none, a.c1, none, a.c2, table, starts(a, count),
@@ -312,7 +357,7 @@ class DecodeStep {
   // space per head, paged attention against the latents, outputs through W_UV, wo.
   torch::Tensor mla(const StepAttention& a, const torch::Tensor& x, const std::vector<int64_t>& pos,
                     const std::vector<int64_t>& count, const torch::Tensor& table) const {
-    const int64_t n = x.size(0), H = a.H, nope = a.nope, dr = a.rdim, r = a.r, dv = a.dv, T = max_len_;
+    const int64_t n = x.size(0), H = a.H, nope = a.nope, dr = a.rdim, r = a.r, dv = a.dv;
     const int64_t qh = nope + dr, qdim = a.q_lora ? a.q_lora : H * qh, width = qdim + r + dr;
     auto qa = a.lin[0](x);  // [n, qdim + r + dr]
     const float* QA = qa.data_ptr<float>();
@@ -332,8 +377,9 @@ class DecodeStep {
     for (int64_t b = 0; b < n; ++b) {
       const float *c = cos_.data_ptr<float>() + pos[b] * (dr / 2), *s = sin_.data_ptr<float>() + pos[b] * (dr / 2);
       const float* kv_a = QA + b * width + qdim;
-      step::rms_rows(kv_a, a.kv_norm.data_ptr<float>(), KV + (b * T + pos[b]) * r, 1, r, a.kv_eps);
-      step::rope(kv_a + r, c, s, dr, a.interleaved, PE + (b * T + pos[b]) * dr);
+      const int64_t at = slot(table, b, pos[b]);
+      step::rms_rows(kv_a, a.kv_norm.data_ptr<float>(), KV + at * r, 1, r, a.kv_eps);
+      step::rope(kv_a + r, c, s, dr, a.interleaved, PE + at * dr);
       for (int64_t j = 0; j < H; ++j) {
         const float* src = Q + b * qstride + j * qh;
         std::memcpy(qn.data_ptr<float>() + (j * n + b) * nope, src, nope * sizeof(float));
@@ -344,7 +390,7 @@ class DecodeStep {
     auto q_lat = a.uk_packed.empty() ? f32_bmm(qn, a.w_uk_t)  // [H, n, r]
                                      : qmm_grouped(qn.view({H * n, nope}), a.uk_packed, per_head, r).view({H, n, r});
     auto q1 = q_lat.transpose(0, 1).contiguous().view({n, 1, H, r});
-    auto lat = a.c1.view({a.c1.size(0), T, 1, r}), pe = a.c2.view({a.c2.size(0), T, 1, dr});
+    auto lat = a.c1.view({a.c1.size(0), bs_, 1, r}), pe = a.c2.view({a.c2.size(0), bs_, 1, dr});
     auto o_lat = paged_attention(q1, qpe, lat, pe, lat, table, starts(a, count), count, a.scale);  // [n, 1, H, r]
     auto o_h = o_lat.view({n, H, r}).transpose(0, 1).contiguous();  // [H, n, r]
     auto out = a.uv_packed.empty() ? f32_bmm(o_h, a.w_uv_t)  // [H, n, dv]
@@ -464,5 +510,6 @@ inline void bind_step(pybind11::module_& m) {
       .def("add_mla", &DecodeStep::add_mla)
       .def("add_mlp", &DecodeStep::add_mlp)
       .def("add_moe", &DecodeStep::add_moe)
-      .def("run", &DecodeStep::run, "tokens [n], lens [n] -> logits [n, vocab] (one new token per row)");
+      .def("run", &DecodeStep::run, "the row cache: tokens [n], lens [n] -> logits [n, vocab]")
+      .def("run_paged", &DecodeStep::run_paged, "block pools: tokens, positions, tables per group, keep -> logits");
 }
