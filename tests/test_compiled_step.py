@@ -77,6 +77,25 @@ def test_compiled_step_equals_python_step_and_reference(name, batch, hub_checkpo
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_moe", "qwen3"])
+def test_compiled_step_many_rows(name, hub_checkpoint, monkeypatch):
+    """Past 16 rows (up to 64) the compiled step still equals the Python step: fp32 layers switch to the
+    prefill GEMM as FastLinear does, every few-row kernel runs its register tile again, and the experts
+    see more than 16 rows each."""
+    _, folder = hub_checkpoint(SPECS[name].name)
+    model = seekwen.load(folder, dtype=torch.float32)
+    B = 40
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, model.cfg.vocab_size, (B, 6), generator=gen)
+    lens = torch.randint(1, 7, (B,), generator=gen)
+    python, _ = decode_steps(model, ids, lens, 3, compiled=False)
+    calls = _count_python_steps(monkeypatch)
+    got, dec = decode_steps(model, ids, lens, 3, compiled=True)
+    assert dec.compiled is not None and calls["python"] == 0
+    assert (got - python).abs().max() <= TOL
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("name,quantize", [(n, q) for n in ("deepseek_v3", "qwen2_moe") for q in
                                            ("bf16", "f16", "q8_0", "q4_0")] +
                          [(n, q) for n in ("qwen2", "qwen3") for q in ("int8", "int4")])
@@ -174,7 +193,7 @@ def test_unserved_models_say_why(hub_checkpoint, tmp_path, monkeypatch):
 @torch.inference_mode()
 def test_compiled_step_errors_and_fallbacks(hub_checkpoint, monkeypatch):
     """A full cache is the Python step's ValueError; a bad token id is an error, not a read out of bounds;
-    more than 16 rows and a router that records its choices (`seekwen routes`) take the Python step."""
+    more than 64 rows and a router that records its choices (`seekwen routes`) take the Python step."""
     _, folder = hub_checkpoint(SPECS["deepseek_v3"].name)
     model = seekwen.load(folder, dtype=torch.float32)
     V = model.cfg.vocab_size
@@ -187,9 +206,9 @@ def test_compiled_step_errors_and_fallbacks(hub_checkpoint, monkeypatch):
     with pytest.raises(RuntimeError, match="out of range"):
         dec.step(torch.tensor([3, V]))
     calls = _count_python_steps(monkeypatch)
-    dec = Decoder(model, 18, 8, compiled_step=True)
-    dec.prefill(torch.randint(3, V, (18, 3)))
-    dec.step(torch.randint(3, V, (18,)))
+    dec = Decoder(model, 66, 8, compiled_step=True)
+    dec.prefill(torch.randint(3, V, (66, 3)))
+    dec.step(torch.randint(3, V, (66,)))
     assert calls["python"] == 1
     dec.step(torch.randint(3, V, (5,)))
     assert calls["python"] == 1

@@ -8,20 +8,22 @@ calling the same kernels the Python layers call, with the glue (norms, rotary, r
 SwiGLU, cache writes) as plain loops.
 
 Nothing is decided twice. Every choice is read off the prepared modules here, the way their own forward
-makes it for a few rows: which kernel a linear layer runs (`linear_spec`: fp32 `f32_mm`, 16-bit `mm` or
-`bf16_mm`, GGUF blocks `qmm` on int8 activations or `mm` exact, int8 / int4), the fused projections,
-MLA's absorbed per-head products (fp32 or the file's k_b / v_b blocks), the experts' kernel
-(`moe_experts` or `qmm_experts`) and the router's rules (model/moe.py's `Gate`).
+makes it for decode rows (fp32 from GEMM_ROWS rows on the prefill GEMM, as FastLinear does): which kernel
+a linear layer runs (`linear_spec`: fp32 `f32_mm` / `f32_gemm`, 16-bit `mm` or `bf16_mm`, GGUF blocks
+`qmm` on int8 activations or `mm` exact, int8 / int4), the fused projections, MLA's absorbed per-head
+products (fp32 or the file's k_b / v_b blocks), the experts' kernel (`moe_experts` or `qmm_experts`)
+and the router's rules (model/moe.py's `Gate`).
 
 What it serves (`build` says why not otherwise, and the Decoder then steps in Python as before): the
-fast path on CPU in fp32 activations, one new token for 1..16 rows of the Decoder's row cache or the
+fast path on CPU in fp32 activations, one new token for 1..64 rows of the Decoder's row cache or the
 paged engine's block pools (its one-token-row calls: decode rows, small prefill chunks), GQA / MHA
 (QKV bias, Qwen3's q/k norms) and MLA (with or without q_lora) over full-length layers, dense MLPs and
 MoE (every router variant, shared experts, Qwen2-MoE's shared gate), static rotary rules (default,
 linear, YaRN, llama3). Not: ring-buffer window layers, LogN / Qwen v1's dynamic NTK, partial rotary,
-length-dependent rotary, tensor-parallel models, more than 16 rows (compute-bound there: the Python
-step's overhead no longer dominates). A step is skipped (the Python one runs) while a router records
-its choices (`seekwen routes`) or the block-activation mode differs from the one it was built with.
+length-dependent rotary, tensor-parallel models, more than 64 rows (the paged engine's flat-step bound;
+compute-bound there, where the Python step's overhead no longer dominates). A step is skipped (the
+Python one runs) while a router records its choices (`seekwen routes`); a change of the block-activation
+mode rebuilds it.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from ..model.norm import RMSNorm
 from ..model.transformer import Transformer
 from . import kernels, linear
 from .layers import FastAttention, FastMLA, FastMLP, GroupedExperts, TiedEmbedding
-from .linear import FastLinear, Half16Linear, Int4Linear, Int8Linear, _BlockLinear, kernel_operands
+from .linear import GEMM_ROWS, FastLinear, Half16Linear, Int4Linear, Int8Linear, _BlockLinear, kernel_operands
 
-MAX_ROWS = 16  # the few-row kernels' bound (kernels.MAX_ROWS)
+MAX_ROWS = 64  # rows per compiled step (the paged engine's FLAT_MAX_TOKENS)
 F32, MM, BF16, QMM, I8, I4 = range(6)  # StepLinear kinds (csrc/step.h)
 
 
@@ -52,21 +54,22 @@ def enabled() -> bool:
 
 
 def linear_spec(k, layer: nn.Module):
-    """The kernel `layer` runs for up to 16 rows, as a `kernels.StepLinear`."""
+    """The kernel `layer` runs for decode rows, as a `kernels.StepLinear`."""
     bias = getattr(layer, "bias", None)
     if isinstance(layer, FastLinear) and layer.weight.dtype == torch.float32:
-        return k.StepLinear(F32, layer.weight, None, None, bias, layer.out_features, 0)
+        return k.StepLinear(F32, layer.weight, None, None, bias, layer.out_features, 0, GEMM_ROWS)
     if isinstance(layer, Half16Linear):
         kind = BF16 if layer.bf16_activations(k) else MM
-        return k.StepLinear(kind, layer.weight, None, None, bias, layer.out_features, 0)
+        return k.StepLinear(kind, layer.weight, None, None, bias, layer.out_features, 0, GEMM_ROWS)
     if isinstance(layer, _BlockLinear):
         if linear.ACTIVATIONS == "q8":
-            return k.StepLinear(QMM, layer.packed(k), None, None, bias, layer.out_features, 0)
-        return k.StepLinear(MM, layer.stored_codes(keep=True), layer.d, None, bias, layer.out_features, 0)
+            return k.StepLinear(QMM, layer.packed(k), None, None, bias, layer.out_features, 0, GEMM_ROWS)
+        return k.StepLinear(MM, layer.stored_codes(keep=True), layer.d, None, bias, layer.out_features, 0, GEMM_ROWS)
     if isinstance(layer, Int8Linear):
-        return k.StepLinear(I8, layer.q, layer.scale, None, bias, layer.out_features, 0)
+        return k.StepLinear(I8, layer.q, layer.scale, None, bias, layer.out_features, 0, GEMM_ROWS)
     if isinstance(layer, Int4Linear) and layer.group_size % 8 == 0:
-        return k.StepLinear(I4, layer.packed, layer.scales, layer.zeros, bias, layer.out_features, layer.group_size)
+        return k.StepLinear(I4, layer.packed, layer.scales, layer.zeros, bias, layer.out_features, layer.group_size,
+                            GEMM_ROWS)
     raise Unserved(f"no step kernel for {type(layer).__name__}")
 
 

@@ -12,7 +12,7 @@ describes every call to the model as a `ForwardBatch` (model/batch.py):
 
 `generate`, the batching `Engine` and `seekwen bench` all run through it. On a CUDA device the decode
 steps are replayed from CUDA graphs (`runtime.graphs.GraphRunner`), over the same cache and lengths; on
-CPU, for a model the compiled step serves (`fast.compiled_step`: the fast path in fp32, up to 16 rows),
+CPU, for a model the compiled step serves (`fast.compiled_step`: the fast path in fp32, up to 64 rows),
 each decode step is one C++ call over every layer, writing the same cache.
 """
 
@@ -198,7 +198,7 @@ class Decoder:
         return runtime_plan(self.model, graphs=graphs, cache=self.cache, compiled=self.compiled_why)
 
 
-COMPILED_STEP = ("one C++ call per step over every layer (fast.compiled_step; up to 16 rows, more: the layers "
+COMPILED_STEP = ("one C++ call per step over every layer (fast.compiled_step; up to 64 rows, more: the layers "
                  "from Python)")
 
 

@@ -60,7 +60,7 @@ class ModelRunner:
                          and paged_kernels.get() is not None)
         self.qwen_ntk = model.cfg.rope.type == "qwen_dynamic"
         self.length_rope = not model.rope.static and not self.qwen_ntk  # HF dynamic, longrope
-        # one C++ call for a flat step of up to 16 one-token rows, where the compiled step serves the model
+        # one C++ call for a flat step of up to 64 one-token rows, where the compiled step serves the model
         self.max_len, self.compiled, self.compiled_why = max_len, None, "no length bound given"
         if max_len is not None:
             self._build_compiled()

@@ -4,7 +4,7 @@
 // A decode step of a small model run from Python is a few hundred tiny ATen calls, ~55 nn.Module calls
 // and ~1,200 Python function calls: ~1.5 ms of host work on this CPU for the bundled 7.5M-parameter
 // model, where its kernels take ~0.5 ms. `DecodeStep` is the whole step (embedding, every layer, final
-// norm, LM head) for one new token per row, up to 16 rows, in one C++ call, over the Decoder's row cache
+// norm, LM head) for one new token per row, up to 64 rows, in one C++ call, over the Decoder's row cache
 // (`run`: row b is block b of max_len slots) or the paged engine's block pools (`run_paged`):
 // the same kernels the Python layers call (f32_mm / mm / bf16_mm / qmm, moe_experts / qmm_experts,
 // f32_bmm / qmm_grouped, paged_attention), with the glue between them (norms, rotary, residuals, the
@@ -79,18 +79,21 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return out;
 }
 
-// One linear layer as a decode step runs it (up to 16 rows): the kernel the layer itself calls for that
-// many rows, chosen in Python (compiled_step.linear_spec).
+// One linear layer as a decode step runs it (up to 64 rows): the kernel the layer itself calls for a few
+// rows, chosen in Python (compiled_step.linear_spec); fp32 from gemm_rows rows on the prefill GEMM, as
+// FastLinear does. (Every few-row kernel takes any number of rows: past its register tile it runs the
+// tile again, the weights then from L1/L2.)
 struct StepLinear {
   enum Kind : int64_t { F32 = 0, MM = 1, BF16 = 2, QMM = 3, I8 = 4, I4 = 5 };
   int64_t kind;
   torch::Tensor a, b, c, bias;  // F32 / BF16: w; MM: w, d (block scales or none); QMM: packed; I8: q, scale;
                                 // I4: packed, scales, zeros
-  int64_t N, group;
+  int64_t N, group, gemm_rows;
 
   StepLinear(int64_t kind, torch::Tensor a, c10::optional<torch::Tensor> b, c10::optional<torch::Tensor> c,
-             c10::optional<torch::Tensor> bias, int64_t N, int64_t group)
-      : kind(kind), a(a), b(step::tensor_or(b)), c(step::tensor_or(c)), bias(step::tensor_or(bias)), N(N), group(group) {
+             c10::optional<torch::Tensor> bias, int64_t N, int64_t group, int64_t gemm_rows)
+      : kind(kind), a(a), b(step::tensor_or(b)), c(step::tensor_or(c)), bias(step::tensor_or(bias)), N(N), group(group),
+        gemm_rows(gemm_rows) {
     TORCH_CHECK(kind >= F32 && kind <= I4, "StepLinear: unknown kind ", kind);
   }
 
@@ -98,7 +101,7 @@ struct StepLinear {
   torch::Tensor operator()(const torch::Tensor& x) const {
     const auto bo = step::opt(bias);
     switch (kind) {
-      case F32: return f32_mm(x, a, bo);
+      case F32: return x.size(0) < gemm_rows ? f32_mm(x, a, bo) : f32_gemm(x, a, bo);
       case MM: return mm(x, a, step::opt(b), bo);
       case BF16: return bf16_mm(x, a, bo);
       case QMM: return qmm(x, a, N, bo);
@@ -260,7 +263,7 @@ class DecodeStep {
                 pos_t.scalar_type() == torch::kLong && pos_t.size(0) == tokens.size(0),
                 "DecodeStep: int64 tokens [n], positions [n]");
     const int64_t n = tokens.size(0), D = embed_.size(1), V = embed_.size(0);
-    TORCH_CHECK(n > 0 && n <= 16, "DecodeStep: 1..16 rows");
+    TORCH_CHECK(n > 0 && n <= 64, "DecodeStep: 1..64 rows");
     for (const auto& t : tables)
       TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.scalar_type() == torch::kInt && t.is_contiguous(),
                   "DecodeStep: block tables int32 [n, nb]");
@@ -501,7 +504,7 @@ inline void bind_step(pybind11::module_& m) {
   m.def("paged_attention", &paged_attention, "paged attention (GQA / MLA), keys read through block tables");
   py::class_<StepLinear>(m, "StepLinear")
       .def(py::init<int64_t, torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
-                    c10::optional<torch::Tensor>, int64_t, int64_t>())
+                    c10::optional<torch::Tensor>, int64_t, int64_t, int64_t>())
       .def_readonly("kind", &StepLinear::kind)
       .def("__call__", &StepLinear::operator());
   py::class_<DecodeStep>(m, "DecodeStep")
