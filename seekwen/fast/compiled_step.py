@@ -134,6 +134,14 @@ def build(model: nn.Module, cache, max_len: int | None = None) -> CompiledStep:
     return CompiledStep(step, gates)
 
 
+def attempt(model: nn.Module, cache, max_len: int | None = None) -> tuple[CompiledStep | None, str]:
+    """`build`, or (None, why not): what a runtime owning `cache` keeps and reports."""
+    try:
+        return build(model, cache, max_len), ""
+    except Unserved as e:
+        return None, str(e)
+
+
 def _add_attention(k, step, block: nn.Module, store: dict[str, torch.Tensor], group: int) -> None:
     a = block.attn
     norm, eps = _norm(block.attn_norm)

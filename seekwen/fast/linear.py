@@ -388,8 +388,7 @@ class _BlockLinear(nn.Module):
         raise NotImplementedError
 
     def dequantized(self) -> torch.Tensor:
-        q = self.int_codes().float().view(self.out_features, -1, QK)
-        return (q * self.d.float()[..., None]).reshape(self.out_features, self.in_features)  # [out, in]
+        return dequantize_q(self.int_codes(), self.d)  # [out, in]
 
     def packed(self, k) -> torch.Tensor:
         """The blocks as `kernels.qmm` reads them (`kernels.qpack`, uint8 [ceil(out / 16), in / 32, bytes]),
@@ -498,17 +497,20 @@ def unpack_qpacked(p: torch.Tensor, shape: tuple[int, int], fmt: str) -> torch.T
     return pack_q4_0(q)
 
 
+def dequantize_q(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q8_0 / Q4_0 integer codes q [N, K] and block scales d [N, K // 32] -> the fp32 weight [N, K]."""
+    N, K = q.shape
+    return (q.float().view(N, K // QK, QK) * d.float()[..., None]).reshape(N, K)
+
+
 def weight_of(layer: nn.Module) -> torch.Tensor:
     """The [out, in] weight of an nn.Linear or a FastLinear. A lean GGUF load leaves a layer that runs its
     file's form unfilled (`weight_unloaded`, seekwen.gguf.loader.load_tensors): its weight is then
     dequantized from the blocks (or 16-bit weight) it carries, `gguf_blocks`."""
     if not getattr(layer, "weight_unloaded", False):
         return layer.weight
-    _, q, d = layer.gguf_blocks
-    if d is None:  # F16 / BF16 as stored
-        return q.float()
-    N, K = q.shape  # Q8_0 / Q4_0: q int8 [N, K], d [N, K // 32]
-    return (q.view(N, K // 32, 32).float() * d.float()[..., None]).reshape(N, K)
+    _, q, d = layer.gguf_blocks  # F16 / BF16 as stored (d None), or Q8_0 / Q4_0 codes and scales
+    return q.float() if d is None else dequantize_q(q, d)
 
 
 def bias_of(layer: nn.Module) -> torch.Tensor | None:

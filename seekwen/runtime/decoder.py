@@ -144,12 +144,9 @@ class Decoder:
         return self.model(tokens[:, None], batch=batch)[:, 0]
 
     def _build_compiled(self, want: bool | None) -> None:
-        try:
-            self.compiled, self.compiled_why = compiled_step.build(self.model, self.cache), ""
-        except compiled_step.Unserved as e:
-            self.compiled, self.compiled_why = None, str(e)
-            if want:
-                raise ValueError(f"the compiled step does not serve this model: {e}") from None
+        self.compiled, self.compiled_why = compiled_step.attempt(self.model, self.cache)
+        if want and self.compiled is None:
+            raise ValueError(f"the compiled step does not serve this model: {self.compiled_why}")
 
     def rows(self, start: int, stop: int) -> KVCache:
         """The cache's view of rows [start, stop). Decode steps run on rows [0, n): those views are made once
@@ -204,11 +201,7 @@ COMPILED_STEP = ("one C++ call per step over every layer (fast.compiled_step; up
 
 def compiled_why(model, cache: KVCache | None = None) -> str:
     """Why the compiled step would not serve `model` over `cache` (default: a one-row cache); "" if it would."""
-    try:
-        compiled_step.build(model, cache or KVCache(model.cfg, 1, 8, dtype=model.dtype, device=model.device))
-        return ""
-    except compiled_step.Unserved as e:
-        return str(e)
+    return compiled_step.attempt(model, cache or KVCache(model.cfg, 1, 8, dtype=model.dtype, device=model.device))[1]
 
 
 def runtime_plan(model, graphs: bool | None = None, cache: KVCache | None = None,

@@ -66,10 +66,7 @@ class ModelRunner:
             self._build_compiled()
 
     def _build_compiled(self) -> None:
-        try:
-            self.compiled, self.compiled_why = compiled_step.build(self.model, self.cache, self.max_len), ""
-        except compiled_step.Unserved as e:
-            self.compiled, self.compiled_why = None, str(e)
+        self.compiled, self.compiled_why = compiled_step.attempt(self.model, self.cache, self.max_len)
 
     def run(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
         """Compute every planned row; returns (sequence, logits [V]) for those whose tokens are now all
